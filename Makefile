@@ -1,0 +1,31 @@
+# hyperdreambooth: every target builds on `setup`, which creates .venv from uv.lock.
+SHELL := /bin/bash
+PY := .venv/bin/python
+UV := python3 -m uv
+UV_VERSION := 0.13.8
+
+.PHONY: setup run test lint proto bench eval reliability clean
+
+setup: .venv/.setup-stamp
+
+.venv/.setup-stamp: pyproject.toml uv.lock
+	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
+	$(UV) sync --frozen --all-groups --extra eval
+	$(MAKE) --no-print-directory proto
+	@touch $@
+
+# Python gRPC stubs are generated from proto/ at build time, never edited by hand.
+proto:
+	@if [ -f serving/proto_build.py ]; then $(PY) -m serving.proto_build; fi
+
+run: setup
+	$(PY) -m hypernet.cli demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	.venv/bin/ruff check .
+
+clean:
+	rm -rf .venv .cache

@@ -1,0 +1,103 @@
+"""Loading Stable Diffusion 1.x/2.x bases strictly offline, from a diffusers dir or one file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from hypernet.device import resolve_device, resolve_dtype
+from hypernet.errors import InvalidInputError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+# Never reach a hub: every load below also passes local_files_only=True.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+_NO_SAFETY = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def load_pipeline(
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    config_dir: str | Path | None = None,
+) -> StableDiffusionPipeline:
+    """Load a Stable Diffusion base from a local diffusers directory or `.safetensors` file.
+
+    Args:
+        path: a diffusers pipeline directory (with `model_index.json`) or a single-file
+            `.safetensors` checkpoint in the original (LDM) layout.
+        device: "cpu", "cuda", "cuda:1" ...; default CUDA when present, else CPU.
+        dtype: "fp32", "fp16", "bf16" or a torch dtype; default half precision on CUDA, fp32 on CPU.
+        config_dir: for a single file, a local diffusers directory holding the component configs
+            and tokenizer of that architecture (required: nothing is fetched from a hub).
+
+    Raises:
+        ModelNotFoundError: `path` (or `config_dir`) does not exist or is not a model.
+        InvalidInputError: a single file without `config_dir`, or an unknown file type.
+    """
+    path = Path(path)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if not path.exists():
+        raise ModelNotFoundError(f"`base` must be an existing diffusers directory or .safetensors file, got {str(path)!r} (no such path)")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"`base` must be a diffusers pipeline directory containing model_index.json, got {str(path)!r}"
+            )
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(path), dtype=dt, local_files_only=True, **_NO_SAFETY
+        )
+    elif path.suffix == ".safetensors":
+        if config_dir is None or not Path(config_dir).is_dir():
+            raise InvalidInputError(
+                "`config_dir` must be a local diffusers directory with the architecture's configs "
+                f"when loading the single file {str(path)!r}, got {config_dir!r}"
+            )
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config_dir), dtype=dt, local_files_only=True, **_NO_SAFETY
+        )
+    else:
+        raise InvalidInputError(f"`base` must be a directory or a .safetensors file, got {str(path)!r}")
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    log.info("loaded base %s on %s (%s)", path, dev, str(dt).removeprefix("torch."))
+    return pipe
+
+
+def base_fingerprint(pipe: StableDiffusionPipeline) -> str:
+    """A short stable id of the base model an adapter was trained on.
+
+    Hashes the UNet's architecture config and a sample of its weights (first/last values of
+    every attention projection), so it is cheap at SD scale yet differs between any two bases
+    that differ in architecture or in weights of the layers adapters touch. Dtype-independent:
+    values are hashed in fp32 after rounding to bf16 precision.
+    """
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in dict(pipe.unet.config).items() if not k.startswith("_")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name, p in _base_named_parameters(pipe.unet):
+        if "attn" not in name or not name.endswith("weight"):
+            continue
+        flat = p.detach().reshape(-1)
+        sample = torch.cat([flat[:16], flat[-16:]]).to("cpu", torch.bfloat16).float()
+        h.update(name.encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _base_named_parameters(module: torch.nn.Module):
+    """Named parameters with adapter wrappers' names mapped back to the plain base names."""
+    for name, p in module.named_parameters():
+        if ".adapters." in name:
+            continue
+        yield name.replace(".base_layer.", "."), p
