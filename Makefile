@@ -19,7 +19,7 @@ proto:
 	@if [ -f serving/proto_build.py ]; then $(PY) -m serving.proto_build; fi
 
 run: setup
-	$(PY) -m hypernet.cli demo
+	$(PY) -m hypernet.recipes.cli demo
 
 test: setup
 	$(PY) -m pytest -q

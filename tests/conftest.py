@@ -1,0 +1,45 @@
+"""Shared fixtures: one tiny base per test session (imports of diffusers cost ~12 s: reuse)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+FACES = SHARED / "data" / "faces" / "caltech"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """A tiny SD pipeline directory (seed 0), written once per session."""
+    from hypernet.base.tiny import make_tiny_pipeline
+
+    return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-base"), seed=0)
+
+
+@pytest.fixture()
+def tiny_pipe(tiny_base_dir):
+    """A fresh CPU fp32 pipeline per test (loading the tiny base takes ~0.3 s)."""
+    from hypernet.base import load_pipeline
+
+    return load_pipeline(tiny_base_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def faces_dir() -> Path:
+    """The real Caltech face photos; skips the test when ../shared is absent."""
+    if not (FACES / "identities.csv").is_file():
+        pytest.skip(f"real face photos not available: {FACES} is absent (../shared not checked out)")
+    return FACES
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Embedded defaults build into a per-session cache, never the user's home."""
+    cache = tmp_path_factory.getbasetemp() / "hdb-cache"
+    monkeypatch.setenv("HDB_CACHE_DIR", str(cache))
