@@ -48,7 +48,9 @@ def load_pipeline(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     if not path.exists():
-        raise ModelNotFoundError(f"`base` must be an existing diffusers directory or .safetensors file, got {str(path)!r} (no such path)")
+        raise ModelNotFoundError(
+            f"`base` must be an existing diffusers directory or .safetensors file, got {str(path)!r} (no such path)"
+        )
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelNotFoundError(

@@ -91,9 +91,13 @@ def lidb_from_bytes(data: bytes, source: str = "<bytes>", fmt: str | None = FORM
         tensors = st_load(data)
         meta = _read_metadata(data)
     except (SafetensorError, ValueError, json.JSONDecodeError) as e:
-        raise InvalidInputError(f"{source} must be a .safetensors adapter file, got unreadable data ({e})") from e
+        raise InvalidInputError(
+            f"{source} must be a .safetensors adapter file, got unreadable data ({e})"
+        ) from e
     if meta.get("format") is None or (fmt is not None and meta.get("format") != fmt):
-        raise InvalidInputError(f"{source} must be a {fmt or 'hyperdreambooth'} file, got format {meta.get('format')!r}")
+        raise InvalidInputError(
+            f"{source} must be a {fmt or 'hyperdreambooth'} file, got format {meta.get('format')!r}"
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise IncompatibleAdapterError(
             f"{source} must have format_version {FORMAT_VERSION}, got {meta.get('format_version')!r}"

@@ -41,7 +41,9 @@ class LoRA(AdapterHandle):
                 try:
                     A, B = weights[f"{i}.A"], weights[f"{i}.B"]
                 except KeyError as e:
-                    raise InvalidInputError(f"LoRA weights must hold {e.args[0]!r}, got keys like {sorted(weights)[:4]}") from e
+                    raise InvalidInputError(
+                        f"LoRA weights must hold {e.args[0]!r}, got keys like {sorted(weights)[:4]}"
+                    ) from e
                 if A.shape != m.A.shape or B.shape != m.B.shape:
                     raise InvalidInputError(
                         f"LoRA weights for layer {i} must have shapes {tuple(m.A.shape)}, "
