@@ -1,0 +1,168 @@
+"""`HypernetRuntime`: run an exported hypernetwork with onnxruntime or torch, same interface.
+
+    rt = HypernetRuntime.load("runs/x/export")          # dir, .safetensors or .onnx
+    rt.check_base(pipe)                                  # same base + layers as it was trained for?
+    weights = rt.predict(pixels)                         # (N, 3, R, R) in [-1, 1]
+    lidb.use(weights)                                    # {"A_train": (N, L, r, a), "B_train": ...}
+
+onnxruntime gets the CUDA provider only when torch sees a GPU (asking for it without CUDA logs an
+error), else the CPU provider; thread spinning is off because it slows torch running in the same
+process on small machines (environment-notes.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from hypernet.adapters.lidb.config import LiDBSpec
+from hypernet.device import resolve_device
+from hypernet.errors import IncompatibleAdapterError, InvalidInputError, ModelNotFoundError
+from hypernet.hypernetwork.config import HypernetConfig
+from hypernet.hypernetwork.export import ONNX_NAME, SAFETENSORS_NAME, HypernetInfo, load_hypernet, read_info
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["auto", "onnx", "torch"]
+
+
+class HypernetRuntime:
+    """A loaded hypernetwork; build it with `HypernetRuntime.load`."""
+
+    def __init__(self, info: HypernetInfo, backend: str, device: torch.device, session=None, model=None):
+        self.info = info
+        self.backend = backend
+        self.device = device
+        self._session = session
+        self._model = model
+
+    # --- what a caller checks against its base -------------------------------------------------
+    @property
+    def spec(self) -> LiDBSpec:
+        return self.info.spec
+
+    @property
+    def layers(self) -> list[str]:
+        return self.info.layers
+
+    @property
+    def base_fingerprint(self) -> str:
+        return self.info.base_fingerprint
+
+    @property
+    def resolution(self) -> int:
+        return self.info.resolution
+
+    @property
+    def config(self) -> HypernetConfig:
+        return self.info.config
+
+    @classmethod
+    def load(cls, path: str | Path, backend: Backend = "auto",
+             device: str | torch.device | None = None) -> HypernetRuntime:
+        """Load from an export folder (hypernet.onnx and/or hypernet.safetensors) or one file.
+
+        backend "auto" prefers ONNX when an .onnx file is there, else torch.
+
+        Raises:
+            ModelNotFoundError: no hypernetwork file at `path` for the backend asked for.
+            InvalidInputError: unknown backend, or not a hypernetwork file.
+        """
+        if backend not in ("auto", "onnx", "torch"):
+            raise InvalidInputError(f"`backend` must be 'auto', 'onnx' or 'torch', got {backend!r}")
+        onnx_path, st_path = _locate(Path(path))
+        if backend == "auto":
+            backend = "onnx" if onnx_path is not None else "torch"
+        dev = resolve_device(device)
+        if backend == "onnx":
+            if onnx_path is None:
+                raise ModelNotFoundError(
+                    f"`path` must hold an .onnx hypernetwork for backend 'onnx', got {str(path)!r}"
+                )
+            return cls._load_onnx(onnx_path, dev)
+        if st_path is None:
+            raise ModelNotFoundError(
+                f"`path` must hold a .safetensors hypernetwork for backend 'torch', got {str(path)!r}"
+            )
+        model, info = load_hypernet(st_path, device=dev)
+        log.info("hypernetwork %s on torch (%s)", st_path, dev)
+        return cls(info, "torch", dev, model=model)
+
+    @classmethod
+    def _load_onnx(cls, path: Path, dev: torch.device) -> HypernetRuntime:
+        import onnxruntime as ort
+
+        info = read_info(path)
+        providers = ["CPUExecutionProvider"]
+        if torch.cuda.is_available() and dev.type == "cuda":
+            opts = {"device_id": dev.index or 0}
+            providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(path), so, providers=providers)
+        log.info("hypernetwork %s on onnxruntime (%s)", path, session.get_providers()[0])
+        return cls(info, "onnx", dev, session=session)
+
+    def check_base(self, pipe) -> None:
+        """Raise `IncompatibleAdapterError` unless `pipe` is the base this was trained for."""
+        from hypernet.adapters.lidb.model import lidb_layers
+        from hypernet.base.loading import base_fingerprint
+
+        fp = base_fingerprint(pipe)
+        if fp != self.base_fingerprint:
+            raise IncompatibleAdapterError(
+                f"hypernetwork must be used with the base it was trained on (fingerprint "
+                f"{self.base_fingerprint}), got a base with fingerprint {fp}"
+            )
+        if lidb_layers(pipe, self.spec) != self.layers:
+            raise IncompatibleAdapterError(
+                f"hypernetwork must match the base's {len(self.layers)} LiDB layers, got a different layer set"
+            )
+
+    def predict(self, pixels: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """pixels (N, 3, R, R) in [-1, 1] -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}
+        as fp32 tensors on this runtime's device.
+
+        Raises:
+            InvalidInputError: wrong shape (R must be the base's resolution) or non-finite values.
+        """
+        x = torch.as_tensor(pixels)
+        R = self.resolution
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, R, R) or x.shape[0] < 1:
+            raise InvalidInputError(f"`pixels` must have shape (N, 3, {R}, {R}), got {tuple(x.shape)}")
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise InvalidInputError("`pixels` must be finite, got NaN/inf")
+        if self._session is not None:
+            A, B = self._session.run(["A_train", "B_train"], {"pixels": x.cpu().numpy()})
+            return {"A_train": torch.from_numpy(A).to(self.device),
+                    "B_train": torch.from_numpy(B).to(self.device)}
+        with torch.no_grad():
+            out = self._model(x.to(self.device))
+        return {k: v.float() for k, v in out.items()}
+
+
+def _locate(path: Path) -> tuple[Path | None, Path | None]:
+    """(onnx file or None, safetensors file or None) for a folder or a single file."""
+    if path.is_dir():
+        onnx_p, st_p = path / ONNX_NAME, path / SAFETENSORS_NAME
+        found = (onnx_p if onnx_p.is_file() else None, st_p if st_p.is_file() else None)
+        if found == (None, None):
+            raise ModelNotFoundError(
+                f"`path` must be a folder holding {ONNX_NAME} or {SAFETENSORS_NAME}, got {str(path)!r}"
+            )
+        return found
+    if not path.is_file():
+        raise ModelNotFoundError(f"`path` must be an existing hypernetwork file or folder, got {str(path)!r}")
+    if path.suffix == ".onnx":
+        sib = path.with_suffix(".safetensors")
+        return path, sib if sib.is_file() else None
+    sib = path.with_suffix(".onnx")
+    return (sib if sib.is_file() else None), path
+
+
+__all__ = ["HypernetRuntime"]
