@@ -40,3 +40,7 @@ class NotFoundError(HdbError, KeyError):
 
 class EnvironmentProblem(HdbError, RuntimeError):
     """The environment lacks something (a GPU asked for, a package, disk space)."""
+
+
+class Cancelled(HdbError):
+    """Work stopped because its caller asked (cancel, deadline, disconnect). -> CANCELLED."""

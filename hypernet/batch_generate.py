@@ -1,0 +1,187 @@
+"""Generating for many identities in one UNet call, using the adapters' per-sample weights.
+
+The service queues Generate work from many users; requests that agree on steps, guidance, size
+and LiDB layout (`batch_key`) run together: sample i of the batch carries identity i's LiDB and
+relaxed LoRA (zeros for "no identity"). Each image has its own generator seeded with
+`seed + k`, so an image is the same whether it was generated alone or in a batch.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import DPMSolverMultistepScheduler
+from PIL import Image
+
+from hypernet.adapters.lidb.config import LiDBSpec
+from hypernet.adapters.lidb.model import LiDB
+from hypernet.adapters.lora.model import LoRA
+from hypernet.errors import Cancelled, InvalidInputError
+from hypernet.identity import Identity
+
+BATCH_LIDB = "batch_lidb"
+BATCH_RELAXED = "batch_relaxed"
+MAX_PROMPT_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class GenRequest:
+    """One user's generation: `num_images` images of `identity` (None: the plain base)."""
+
+    prompt: str
+    identity: Identity | None = None
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 25
+    guidance: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    num_images: int = 1
+
+    def validate(self) -> None:
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= 500:
+            raise InvalidInputError(f"`steps` must be an integer in [1, 500], got {self.steps!r}")
+        if not isinstance(self.num_images, int) or not 1 <= self.num_images <= 64:
+            raise InvalidInputError(f"`num_images` must be an integer in [1, 64], got {self.num_images!r}")
+        if not math.isfinite(self.guidance) or not 0.0 <= self.guidance <= 50.0:
+            raise InvalidInputError(f"`guidance` must be a finite number in [0, 50], got {self.guidance!r}")
+        for k in ("height", "width"):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or v < 8 or v > 2048 or v % 8):
+                raise InvalidInputError(f"`{k}` must be a multiple of 8 in [8, 2048], got {v!r}")
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one UNet call."""
+        spec = self.identity.spec.to_json() if self.identity else None
+        layers = tuple(self.identity.layers) if self.identity else None
+        return (self.steps, float(self.guidance), self.height, self.width, spec, layers)
+
+
+def dpm_solver(pipe) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2M) from the base's own noise schedule: good images in ~25 steps."""
+    return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+
+
+def generate_batch(
+    pipe,
+    requests: list[GenRequest],
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[list[Image.Image]]:
+    """Run compatible requests in one pipeline call; returns each request's images in order.
+
+    Identities are attached as per-sample adapters for the call only: whatever happens (even an
+    exception or a cancellation), the pipeline is left with no identity active.
+
+    Raises:
+        InvalidInputError: bad arguments, or requests with different `batch_key`s.
+        Cancelled: `should_stop` returned True at a step boundary.
+    """
+    if not requests:
+        return []
+    for r in requests:
+        r.validate()
+    keys = {r.batch_key() for r in requests if r.identity is not None} or {requests[0].batch_key()}
+    shape_keys = {r.batch_key()[:4] for r in requests}
+    if len(keys) > 1 or len(shape_keys) > 1:
+        raise InvalidInputError("requests in one batch must share steps, guidance, size and LiDB spec, got several")
+    first = requests[0]
+    samples = [(r, r.seed + k) for r in requests for k in range(r.num_images)]
+    identities = [r.identity for r, _ in samples]
+    adapters = _batch_adapters(pipe, identities)
+    try:
+        if adapters is not None:
+            _load_per_sample(adapters, identities)
+
+        def _step_end(_pipe, step, _t, kwargs):
+            if should_stop is not None and should_stop():
+                raise Cancelled("generation was cancelled")
+            if on_step is not None:
+                on_step(step + 1, first.steps)
+            return kwargs
+
+        scheduler, pipe.scheduler = pipe.scheduler, dpm_solver(pipe)
+        try:
+            out = pipe(
+                prompt=[r.prompt for r, _ in samples],
+                negative_prompt=[r.negative_prompt for r, _ in samples],
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance,
+                height=first.height,
+                width=first.width,
+                generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in samples],
+                callback_on_step_end=_step_end,
+                output_type="pil",
+            ).images
+        finally:
+            pipe.scheduler = scheduler
+    finally:
+        if adapters is not None:
+            for handle in adapters:
+                handle.use(None)
+                handle.enable(False)
+    result, i = [], 0
+    for r in requests:
+        result.append(out[i : i + r.num_images])
+        i += r.num_images
+    return result
+
+
+_ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _batch_adapters(pipe, identities: list[Identity | None]) -> tuple[LiDB, LoRA] | None:
+    """The pipeline's persistent batch adapters for this spec (aux bases are built once)."""
+    ref = next((i for i in identities if i is not None), None)
+    if ref is None:
+        return None
+    ref.check_base(pipe)
+    for ident in identities:
+        if ident is not None:
+            ident.check_base(pipe)
+    key = (ref.spec.to_json(), tuple(ref.layers))
+    cached = _ATTACHED.get(pipe.unet)
+    if cached is None or cached[0] != key:
+        if cached is not None:
+            cached[1][0].remove()
+            cached[1][1].remove()
+        lidb = LiDB(pipe, LiDBSpec.from_json(key[0]), name=BATCH_LIDB, layers=list(key[1]))
+        lora = LoRA(pipe, list(key[1]), r=1, name=BATCH_RELAXED)  # rank is set per call via use()
+        cached = (key, (lidb, lora))
+        _ATTACHED[pipe.unet] = cached
+    lidb, lora = cached[1]
+    lidb.enable(True)
+    lora.enable(True)
+    return lidb, lora
+
+
+def _load_per_sample(adapters: tuple[LiDB, LoRA], identities: list[Identity | None]) -> None:
+    lidb, lora = adapters
+    ref = next(i for i in identities if i is not None)
+    dev, dt = lidb.modules()[0].A_aux.device, lidb.modules()[0].A_aux.dtype
+    zero = {k: torch.zeros_like(v) for k, v in ref.lidb.items()}
+    lidb.use({
+        k: torch.stack([(i.lidb if i is not None else zero)[k] for i in identities]).to(dev, dt)
+        for k in ("A_train", "B_train")
+    })  # (N, L, r, a), (N, L, b, r)
+    R = max((i.relaxed_rank for i in identities if i is not None), default=0)
+    if R == 0:
+        lora.enable(False)
+        return
+    per_layer = []
+    for li, layer in enumerate(lora.layer_names):
+        base = lora.layers[layer].base_layer
+        A = torch.zeros(len(identities), R, base.in_features, device=dev, dtype=dt)  # (N, R, n_in)
+        B = torch.zeros(len(identities), base.out_features, R, device=dev, dtype=dt)  # (N, n_out, R)
+        for n, ident in enumerate(identities):
+            if ident is not None and ident.relaxed:
+                r = ident.relaxed_rank
+                A[n, :r] = ident.relaxed[f"{li}.A"]
+                B[n, :, :r] = ident.relaxed[f"{li}.B"]
+        per_layer.append((A, B))
+    lora.use(per_layer)

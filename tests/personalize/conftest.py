@@ -1,0 +1,30 @@
+"""Identities with random (non-zero) weights on the tiny base, for tests that need no training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypernet.adapters import default_spec_for, lidb_layers
+from hypernet.identity import Identity, cached_fingerprint, layer_shapes
+
+
+def random_identity(pipe, seed: int, rank: int = 2, scale: float = 0.3) -> Identity:
+    spec = default_spec_for(pipe)
+    layers = lidb_layers(pipe, spec)
+    shapes = layer_shapes(pipe, layers)
+    g = torch.Generator().manual_seed(seed)
+    L = len(layers)
+    lidb = {"A_train": torch.randn(L, spec.r, spec.a, generator=g) * scale,
+            "B_train": torch.randn(L, spec.b, spec.r, generator=g) * scale}
+    relaxed = {}
+    for i, (n_in, n_out) in enumerate(shapes):
+        relaxed[f"{i}.A"] = torch.randn(rank, n_in, generator=g) * scale
+        relaxed[f"{i}.B"] = torch.randn(n_out, rank, generator=g) * scale
+    return Identity(spec=spec, layers=layers, shapes=shapes, base_fingerprint=cached_fingerprint(pipe),
+                    lidb=lidb, relaxed=relaxed, timings={"hypernetwork": 0.01})
+
+
+@pytest.fixture()
+def make_identity():
+    return random_identity
