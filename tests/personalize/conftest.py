@@ -28,3 +28,27 @@ def random_identity(pipe, seed: int, rank: int = 2, scale: float = 0.3) -> Ident
 @pytest.fixture()
 def make_identity():
     return random_identity
+
+
+def random_hypernet(pipe, path, head_init_std: float = 0.05):
+    """An untrained hypernetwork for the tiny base, saved as an export folder's safetensors."""
+    from hypernet.hypernetwork.config import HypernetConfig
+    from hypernet.hypernetwork.export import HypernetInfo, save_hypernet
+    from hypernet.hypernetwork.model import HyperNetwork
+
+    spec = default_spec_for(pipe)
+    layers = lidb_layers(pipe, spec)
+    cfg = HypernetConfig(num_layers=len(layers), a=spec.a, b=spec.b, r=spec.r, dim=32, depth=1, heads=2,
+                         iterations=2, head_init_std=head_init_std, encoder_kwargs={"patch_size": 16, "depth": 1})
+    torch.manual_seed(0)
+    model = HyperNetwork(cfg)
+    info = HypernetInfo(config=cfg, spec=spec, layers=layers, base_fingerprint=cached_fingerprint(pipe),
+                        resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    path.mkdir(parents=True, exist_ok=True)
+    save_hypernet(path / "hypernet.safetensors", model, info)
+    return path
+
+
+@pytest.fixture()
+def tiny_hypernet(tiny_pipe, tmp_path):
+    return random_hypernet(tiny_pipe, tmp_path / "hypernet")

@@ -1,0 +1,79 @@
+"""`personalize`: photo -> hypernetwork -> rank-relaxed fast fine-tune -> Identity."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hypernet.adapters.inject import adapted_layers
+from hypernet.batch_generate import GenRequest, generate_batch
+from hypernet.errors import Cancelled, ImageDecodeError, InvalidInputError
+from hypernet.hypernetwork.runtime import HypernetRuntime
+from hypernet.personalize import PersonalizeConfig, personalize
+from hypernet.photos import preprocess
+
+
+def _photo_bytes(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (90, 80, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _clean(pipe) -> bool:
+    return all(not layer.adapters for layer in adapted_layers(pipe).values())
+
+
+def test_personalize_builds_identity_and_leaves_pipe_clean(tiny_pipe, tiny_hypernet):
+    events = []
+    ident = personalize(tiny_pipe, _photo_bytes(), hypernet=tiny_hypernet, steps=6, rank=3, detector="center",
+                        progress=events.append)
+    assert _clean(tiny_pipe)
+    assert ident.method == "hyperdreambooth" and ident.relaxed_rank == 3
+    assert set(ident.timings) == {"decode", "preprocess", "hypernetwork", "finetune"}
+    stages = [e.stage for e in events]
+    assert stages[0] == "preprocess" and "hypernetwork" in stages and stages[-1] == "done"
+    assert [e.step for e in events if e.stage == "finetune"][-1] == 6
+    assert any(v.abs().sum() > 0 for k, v in ident.relaxed.items() if k.endswith(".B"))  # it trained
+
+    # the LiDB part is exactly the hypernetwork's prediction on the preprocessed photo
+    rt = HypernetRuntime.load(tiny_hypernet)
+    img = Image.open(io.BytesIO(_photo_bytes())).convert("RGB")
+    pred = rt.predict(preprocess(img, 64, detector="center")[None])
+    torch.testing.assert_close(ident.lidb["A_train"], pred["A_train"][0], atol=1e-6, rtol=1e-5)
+
+
+def test_steps_zero_is_hypernetwork_only_and_changes_images(tiny_pipe, tiny_hypernet):
+    ident = personalize(tiny_pipe, _photo_bytes(1), hypernet=tiny_hypernet, steps=0, detector="center")
+    assert ident.method == "hypernetwork" and ident.relaxed == {}
+    base = generate_batch(tiny_pipe, [GenRequest("a photo of ohwx person", None, steps=3)])[0][0]
+    mine = generate_batch(tiny_pipe, [GenRequest("a photo of ohwx person", ident, steps=3)])[0][0]
+    assert np.abs(np.asarray(base, dtype=int) - np.asarray(mine, dtype=int)).max() > 0
+
+
+def test_cancellation_stops_and_keeps_nothing(tiny_pipe, tiny_hypernet):
+    seen = []
+
+    def stop():
+        seen.append(1)
+        return len(seen) > 3
+
+    with pytest.raises(Cancelled):
+        personalize(tiny_pipe, _photo_bytes(), hypernet=tiny_hypernet, steps=50, detector="center", should_stop=stop)
+    assert _clean(tiny_pipe)
+    assert len(seen) < 10  # stopped at the next step, not after 50
+
+
+def test_bad_inputs_are_clear_errors(tiny_pipe, tiny_hypernet):
+    with pytest.raises(ImageDecodeError):
+        personalize(tiny_pipe, b"definitely not an image", hypernet=tiny_hypernet)
+    with pytest.raises(InvalidInputError, match="`rank`"):
+        PersonalizeConfig(rank=0)
+    with pytest.raises(InvalidInputError, match="`steps`"):
+        personalize(tiny_pipe, _photo_bytes(), hypernet=tiny_hypernet, steps=-1)
+    assert _clean(tiny_pipe)
