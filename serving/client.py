@@ -1,0 +1,200 @@
+"""`HdbClient`: a small synchronous Python client for other services, scripts and the CLI.
+
+    from serving.client import HdbClient
+    with HdbClient("localhost:50051", api_key="...") as c:
+        ident = c.personalize(open("me.jpg", "rb").read(), on_progress=print)
+        for img in c.generate("a photo of ohwx person as an astronaut", ident.id, n=2):
+            open(f"{img.index}.png", "wb").write(img.data)
+
+Errors are `grpc.RpcError`s: `e.code()` (a grpc.StatusCode) and `e.details()`; a full queue
+also carries trailing metadata `retry-after-ms` (see `retry_after_ms(e)`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.stubs import SERVICE_NAME, pb, pb_grpc
+from serving.validation import IMAGE_FORMATS, LORA_FORMATS, METHOD_ENUMS
+
+_IMAGE_ENUM = {name: value for value, name in IMAGE_FORMATS.items() if value}
+_LORA_ENUM = {name: value for value, name in LORA_FORMATS.items() if value}
+
+
+def retry_after_ms(error: grpc.RpcError) -> int | None:
+    """The server's retry hint of a RESOURCE_EXHAUSTED error, if it sent one."""
+    for key, value in error.trailing_metadata() or ():
+        if key == "retry-after-ms":
+            return int(value)
+    return None
+
+
+class HdbClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        max_message_bytes: int = 16 << 20,
+    ):
+        """`api_key` defaults to $HDB_API_KEY; `tls` uses system roots or `root_certificates`."""
+        opts = [("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes)]
+        if tls or root_certificates:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(target, creds, options=opts)
+        else:
+            self.channel = grpc.insecure_channel(target, options=opts)
+        self.stub = pb_grpc.PersonalizationStub(self.channel)
+        key = api_key if api_key is not None else os.environ.get("HDB_API_KEY", "")
+        self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        self.timeout = timeout
+
+    def __enter__(self) -> HdbClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _kw(self, timeout: float | None) -> dict:
+        return {"metadata": self._metadata, "timeout": timeout if timeout is not None else self.timeout}
+
+    # ------------------------------------------------------------------ personalise
+    @staticmethod
+    def _photo(photo: bytes | str | Path) -> bytes:
+        return photo if isinstance(photo, bytes) else Path(photo).read_bytes()
+
+    @staticmethod
+    def options(steps: int | None = None, rank: int | None = None, seed: int | None = None,
+                learning_rate: float | None = None, token: str = "", class_noun: str = "",
+                background: bool = False) -> pb.PersonalizeOptions:
+        o = pb.PersonalizeOptions(token=token, class_noun=class_noun, background=background)
+        for name, value in (("steps", steps), ("rank", rank), ("seed", seed),
+                            ("learning_rate", learning_rate)):
+            if value is not None:
+                setattr(o, name, value)
+        return o
+
+    def personalize_events(self, photo: bytes | str | Path, method: str = "hyperdreambooth",
+                           options: pb.PersonalizeOptions | None = None,
+                           timeout: float | None = None) -> Iterator[pb.PersonalizeEvent]:
+        """The raw event stream (accepted, progress..., identity); cancel() it to stop."""
+        req = pb.PersonalizeRequest(photo=self._photo(photo), method=METHOD_ENUMS[method],
+                                    options=options)
+        return self.stub.Personalize(req, **self._kw(timeout))
+
+    def personalize(self, photo: bytes | str | Path, method: str = "hyperdreambooth",
+                    options: pb.PersonalizeOptions | None = None,
+                    on_progress: Callable[[pb.Progress], None] | None = None,
+                    timeout: float | None = None) -> pb.Identity:
+        """Personalise and wait for the identity (progress events go to `on_progress`)."""
+        identity = None
+        for ev in self.personalize_events(photo, method, options, timeout):
+            if ev.HasField("progress") and on_progress is not None:
+                on_progress(ev.progress)
+            elif ev.HasField("identity"):
+                identity = ev.identity
+        assert identity is not None, "the server ended the stream without an identity"
+        return identity
+
+    def personalize_and_generate(
+        self, photo: bytes | str | Path, prompts: list[str], method: str = "hyperdreambooth",
+        options: pb.PersonalizeOptions | None = None,
+        generation: pb.GenerationOptions | None = None,
+        on_progress: Callable[[pb.Progress], None] | None = None, timeout: float | None = None,
+    ) -> tuple[pb.Identity, list[pb.GeneratedImage]]:
+        req = pb.PersonalizeAndGenerateRequest(photo=self._photo(photo),
+                                               method=METHOD_ENUMS[method], options=options,
+                                               prompts=prompts, generation=generation)
+        identity, images = None, []
+        for ev in self.stub.PersonalizeAndGenerate(req, **self._kw(timeout)):
+            if ev.HasField("progress") and on_progress is not None:
+                on_progress(ev.progress)
+            elif ev.HasField("identity"):
+                identity = ev.identity
+            elif ev.HasField("image"):
+                images.append(ev.image)
+        assert identity is not None, "the server ended the stream without an identity"
+        return identity, images
+
+    def get_job(self, job_id: str, timeout: float | None = None) -> pb.Job:
+        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), **self._kw(timeout))
+
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[pb.PersonalizeEvent]:
+        return self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), **self._kw(timeout))
+
+    def cancel_job(self, job_id: str, timeout: float | None = None) -> pb.Job:
+        return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), **self._kw(timeout))
+
+    # ------------------------------------------------------------------ generate
+    @staticmethod
+    def generation(n: int = 1, steps: int = 0, guidance: float | None = None,
+                   seed: int | None = None, width: int = 0, height: int = 0,
+                   format: str = "PNG", negative_prompt: str = "") -> pb.GenerationOptions:
+        o = pb.GenerationOptions(n=n, steps=steps, width=width, height=height,
+                                 format=_IMAGE_ENUM[format.upper()], negative_prompt=negative_prompt)
+        if guidance is not None:
+            o.guidance = guidance
+        if seed is not None:
+            o.seed = seed
+        return o
+
+    def generate_stream(self, prompt: str, identity_id: str = "",
+                        options: pb.GenerationOptions | None = None,
+                        timeout: float | None = None) -> Iterator[pb.GeneratedImage]:
+        req = pb.GenerateRequest(identity_id=identity_id, prompt=prompt, options=options)
+        return self.stub.Generate(req, **self._kw(timeout))
+
+    def generate(self, prompt: str, identity_id: str = "", timeout: float | None = None,
+                 **generation) -> list[pb.GeneratedImage]:
+        """All images of one prompt, sorted by index (kwargs: see `generation`)."""
+        images = list(self.generate_stream(prompt, identity_id, self.generation(**generation),
+                                           timeout))
+        return sorted(images, key=lambda i: i.index)
+
+    # ------------------------------------------------------------------ identities
+    def get_identity(self, identity_id: str, timeout: float | None = None) -> pb.Identity:
+        return self.stub.GetIdentity(pb.GetIdentityRequest(identity_id=identity_id),
+                                     **self._kw(timeout))
+
+    def list_identities(self, page_size: int = 0, timeout: float | None = None
+                        ) -> Iterator[pb.Identity]:
+        """Every identity of this key's tenant, fetching pages as needed."""
+        token = ""
+        while True:
+            resp = self.stub.ListIdentities(
+                pb.ListIdentitiesRequest(page_size=page_size, page_token=token),
+                **self._kw(timeout))
+            yield from resp.identities
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def delete_identity(self, identity_id: str, timeout: float | None = None) -> None:
+        self.stub.DeleteIdentity(pb.DeleteIdentityRequest(identity_id=identity_id),
+                                 **self._kw(timeout))
+
+    def export_identity(self, identity_id: str, format: str = "diffusers",
+                        timeout: float | None = None) -> pb.ExportIdentityResponse:
+        req = pb.ExportIdentityRequest(identity_id=identity_id, format=_LORA_ENUM[format])
+        return self.stub.ExportIdentity(req, **self._kw(timeout))
+
+    def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
+        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), **self._kw(timeout))
+
+    def health(self, service: str = SERVICE_NAME, timeout: float | None = 5.0) -> str:
+        """"SERVING", "NOT_SERVING", ... of grpc.health.v1 (no API key needed)."""
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)

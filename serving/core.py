@@ -1,0 +1,222 @@
+"""`ServiceCore`: what the service does, independent of protobuf.
+
+It owns the engine, the work queue and model worker, the identity repository and the jobs, and
+exposes async operations the servicer calls. Model work goes to the worker thread through the
+bounded queue; store I/O and image codecs run in `asyncio.to_thread`; the event loop only
+coordinates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from hypernet.errors import InvalidInputError
+from serving.batching import BatchPolicy, GenWork
+from serving.cancel import CancelToken
+from serving.config import ServeConfig
+from serving.engine import Engine, Loaded
+from serving.errors import FailedPrecondition
+from serving.identities import IdentityRecord, IdentityRepository, new_identity_id
+from serving.imaging import encode_image
+from serving.jobs import Job, JobManager, ProgressInfo
+from serving.metrics import Metrics
+from serving.queue.worker import ModelWorker, WorkItem, WorkQueue
+from serving.validation import GenerateSpec, PersonalizeSpec
+
+log = logging.getLogger(__name__)
+
+#: Concurrent photo decodes (each may hold up to max_pixels * 3 bytes): bounded memory.
+MAX_CONCURRENT_DECODES = 2
+
+
+@dataclass
+class GeneratedImage:
+    index: int
+    seed: int
+    data: bytes
+    format: str
+    width: int
+    height: int
+
+
+class ServiceCore:
+    def __init__(self, cfg: ServeConfig, engine: Engine, repo: IdentityRepository,
+                 metrics: Metrics, auth_required: bool = True):
+        self.cfg = cfg
+        self.auth_required = auth_required
+        self.engine = engine
+        self.repo = repo
+        self.metrics = metrics
+        self.queue = WorkQueue(cfg.queue_size, cfg.retry_after_ms,
+                               on_depth=metrics.queue_depth.set)
+        self.worker = ModelWorker(
+            self.queue, engine.generate,
+            BatchPolicy(cfg.max_batch, cfg.max_wait_ms / 1000.0),
+            on_batch=metrics.observe_batch,
+            on_queue_wait=metrics.stage.labels("queue_wait").observe,
+        )
+        self.jobs = JobManager(cfg.job_retention_s, cfg.max_jobs, on_change=self._job_counts)
+        self._decodes = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
+
+    def _job_counts(self, counts: dict[str, int]) -> None:
+        for state, n in counts.items():
+            self.metrics.jobs.labels(state).set(n)
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self, warmup: bool) -> None:
+        """Load (and warm up) the models. Blocking: run it in a thread before start()."""
+        t0 = time.perf_counter()
+        self.engine.load()
+        self.metrics.stage.labels("load").observe(time.perf_counter() - t0)
+        if warmup:
+            t0 = time.perf_counter()
+            self.engine.warmup()
+            self.metrics.stage.labels("warmup").observe(time.perf_counter() - t0)
+        self.metrics.watch_gpu(self.engine.gpu_memory)
+
+    def start(self) -> None:
+        self.worker.start()
+
+    async def drain(self, timeout: float) -> bool:
+        """Let queued and running jobs finish (<= timeout), then stop the worker."""
+        t0 = time.monotonic()
+        idle = await self.jobs.wait_idle(timeout)
+        left = max(0.0, timeout - (time.monotonic() - t0))
+        stopped = await asyncio.to_thread(self.worker.stop, left)
+        return idle and stopped
+
+    # ------------------------------------------------------------------ personalise
+    async def decode(self, photo: bytes):
+        async with self._decodes:
+            t0 = time.perf_counter()
+            img = await asyncio.to_thread(self.engine.decode_photo, photo, self.cfg.max_pixels)
+            self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
+            return img
+
+    async def start_personalize(self, tenant: str, spec: PersonalizeSpec,
+                                deadline: float | None) -> Job:
+        """Decode, queue and track a personalisation; returns its job at once.
+
+        Foreground jobs carry the call's deadline; background ones run until done or cancelled.
+
+        Raises:
+            InvalidInputError (bad photo), QueueFull, Unavailable (draining).
+        """
+        t_start = time.perf_counter()
+        image = await self.decode(spec.photo)
+        t_decoded = time.perf_counter()
+        token = CancelToken(None if spec.background else deadline)
+        job = self.jobs.create(tenant, spec.method, spec.background, token)
+
+        def run():
+            self.jobs.report_running(job)
+
+            def progress(stage: str, step: int, total: int, loss: float | None) -> None:
+                token.check()  # raising inside the library's loop stops it at this step
+                self.jobs.report_progress(job, ProgressInfo(stage, step, total, loss))
+
+            return self.engine.personalize(image, spec.method, spec.options, progress,
+                                           lambda: token.stopped)
+
+        item = WorkItem(token=token, fn=run)
+        try:
+            job.queue_position = self.queue.put_all([item])
+        except BaseException:
+            self.jobs.forget(job)
+            raise
+        job.task = asyncio.create_task(self._complete(job, item, spec, t_start, t_decoded))
+        return job
+
+    async def _complete(self, job: Job, item: WorkItem, spec: PersonalizeSpec, t_start: float,
+                        t_decoded: float) -> None:
+        try:
+            result = await asyncio.wrap_future(item.future)
+            if job.token.stopped and not job.background:
+                raise job.token.error()  # the caller left while the last step ran: keep nothing
+            # the library's stages, its own "total" renamed: "total" here is the whole call
+            timings = {("personalize" if k == "total" else k): float(v)
+                       for k, v in result.timings.items()}
+            timings["decode"] = t_decoded - t_start
+            if item.started_at is not None:
+                timings["queue"] = item.started_at - item.enqueued_at
+            t_save = time.perf_counter()
+            record = IdentityRecord(
+                id=new_identity_id(), tenant=job.tenant, method=spec.method, artifact_bytes=0,
+                created_at=time.time(), timings=timings, base_fingerprint=self.engine.fingerprint,
+                token=spec.options.token, class_noun=spec.options.class_noun,
+            )
+            await asyncio.to_thread(self.repo.save, record, result.blob)
+            timings["save"] = time.perf_counter() - t_save
+            timings["total"] = time.perf_counter() - t_start
+            for stage, seconds in timings.items():
+                self.metrics.stage.labels(f"personalize.{stage}").observe(seconds)
+            log.info("identity created", extra={"identity_id": record.id, "method": spec.method,
+                                                 "artifact_bytes": record.artifact_bytes,
+                                                 "job_id": job.id})
+        except BaseException as e:
+            self.queue.discard([item])
+            self.jobs.finish(job, error=e)
+            if not isinstance(e, Exception):
+                raise
+            return
+        self.jobs.finish(job, record=record, loaded=result.loaded)
+
+    # ------------------------------------------------------------------ identities
+    async def load_identity(self, tenant: str, identity_id: str) -> tuple[IdentityRecord, Loaded]:
+        record, loaded = await asyncio.to_thread(
+            self.repo.load, tenant, identity_id,
+            lambda rec, blob: self.engine.load_identity(blob, rec.method),
+        )
+        if record.base_fingerprint and record.base_fingerprint != self.engine.fingerprint:
+            raise FailedPrecondition(
+                f"identity {identity_id!r} must be used with the base it was made for "
+                f"(fingerprint {record.base_fingerprint}), got a server with base "
+                f"{self.engine.fingerprint}"
+            )
+        return record, loaded
+
+    async def export(self, tenant: str, identity_id: str, fmt: str) -> bytes:
+        _, loaded = await self.load_identity(tenant, identity_id)
+        data = await asyncio.to_thread(self.engine.export, loaded, fmt)
+        if len(data) > self.cfg.max_message_bytes - 1024:
+            raise InvalidInputError(
+                f"the exported LoRA must fit in max_message_bytes={self.cfg.max_message_bytes}, "
+                f"got {len(data)} bytes"
+            )
+        return data
+
+    # ------------------------------------------------------------------ generate
+    async def generate(self, spec: GenerateSpec, loaded: Loaded | None, deadline: float | None,
+                       ) -> AsyncIterator[GeneratedImage]:
+        """Queue spec.n images (seeds seed..seed+n-1); yield each as soon as it is encoded.
+
+        If the consumer stops early (cancel, deadline, error), queued images are dropped and
+        running batches stop at their next step.
+        """
+        token = CancelToken(deadline)
+        works = [GenWork(spec.prompt, spec.negative_prompt, spec.seed + i, spec.steps,
+                         spec.guidance, spec.height, spec.width, identity=loaded)
+                 for i in range(spec.n)]
+        for w in works:
+            w.batch_key = self.engine.batch_key(w, loaded)
+        items = [WorkItem(token=token, gen=w) for w in works]
+        self.queue.put_all(items)
+        try:
+            pending = {asyncio.wrap_future(i.future): k for k, i in enumerate(items)}
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for fut in sorted(done, key=pending.__getitem__):
+                    k = pending.pop(fut)
+                    img = fut.result()
+                    t0 = time.perf_counter()
+                    data = await asyncio.to_thread(encode_image, img, spec.format)
+                    self.metrics.stage.labels("encode").observe(time.perf_counter() - t0)
+                    yield GeneratedImage(k, spec.seed + k, data, spec.format, img.width,
+                                         img.height)
+        finally:
+            token.cancel("the call ended")
+            self.queue.discard(items)

@@ -1,0 +1,359 @@
+"""The one place the service calls the model library (`hypernet`).
+
+Everything the servicer needs from models goes through `Engine`: load + warm up, decode a photo,
+personalise, load a stored identity, generate a batch of images, export a LoRA. The servicer
+stays a translator between protobuf and these calls, and a change in the library's API touches
+only this file. All methods except `decode_photo`, `load_identity` and `export` must run on the
+model worker thread (they use the pipeline).
+
+Library imports are lazy: `serving` imports (and reports methods as unavailable in
+GetServerInfo) even where part of the library is absent.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import logging
+import platform
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypernet.errors import Cancelled, InvalidInputError
+from serving.batching import GenWork
+from serving.errors import FailedPrecondition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str  # the library's method name
+    background: bool  # always a background job (minutes of work)
+    module: str  # where its implementation lives
+
+
+#: HYPERDREAMBOOTH goes through `hypernet.personalize`; the others through the
+#: `hypernet.methods` registry (`get_method(name)`).
+METHODS: dict[str, MethodSpec] = {
+    "hyperdreambooth": MethodSpec("hyperdreambooth", False, "hypernet.personalize"),
+    "lidb": MethodSpec("lidb", False, "hypernet.methods.lidb"),
+    "lora": MethodSpec("lora", True, "hypernet.methods.lora"),
+    "textual_inversion": MethodSpec("textual_inversion", True, "hypernet.methods.textual_inversion"),
+    "dreambooth": MethodSpec("dreambooth", True, "hypernet.methods.dreambooth"),
+}
+#: Warm-up personalisation: a flat grey photo, one fine-tune step.
+_WARMUP_STEPS = 1
+
+
+@dataclass
+class PersonalizeOptions:
+    """Caller overrides; None keeps the library's default for the method."""
+
+    steps: int | None = None
+    rank: int | None = None
+    lr: float | None = None
+    seed: int | None = None
+    token: str = "ohwx"
+    class_noun: str = "person"
+
+
+@dataclass
+class Loaded:
+    """A personalisation ready to generate with."""
+
+    method: str
+    obj: Any  # hypernet.identity.Identity, or a method's Artifact
+    batchable: bool  # True: per-sample weights, shares UNet calls with other identities
+
+
+@dataclass
+class Personalized:
+    loaded: Loaded
+    blob: bytes  # what the store keeps
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+ProgressFn = Callable[[str, int, int, float | None], None]
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class Engine:
+    """The loaded base pipeline (and hypernetwork) plus the operations the service runs on it."""
+
+    def __init__(self, base: str = "", hypernet: str = "", device: str = "", dtype: str = ""):
+        self.base_spec = base
+        self.hypernet_spec = hypernet
+        self.device_spec = device or None
+        self.dtype_spec = dtype or None
+        self.pipe = None
+        self.fingerprint = ""
+        self.base_name = ""
+        self.native_size = 0
+        self._hypernet = None
+        self._hypernet_error = "models not loaded yet"
+
+    # ------------------------------------------------------------------ lifecycle
+    def load(self) -> None:
+        """Load the base (default: the embedded tiny base, built on first use)."""
+        from hypernet.base import base_fingerprint, load_pipeline
+
+        if self.base_spec:
+            path = Path(self.base_spec)
+        else:
+            from hypernet.defaults import default_base_dir
+
+            path = default_base_dir()
+        self.base_name = str(path) if self.base_spec else "embedded tiny base"
+        self.pipe = load_pipeline(path, device=self.device_spec, dtype=self.dtype_spec)
+        self.fingerprint = base_fingerprint(self.pipe)
+        self.native_size = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        self._hypernet = self._load_hypernet()
+
+    def _load_hypernet(self):
+        """The hypernetwork runtime (default: the embedded tiny one, built on first use).
+
+        A failure is not fatal: the other methods still work, HYPERDREAMBOOTH is reported
+        unavailable (with the reason) in GetServerInfo and fails with FAILED_PRECONDITION.
+        """
+        try:
+            from hypernet.personalize import load_runtime
+
+            if self.hypernet_spec:
+                path = self.hypernet_spec
+            else:
+                from hypernet.defaults import default_hypernet_path
+
+                path = default_hypernet_path()
+            runtime = load_runtime(str(path), device=str(self.pipe.device))
+            runtime.check_base(self.pipe)
+            self._hypernet_error = ""
+            return runtime
+        except Exception as e:  # noqa: BLE001 - reported, see docstring
+            self._hypernet_error = f"the hypernetwork failed to load: {type(e).__name__}: {e}"
+            log.error(self._hypernet_error)
+            return None
+
+    def warmup(self) -> None:
+        """A short generation and personalisation, so the first request pays no lazy init."""
+        self.generate([GenWork("warm up", "", 0, 2, 7.5, self.native_size, self.native_size)],
+                      lambda: False)
+        if self._hypernet is not None:
+            from PIL import Image
+
+            photo = Image.new("RGB", (self.native_size, self.native_size), (128, 128, 128))
+            self.personalize(photo, "hyperdreambooth", PersonalizeOptions(steps=_WARMUP_STEPS),
+                             lambda *a: None, lambda: False)
+
+    @property
+    def device(self) -> str:
+        return str(self.pipe.device) if self.pipe is not None else ""
+
+    def gpu_memory(self) -> dict[str, float]:
+        """Allocated/reserved bytes on the pipeline's CUDA device; {} on CPU."""
+        import torch
+
+        if self.pipe is None or self.pipe.device.type != "cuda":
+            return {}
+        dev = self.pipe.device
+        return {"allocated": float(torch.cuda.memory_allocated(dev)),
+                "reserved": float(torch.cuda.memory_reserved(dev))}
+
+    def methods(self) -> dict[str, tuple[bool, str]]:
+        """Per method: (available, why not)."""
+        out = {}
+        for name, spec in METHODS.items():
+            ok = _has_module(spec.module)
+            why = "" if ok else f"{spec.module} is not installed in this build"
+            if ok and name == "hyperdreambooth" and self._hypernet is None:
+                ok, why = False, self._hypernet_error
+            out[name] = (ok, why)
+        return out
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        out = {"python": platform.python_version()}
+        for pkg in ("hyperdreambooth", "torch", "diffusers", "grpcio", "protobuf"):
+            try:
+                out[pkg] = version(pkg)
+            except PackageNotFoundError:
+                pass
+        return out
+
+    # ------------------------------------------------------------------ photos
+    @staticmethod
+    def decode_photo(data: bytes, max_pixels: int):
+        """JPEG/PNG/WebP bytes -> RGB PIL image, in memory only (photos never touch disk).
+
+        Raises:
+            ImageDecodeError, ImageTooLargeError (InvalidInputError subclasses).
+        """
+        from hypernet.photos import decode_image
+
+        return decode_image(data, max_pixels=max_pixels, source="`photo`")
+
+    # ------------------------------------------------------------------ personalise
+    def personalize(
+        self,
+        photo,
+        method: str,
+        opts: PersonalizeOptions,
+        progress: ProgressFn,
+        should_stop: Callable[[], bool],
+    ) -> Personalized:
+        """Personalise to `photo` (a decoded image). `progress` may raise to stop the work."""
+        if method not in METHODS:
+            raise InvalidInputError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+        if method == "hyperdreambooth":
+            return self._personalize_hdb(photo, opts, progress, should_stop)
+        return self._train_method(photo, method, opts, progress, should_stop)
+
+    def _personalize_hdb(self, photo, opts, progress, should_stop) -> Personalized:
+        from hypernet.personalize import personalize
+
+        if self._hypernet is None:
+            raise FailedPrecondition(f"HYPERDREAMBOOTH is unavailable on this server: "
+                                     f"{self._hypernet_error}; use another method")
+        kw: dict[str, Any] = {"token": opts.token, "class_noun": opts.class_noun}
+        for key, value in (("steps", opts.steps), ("rank", opts.rank), ("lr", opts.lr),
+                           ("seed", opts.seed)):
+            if value is not None:
+                kw[key] = value
+
+        def on_progress(ev) -> None:
+            progress(ev.stage, int(ev.step), int(ev.total), ev.loss)
+
+        identity = personalize(self.pipe, photo, hypernet=self._hypernet, progress=on_progress,
+                               should_stop=should_stop, **kw)
+        t0 = time.perf_counter()
+        blob = identity.to_bytes()
+        timings = dict(identity.timings)
+        timings["serialize"] = time.perf_counter() - t0
+        return Personalized(Loaded("hyperdreambooth", identity, True), blob, timings)
+
+    def _train_method(self, photo, method: str, opts, progress, should_stop) -> Personalized:
+        from hypernet.methods import get_method
+
+        m = get_method(method)
+        names = {"steps": opts.steps, "rank": opts.rank, "lr": opts.lr, "seed": opts.seed}
+        known = getattr(m.config_cls, "__dataclass_fields__", {})
+        config = m.config_cls(**{k: v for k, v in names.items() if v is not None and k in known})
+
+        def on_progress(ev) -> None:  # methods take no should_stop: stop by raising here
+            if should_stop():
+                raise Cancelled(f"{method} training was cancelled")
+            progress(getattr(ev, "stage", method), int(ev.step), int(ev.total),
+                     getattr(ev, "loss", None))
+
+        t0 = time.perf_counter()
+        artifact = m.train(self.pipe, [photo], token=opts.token, class_noun=opts.class_noun,
+                           config=config, progress=on_progress)
+        t1 = time.perf_counter()
+        blob = _artifact_to_bytes(artifact)
+        timings = {"train": t1 - t0, "serialize": time.perf_counter() - t1}
+        return Personalized(Loaded(method, artifact, False), blob, timings)
+
+    # ------------------------------------------------------------------ identities
+    @staticmethod
+    def load_identity(blob: bytes, method: str) -> Loaded:
+        """A stored blob back into a generate-ready personalisation (no pipeline needed)."""
+        if method == "hyperdreambooth":
+            from hypernet.identity import Identity
+
+            return Loaded(method, Identity.from_bytes(blob), True)
+        if method not in METHODS:
+            raise InvalidInputError(f"stored identity method must be one of {sorted(METHODS)}, "
+                                    f"got {method!r}")
+        from hypernet.methods import load_artifact
+
+        return Loaded(method, _artifact_from_bytes(blob, load_artifact), False)
+
+    @staticmethod
+    def export(loaded: Loaded, fmt: str) -> bytes:
+        """A LoRA `.safetensors` file ("diffusers" or "kohya") of an identity."""
+        if not hasattr(loaded.obj, "export_lora"):
+            raise InvalidInputError(
+                f"identity method `{loaded.method}` must be exportable as a LoRA, got a "
+                f"{type(loaded.obj).__name__} (only HYPERDREAMBOOTH identities export)"
+            )
+        return loaded.obj.export_lora(fmt)
+
+    # ------------------------------------------------------------------ generate
+    @staticmethod
+    def batch_key(work: GenWork, loaded: Loaded | None) -> Hashable:
+        """Which works may share a UNet call: the library's key for per-sample identities and
+        the bare base; adapters without per-sample weights only batch with themselves."""
+        if loaded is not None and not loaded.batchable:
+            return ("solo", id(loaded.obj), work.steps, work.guidance, work.height, work.width)
+        return _gen_request(work).batch_key()
+
+    def generate(self, works: list[GenWork], should_stop: Callable[[], bool]) -> list:
+        """Images for `works` (equal batch_key), one per work, in order: PIL RGB images.
+
+        Raises:
+            hypernet.errors.Cancelled: `should_stop()` turned True at a step boundary.
+        """
+        if all(w.identity is None or w.identity.batchable for w in works):
+            from hypernet.batch_generate import generate_batch
+
+            per_request = generate_batch(self.pipe, [_gen_request(w) for w in works],
+                                         should_stop=should_stop)
+            return [images[0] for images in per_request]
+        from hypernet.generate import generate
+
+        return [
+            generate(self.pipe, w.prompt, artifact=w.identity.obj if w.identity else None,
+                     negative_prompt=w.negative_prompt, steps=w.steps, guidance=w.guidance,
+                     seed=w.seed, height=w.height, width=w.width, num_images=1)[0]
+            for w in works
+        ]
+
+
+def _gen_request(w: GenWork):
+    from hypernet.batch_generate import GenRequest
+
+    return GenRequest(prompt=w.prompt, identity=w.identity.obj if w.identity is not None else None,
+                      negative_prompt=w.negative_prompt, seed=w.seed, steps=w.steps,
+                      guidance=w.guidance, height=w.height, width=w.width, num_images=1)
+
+
+def _artifact_to_bytes(artifact) -> bytes:
+    """An Artifact as bytes: its `save` writes a file (or, DreamBooth, a folder: tarred).
+
+    This writes model output to a private temp dir, never the uploaded photo.
+    """
+    with tempfile.TemporaryDirectory(prefix="hdb-artifact-") as d:
+        path = Path(d) / "artifact.safetensors"
+        artifact.save(path)
+        if path.is_file():
+            return path.read_bytes()
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            tar.add(path, arcname="artifact")
+        return buf.getvalue()
+
+
+def _artifact_from_bytes(blob: bytes, load_artifact) -> Any:
+    """Undo `_artifact_to_bytes` and load with the library's content-sniffing loader."""
+    with tempfile.TemporaryDirectory(prefix="hdb-artifact-") as d:
+        if blob[:8] and tarfile.is_tarfile(io.BytesIO(blob)):
+            with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+                tar.extractall(d, filter="data")
+            path = Path(d) / "artifact"
+        else:
+            path = Path(d) / "artifact.safetensors"
+            path.write_bytes(blob)
+        return load_artifact(path)

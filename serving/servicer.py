@@ -1,0 +1,212 @@
+"""`PersonalizationServicer`: protobuf <-> `ServiceCore`, nothing else.
+
+Validation lives in `serving.validation`, errors -> status codes, auth and metrics in
+`serving.interceptors`, model work in `serving.core` / `serving.engine`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from hypernet.errors import InvalidInputError
+from serving import validation as v
+from serving.core import GeneratedImage, ServiceCore
+from serving.engine import METHODS
+from serving.identities import IdentityRecord
+from serving.imaging import FORMATS
+from serving.jobs import Job, ProgressInfo
+from serving.logs import tenant_var
+from serving.stubs import pb, pb_grpc
+
+_JOB_STATES = {name: pb.JobState.Value(name) for name in
+               ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")}
+_IMAGE_FORMATS = {"PNG": pb.PNG, "JPEG": pb.JPEG, "WEBP": pb.WEBP}
+_LORA_FORMATS = {"diffusers": pb.DIFFUSERS, "kohya": pb.KOHYA}
+
+
+def _ts(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    t = Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def identity_pb(r: IdentityRecord) -> pb.Identity:
+    return pb.Identity(
+        id=r.id, method=v.METHOD_ENUMS[r.method], artifact_bytes=r.artifact_bytes,
+        timings=r.timings, created_at=_ts(r.created_at), expires_at=_ts(r.expires_at),
+        base_fingerprint=r.base_fingerprint, token=r.token, class_noun=r.class_noun,
+    )
+
+
+def progress_pb(p: ProgressInfo) -> pb.Progress:
+    return pb.Progress(stage=p.stage, step=p.step, total=p.total, loss=p.loss)
+
+
+def accepted_pb(job: Job) -> pb.JobAccepted:
+    return pb.JobAccepted(job_id=job.id, method=v.METHOD_ENUMS[job.method],
+                          background=job.background, queue_position=job.queue_position)
+
+
+def job_pb(job: Job) -> pb.Job:
+    from serving.interceptors import status_for
+
+    out = pb.Job(id=job.id, method=v.METHOD_ENUMS[job.method], state=_JOB_STATES[job.state],
+                 background=job.background, created_at=_ts(job.created_at),
+                 finished_at=_ts(job.finished_at))
+    if job.progress is not None:
+        out.progress.CopyFrom(progress_pb(job.progress))
+    if job.record is not None:
+        out.identity.CopyFrom(identity_pb(job.record))
+    if job.error is not None:
+        code, message = status_for(job.error)
+        out.error_code, out.error_message = code.name, message
+    return out
+
+
+def image_pb(img: GeneratedImage, prompt_index: int = 0) -> pb.GeneratedImage:
+    return pb.GeneratedImage(index=img.index, prompt_index=prompt_index, seed=img.seed,
+                             data=img.data, format=_IMAGE_FORMATS[img.format],
+                             mime_type=FORMATS[img.format], width=img.width, height=img.height)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
+class PersonalizationServicer(pb_grpc.PersonalizationServicer):
+    def __init__(self, core: ServiceCore):
+        self.core = core
+        self.cfg = core.cfg
+
+    # ------------------------------------------------------------------ personalise
+    async def _watch(self, job: Job, event_cls) -> AsyncIterator:
+        """Stream a job's events; a foreground job is cancelled if the stream ends early."""
+        try:
+            async for ev in self.core.jobs.watch(job):
+                if isinstance(ev, ProgressInfo):
+                    yield event_cls(progress=progress_pb(ev))
+                else:
+                    yield event_cls(identity=identity_pb(ev))
+        finally:
+            if not job.background and not job.done:
+                job.token.cancel("the call ended")
+
+    async def Personalize(self, request: pb.PersonalizeRequest, context
+                          ) -> AsyncIterator[pb.PersonalizeEvent]:
+        spec = v.personalization(request.photo, request.method, request.options, self.cfg)
+        job = await self.core.start_personalize(tenant_var.get(), spec, _deadline(context))
+        try:
+            yield pb.PersonalizeEvent(accepted=accepted_pb(job))
+        finally:
+            if not job.background and not job.done:  # closed before the watch began
+                job.token.cancel("the call ended")
+        async for ev in self._watch(job, pb.PersonalizeEvent):
+            yield ev
+
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
+        return job_pb(self.core.jobs.get(tenant_var.get(), request.job_id))
+
+    async def WatchJob(self, request: pb.WatchJobRequest, context
+                       ) -> AsyncIterator[pb.PersonalizeEvent]:
+        job = self.core.jobs.get(tenant_var.get(), request.job_id)
+        async for ev in self.core.jobs.watch(job):  # watching never cancels the job
+            if isinstance(ev, ProgressInfo):
+                yield pb.PersonalizeEvent(progress=progress_pb(ev))
+            else:
+                yield pb.PersonalizeEvent(identity=identity_pb(ev))
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
+        job = self.core.jobs.cancel(tenant_var.get(), request.job_id)
+        if job.task is not None and not job.done:
+                await asyncio.wait([job.task], timeout=min(5.0, context.time_remaining() or 5.0))
+        return job_pb(job)
+
+    # ------------------------------------------------------------------ generate
+    async def Generate(self, request: pb.GenerateRequest, context
+                       ) -> AsyncIterator[pb.GeneratedImage]:
+        spec = v.generation(request.prompt, request.options, self.cfg, self.core.engine.native_size)
+        loaded = None
+        if request.identity_id:
+            _, loaded = await self.core.load_identity(tenant_var.get(), request.identity_id)
+        async for img in self.core.generate(spec, loaded, _deadline(context)):
+            yield image_pb(img)
+
+    async def PersonalizeAndGenerate(self, request: pb.PersonalizeAndGenerateRequest, context
+                                     ) -> AsyncIterator[pb.PersonalizeAndGenerateEvent]:
+        if request.options.background:
+            raise InvalidInputError("`options.background` must be false for "
+                                    "PersonalizeAndGenerate (use Personalize), got true")
+        if not 1 <= len(request.prompts) <= self.cfg.max_prompts:
+            raise InvalidInputError(f"`prompts` must hold 1..{self.cfg.max_prompts} prompts, got "
+                                    f"{len(request.prompts)}")
+        specs = [v.generation(p, request.generation, self.cfg, self.core.engine.native_size,
+                              prefix="generation") for p in request.prompts]
+        p_spec = v.personalization(request.photo, request.method, request.options, self.cfg)
+        p_spec = v.PersonalizeSpec(p_spec.photo, p_spec.method, p_spec.options, background=False)
+        job = await self.core.start_personalize(tenant_var.get(), p_spec, _deadline(context))
+        yield pb.PersonalizeAndGenerateEvent(accepted=accepted_pb(job))
+        async for ev in self._watch(job, pb.PersonalizeAndGenerateEvent):
+            yield ev
+        for k, spec in enumerate(specs):
+            async for img in self.core.generate(spec, job.loaded, _deadline(context)):
+                yield pb.PersonalizeAndGenerateEvent(image=image_pb(img, prompt_index=k))
+
+    # ------------------------------------------------------------------ identities
+    async def GetIdentity(self, request: pb.GetIdentityRequest, context) -> pb.Identity:
+        record = await asyncio.to_thread(self.core.repo.get, tenant_var.get(), request.identity_id)
+        return identity_pb(record)
+
+    async def ListIdentities(self, request: pb.ListIdentitiesRequest, context
+                             ) -> pb.ListIdentitiesResponse:
+        records, token = await asyncio.to_thread(
+            self.core.repo.list, tenant_var.get(), v.page_size(request.page_size),
+            request.page_token)
+        return pb.ListIdentitiesResponse(identities=[identity_pb(r) for r in records],
+                                         next_page_token=token)
+
+    async def DeleteIdentity(self, request: pb.DeleteIdentityRequest, context
+                             ) -> pb.DeleteIdentityResponse:
+        record = await asyncio.to_thread(self.core.repo.delete, tenant_var.get(),
+                                          request.identity_id)
+        return pb.DeleteIdentityResponse(identity_id=record.id)
+
+    async def ExportIdentity(self, request: pb.ExportIdentityRequest, context
+                             ) -> pb.ExportIdentityResponse:
+        if request.format not in v.LORA_FORMATS:
+            raise InvalidInputError(f"`format` must be one of {sorted(pb.LoraFormat.keys())}, "
+                                    f"got {request.format}")
+        fmt = v.LORA_FORMATS[request.format]
+        data = await self.core.export(tenant_var.get(), request.identity_id, fmt)
+        return pb.ExportIdentityResponse(data=data, format=_LORA_FORMATS[fmt],
+                                         filename=f"{request.identity_id}.{fmt}.safetensors")
+
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
+        c, e = self.cfg, self.core.engine
+        available = e.methods()
+        methods = [
+            pb.MethodInfo(method=v.METHOD_ENUMS[name], background=spec.background,
+                          available=available[name][0], detail=available[name][1])
+            for name, spec in METHODS.items()
+        ]
+        limits = pb.Limits(
+            max_message_bytes=c.max_message_bytes, max_pixels=c.max_pixels,
+            max_prompt_chars=c.max_prompt_chars, max_images=c.max_images,
+            max_prompts=c.max_prompts, max_generate_steps=c.max_generate_steps,
+            max_personalize_steps=c.max_personalize_steps, min_size=c.min_size,
+            max_size=c.max_size, min_guidance=c.min_guidance, max_guidance=c.max_guidance,
+            queue_capacity=c.queue_size, max_batch=c.max_batch,
+        )
+        return pb.ServerInfo(
+            base_model=e.base_name, base_fingerprint=e.fingerprint, methods=methods,
+            limits=limits, versions=e.versions(), device=e.device, default_size=e.native_size,
+            default_generate_steps=c.default_generate_steps,
+            auth_required=self.core.auth_required, identity_ttl_seconds=int(c.identity_ttl_s),
+        )

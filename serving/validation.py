@@ -1,0 +1,150 @@
+"""Request validation: protobuf requests -> checked domain values, or INVALID_ARGUMENT.
+
+Every check happens before any work is queued, and every message says which field is wrong,
+what is allowed and what was received ("`options.steps` must be 1..150, got 0").
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+from dataclasses import dataclass
+
+from hypernet.errors import InvalidInputError
+from serving.config import ServeConfig
+from serving.engine import METHODS, PersonalizeOptions
+from serving.stubs import pb
+
+METHOD_NAMES = {
+    pb.METHOD_UNSPECIFIED: "hyperdreambooth",
+    pb.HYPERDREAMBOOTH: "hyperdreambooth",
+    pb.LIDB: "lidb",
+    pb.LORA: "lora",
+    pb.TEXTUAL_INVERSION: "textual_inversion",
+    pb.DREAMBOOTH: "dreambooth",
+}
+METHOD_ENUMS = {name: value for value, name in METHOD_NAMES.items() if value}
+IMAGE_FORMATS = {pb.IMAGE_FORMAT_UNSPECIFIED: "PNG", pb.PNG: "PNG", pb.JPEG: "JPEG",
+                 pb.WEBP: "WEBP"}
+LORA_FORMATS = {pb.LORA_FORMAT_UNSPECIFIED: "diffusers", pb.DIFFUSERS: "diffusers",
+                pb.KOHYA: "kohya"}
+_TOKEN = re.compile(r"^[a-z0-9]{1,32}$")
+_NOUN = re.compile(r"^[A-Za-z][A-Za-z -]{0,31}$")
+MAX_SEED = 2**62  # seed + i must stay a valid 64-bit seed
+MAX_RANK = 64
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
+
+
+def _bad(field: str, what: str, got) -> InvalidInputError:
+    return InvalidInputError(f"`{field}` must be {what}, got {got!r}")
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    prompt: str
+    negative_prompt: str
+    n: int
+    steps: int
+    guidance: float
+    seed: int
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class PersonalizeSpec:
+    photo: bytes
+    method: str
+    options: PersonalizeOptions
+    background: bool
+
+
+def method_name(value: int, field: str = "method") -> str:
+    if value not in METHOD_NAMES:
+        raise _bad(field, f"one of {sorted(pb.Method.keys())}", value)
+    return METHOD_NAMES[value]
+
+
+def prompt(text: str, field: str, cfg: ServeConfig, required: bool) -> str:
+    if required and not text.strip():
+        raise _bad(field, "a non-empty text prompt", text)
+    if len(text) > cfg.max_prompt_chars:
+        raise InvalidInputError(f"`{field}` must be at most {cfg.max_prompt_chars} characters, "
+                                f"got {len(text)}")
+    if "\x00" in text:
+        raise InvalidInputError(f"`{field}` must not contain NUL characters, got one")
+    return text
+
+
+def _int_range(value: int, field: str, lo: int, hi: int) -> int:
+    if not lo <= value <= hi:
+        raise _bad(field, f"{lo}..{hi}", value)
+    return value
+
+
+def generation(req_prompt: str, o, cfg: ServeConfig, native_size: int,
+               prefix: str = "options") -> GenerateSpec:
+    """Validate one prompt plus `GenerationOptions` (zero fields take the defaults)."""
+    p = prompt(req_prompt, "prompt", cfg, required=True)
+    neg = prompt(o.negative_prompt, f"{prefix}.negative_prompt", cfg, required=False)
+    n = _int_range(o.n or 1, f"{prefix}.n", 1, cfg.max_images)
+    steps = _int_range(o.steps or cfg.default_generate_steps, f"{prefix}.steps", 1,
+                       cfg.max_generate_steps)
+    guidance = o.guidance if o.HasField("guidance") else 7.5
+    if not (math.isfinite(guidance) and cfg.min_guidance <= guidance <= cfg.max_guidance):
+        raise _bad(f"{prefix}.guidance", f"a finite number in {cfg.min_guidance}..{cfg.max_guidance}",
+                   guidance)
+    seed = o.seed if o.HasField("seed") else secrets.randbelow(2**31)
+    _int_range(seed, f"{prefix}.seed", 0, MAX_SEED)
+    size = {}
+    for name in ("width", "height"):
+        v = getattr(o, name) or native_size
+        if not (cfg.min_size <= v <= cfg.max_size and v % 8 == 0):
+            raise _bad(f"{prefix}.{name}", f"a multiple of 8 in {cfg.min_size}..{cfg.max_size} "
+                       f"(0: the base's {native_size})", v)
+        size[name] = v
+    if o.format not in IMAGE_FORMATS:
+        raise _bad(f"{prefix}.format", f"one of {sorted(pb.ImageFormat.keys())}", o.format)
+    return GenerateSpec(p, neg, n, steps, float(guidance), seed, size["width"], size["height"],
+                        IMAGE_FORMATS[o.format])
+
+
+def personalization(photo: bytes, method: int, o, cfg: ServeConfig) -> PersonalizeSpec:
+    """Validate a photo + method + `PersonalizeOptions` (the photo is decoded later)."""
+    if not photo:
+        raise InvalidInputError("`photo` must be the bytes of one JPEG, PNG or WebP image, got "
+                                "0 bytes")
+    name = method_name(method)
+    opts = PersonalizeOptions()
+    if o.HasField("steps"):  # HYPERDREAMBOOTH: 0 = the hypernetwork's prediction only
+        opts.steps = _int_range(o.steps, "options.steps", 0 if name == "hyperdreambooth" else 1,
+                                cfg.max_personalize_steps)
+    if o.HasField("rank"):
+        opts.rank = _int_range(o.rank, "options.rank", 1, MAX_RANK)
+    if o.HasField("learning_rate"):
+        lr = o.learning_rate
+        if not (math.isfinite(lr) and 0 < lr < 1):
+            raise _bad("options.learning_rate", "a finite number in (0, 1)", lr)
+        opts.lr = float(lr)
+    if o.HasField("seed"):
+        opts.seed = _int_range(o.seed, "options.seed", 0, MAX_SEED)
+    if o.token:
+        if not _TOKEN.match(o.token):
+            raise _bad("options.token", "1-32 characters of [a-z0-9] (a rare word, e.g. ohwx)",
+                       o.token)
+        opts.token = o.token
+    if o.class_noun:
+        if not _NOUN.match(o.class_noun):
+            raise _bad("options.class_noun", "1-32 letters, spaces or hyphens (e.g. person)",
+                       o.class_noun)
+        opts.class_noun = o.class_noun
+    background = o.background or METHODS[name].background
+    return PersonalizeSpec(photo, name, opts, background)
+
+
+def page_size(value: int) -> int:
+    if value == 0:
+        return DEFAULT_PAGE_SIZE
+    return _int_range(value, "page_size", 1, MAX_PAGE_SIZE)
