@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +76,12 @@ class HypernetInfo:
             )
 
 
-def save_hypernet(path: str | Path, model: HyperNetwork, info: HypernetInfo) -> Path:
-    """Atomically write the model's weights (fp32) with `info` as metadata."""
+def save_hypernet(path: str | Path, model: HyperNetwork, info: HypernetInfo,
+                  extra_meta: dict[str, str] | None = None) -> Path:
+    """Atomically write the model's weights (fp32) with `info` (+ `extra_meta`) as metadata."""
     info.check()
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    data = st_save(tensors, metadata=info.to_metadata())
+    data = st_save(tensors, metadata={**info.to_metadata(), **(extra_meta or {})})
     return atomic_write_bytes(path, data)
 
 
@@ -142,7 +144,9 @@ def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset
     model = model.to("cpu").float().eval()
     example = torch.zeros(2, 3, info.resolution, info.resolution)  # (2, 3, R, R)
     names = dict(input_names=["pixels"], output_names=["A_train", "B_train"], opset_version=opset)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about the shape checks in `encode`; shapes are fixed except the batch.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
             logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per initializer

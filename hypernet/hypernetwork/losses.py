@@ -1,0 +1,41 @@
+"""The hypernetwork's objective (paper eq. 2): alpha * diffusion loss + beta * weight-space L2.
+
+The diffusion term comes from running the base with the *predicted* LiDB routed per sample
+through `LiDB.use`, so it is differentiable w.r.t. the prediction; this module only combines
+terms and defines the weight-space error used for both training and validation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hypernet.hypernetwork.model import pack_theta
+
+
+def weight_mse(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+               reduction: str = "mean") -> torch.Tensor:
+    """Mean squared difference of packed LiDB weights, over every (A_train, B_train) entry.
+
+    Args:
+        pred / target: {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}.
+        reduction: "mean" -> scalar; "none" -> (N,) per sample.
+    """
+    diff = pack_theta(pred).float() - pack_theta(target).float()  # (N, L, P)
+    per = diff.pow(2).mean(dim=(1, 2))  # (N,)
+    return per.mean() if reduction == "mean" else per
+
+
+def hypernet_loss(diffusion: torch.Tensor | None, l2: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """alpha * diffusion + beta * l2 (the diffusion term may be skipped when alpha is 0)."""
+    loss = beta * l2
+    if diffusion is not None and alpha:
+        loss = loss + alpha * diffusion
+    return loss
+
+
+def zeros_like_weights(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The zero adapter (delta W = 0) in the same packed shapes."""
+    return {k: torch.zeros_like(v) for k, v in w.items()}
+
+
+__all__ = ["hypernet_loss", "weight_mse", "zeros_like_weights"]

@@ -1,0 +1,133 @@
+"""`hdb pretrain STAGE` and `python -m pretrain STAGE` (the same parser; torchrun runs the latter).
+
+    hdb pretrain all --config tiny-cpu --output-dir runs/tiny
+    torchrun --nproc-per-node 2 -m pretrain all --config tiny-cpu --output-dir runs/tiny --stage2.steps 200
+
+STAGE is prepare, stage1, stage2, export or all. Every config value can be overridden with
+`--section.key VALUE` (or `--set section.key=VALUE`; values parsed as YAML). Every stage skips work already done for the
+same settings, so rerunning a killed command resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+STAGES = ("prepare", "stage1", "stage2", "export")
+
+log = logging.getLogger("pretrain")
+
+
+_OVERRIDE = "override:"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", choices=(*STAGES, "all"), help="which stage to run (all: in order)")
+    p.add_argument("--config", default="tiny-cpu",
+                   help="YAML/TOML file, or a shipped config name: tiny-cpu, sd15-gpu (default tiny-cpu)")
+    p.add_argument("--output-dir", type=Path, required=True, help="the run folder (created; reused to resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, e.g. --set stage2.steps=50 (repeatable)")
+    group = p.add_argument_group("config overrides (values parsed as YAML; default: the config file's)")
+    for key, help_text in _config_keys():
+        group.add_argument(f"--{key}", dest=_OVERRIDE + key, default=argparse.SUPPRESS, metavar="V",
+                           help=help_text)
+
+
+def _config_keys(cls=None, prefix: str = ""):
+    """(dotted key, help) for every leaf field of PretrainConfig, nested dataclasses included."""
+    import dataclasses
+    import typing
+
+    from pretrain.config import PretrainConfig
+
+    cls = cls or PretrainConfig
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _config_keys(hints[f.name], key + ".")
+        else:
+            yield key, f.metadata.get("help", "")
+
+
+def collect_overrides(args: argparse.Namespace) -> list[str]:
+    """`--set` items, then `--section.key V` options, as KEY=VALUE strings."""
+    out = list(args.overrides)
+    out += [f"{k[len(_OVERRIDE):]}={v}" for k, v in vars(args).items() if k.startswith(_OVERRIDE)]
+    return out
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain", help="offline pretraining: corpus -> stage-1 LiDBs -> hypernetwork -> export",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=_run_args)
+
+
+def _run_args(args: argparse.Namespace) -> int:
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    run_stages(args.config, args.output_dir, stages, collect_overrides(args))
+    return 0
+
+
+def run_stages(config: str | Path | None, output_dir: str | Path, stages, overrides=None) -> Path:
+    """Load the config, join torchrun's job (if any) and run `stages` in order on this rank."""
+    import torch
+
+    from pretrain.config import load_config
+    from pretrain.context import RunContext
+    from pretrain.distributed import cleanup, init_distributed
+
+    cfg = load_config(config, overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = init_distributed(cfg.device, cfg.dist_timeout_min)
+    if not dist.is_main:  # one voice: other ranks only warn
+        logging.getLogger().setLevel(logging.WARNING)
+    ctx = RunContext(cfg, Path(output_dir), dist)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    ctx.write_config()
+    try:
+        for stage in stages:
+            t0 = time.monotonic()
+            if dist.is_main:
+                log.info("=== %s (rank 0 of %d, %s) ===", stage, dist.world_size, dist.device)
+            _STAGE_FNS[stage]()(ctx)
+            if dist.is_main:
+                log.info("=== %s finished in %.1f s ===", stage, time.monotonic() - t0)
+    finally:
+        cleanup()
+    return ctx.out
+
+
+def _fn(module: str, name: str):
+    def load():
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
+
+    return load
+
+
+_STAGE_FNS = {
+    "prepare": _fn("pretrain.prepare", "run_prepare"),
+    "stage1": _fn("pretrain.stage1", "run_stage1"),
+    "stage2": _fn("pretrain.stage2", "run_stage2"),
+    "export": _fn("pretrain.export", "run_export"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pretrain ...`: same exit codes as `hdb`."""
+    from hypernet.recipes.cli import main as hdb_main
+
+    return hdb_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+
+
+__all__ = ["STAGES", "main", "register", "run_stages"]

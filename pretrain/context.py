@@ -1,0 +1,88 @@
+"""What every stage shares: the config, the output folder layout, this rank, the base pipeline."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hypernet.files import atomic_write_bytes
+from pretrain.config import PretrainConfig, dump_config
+from pretrain.distributed import DistInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """One rank's view of a pretraining run in `out` (the `--output-dir`)."""
+
+    cfg: PretrainConfig
+    out: Path
+    dist: DistInfo
+    _pipe: object = field(default=None, repr=False)
+    _fp: str | None = field(default=None, repr=False)
+
+    @property
+    def prepared_dir(self) -> Path:
+        return self.out / "prepared"
+
+    @property
+    def stage1_dir(self) -> Path:
+        return self.out / "stage1"
+
+    @property
+    def stage2_dir(self) -> Path:
+        return self.out / "stage2"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.out / "export"
+
+    @property
+    def base_path(self) -> Path:
+        if self.cfg.base:
+            return Path(self.cfg.base)
+        from hypernet.defaults import default_base_dir
+
+        return default_base_dir()
+
+    def pipe(self):
+        """The frozen base on this rank's device, fp32 (bf16 comes from autocast on GPU)."""
+        if self._pipe is None:
+            from hypernet.base import load_pipeline
+
+            self._pipe = load_pipeline(self.base_path, device=self.dist.device, dtype="fp32")
+            for m in (self._pipe.unet, self._pipe.vae, self._pipe.text_encoder):
+                m.requires_grad_(False).eval()
+        return self._pipe
+
+    def fingerprint(self) -> str:
+        """The base's fingerprint (cached: adapters attached later do not change it)."""
+        if self._fp is None:
+            from hypernet.base import base_fingerprint
+
+            self._fp = base_fingerprint(self.pipe())
+        return self._fp
+
+    def resolution(self) -> int:
+        """The training/prediction size: configured, else the base's native one."""
+        if self.cfg.data.resolution:
+            return self.cfg.data.resolution
+        pipe = self.pipe()
+        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+    def write_config(self) -> None:
+        """Record the resolved config next to the outputs (rank 0)."""
+        if self.dist.is_main:
+            atomic_write_bytes(self.out / "config.yaml", dump_config(self.cfg).encode())
+
+    def autocast(self):
+        """bf16 autocast on CUDA only; CPU stays fp32 (CPU bf16 is slower and less exact)."""
+        dev = self.dist.device.type
+        return torch.autocast(device_type=dev, dtype=torch.bfloat16, enabled=dev == "cuda")
+
+
+__all__ = ["RunContext"]

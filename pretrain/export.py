@@ -1,0 +1,78 @@
+"""Stage `export`: the trained hypernetwork as `.safetensors` (+ config) and ONNX, cross-checked.
+
+The ONNX graph is run with onnxruntime (CPU provider: the check is about the graph, not the
+device) on held-out photos and compared with torch; the max abs difference goes to
+`export/report.json` and the stage fails when it exceeds `export.max_abs_diff`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+
+from hypernet.errors import EnvironmentProblem
+from hypernet.files import atomic_write_bytes
+from hypernet.hypernetwork.export import ONNX_NAME, SAFETENSORS_NAME, export_onnx, load_hypernet
+from pretrain.cache import PreparedData
+from pretrain.context import RunContext
+from pretrain.distributed import barrier
+from pretrain.stage2 import FINAL
+
+log = logging.getLogger(__name__)
+
+
+def run_export(ctx: RunContext) -> None:
+    if ctx.dist.is_main:
+        _export(ctx)
+    barrier()
+
+
+def _export(ctx: RunContext) -> None:
+    src = ctx.stage2_dir / FINAL
+    if not src.is_file():
+        raise EnvironmentProblem(f"stage2 output {src} must exist before `export`: run `stage2` first")
+    out, cfg = ctx.export_dir, ctx.cfg.export
+    atomic_write_bytes(out / SAFETENSORS_NAME, src.read_bytes())
+    model, info = load_hypernet(out / SAFETENSORS_NAME)  # proves it loads from the file alone
+    report = {"safetensors": SAFETENSORS_NAME, "bytes": (out / SAFETENSORS_NAME).stat().st_size,
+              "base_fingerprint": info.base_fingerprint, "resolution": info.resolution,
+              "layers": len(info.layers), "config": json.loads(info.config.to_json())}
+    if cfg.onnx:
+        export_onnx(model, info, out / ONNX_NAME, opset=cfg.opset, exporter=cfg.exporter)
+        pixels = _check_pixels(ctx, cfg.check_batch, info.resolution)
+        diff = onnx_max_abs_diff(model, out / ONNX_NAME, pixels)
+        report.update(onnx=ONNX_NAME, onnx_bytes=(out / ONNX_NAME).stat().st_size, exporter=cfg.exporter,
+                      check_batch=int(pixels.shape[0]), max_abs_diff=diff, max_abs_diff_bound=cfg.max_abs_diff)
+        log.info("export: ONNX vs torch max abs difference %.3g on %d photos (bound %.1g)", diff,
+                 pixels.shape[0], cfg.max_abs_diff)
+        if not diff <= cfg.max_abs_diff:
+            atomic_write_bytes(out / "report.json", json.dumps(report, indent=1).encode())
+            raise RuntimeError(f"ONNX export must match torch within {cfg.max_abs_diff}, got max abs diff {diff}")
+    atomic_write_bytes(out / "report.json", json.dumps(report, indent=1).encode())
+    log.info("export: wrote %s", out)
+
+
+def _check_pixels(ctx: RunContext, n: int, res: int) -> torch.Tensor:
+    """Held-out photos when there are enough, topped up with seeded uniform noise in [-1, 1]."""
+    data = PreparedData(ctx.prepared_dir)
+    rows = [r for i in data.identities("val") for r in data.rows(i)][:n]
+    real = data.pixels(rows) if rows else torch.zeros(0, 3, res, res)  # (k, 3, R, R)
+    g = torch.Generator().manual_seed(0)
+    fill = torch.rand(n - real.shape[0], 3, res, res, generator=g) * 2 - 1
+    return torch.cat([real, fill])
+
+
+def onnx_max_abs_diff(model, onnx_path, pixels: torch.Tensor) -> float:
+    """max |torch - onnxruntime| over both outputs for `pixels` (N, 3, R, R)."""
+    from hypernet.hypernetwork.runtime import HypernetRuntime
+
+    rt = HypernetRuntime.load(onnx_path, backend="onnx", device="cpu")
+    got = rt.predict(pixels)
+    with torch.no_grad():
+        ref = model.to("cpu").eval()(pixels)
+    return max(float((got[k] - ref[k]).abs().max()) for k in ("A_train", "B_train"))
+
+
+__all__ = ["onnx_max_abs_diff", "run_export"]

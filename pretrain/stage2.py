@@ -1,0 +1,297 @@
+"""Stage `stage2`: train the hypernetwork on (photo, stage-1 LiDB) pairs under DDP.
+
+    loss = alpha * diffusion loss of the base with the *predicted* LiDB on the same photo
+         + beta  * mean squared error to the stage-1 LiDB of that identity
+
+The recipe has fixed verbs (setup, train, validate, save_checkpoint, cleanup). Exact resume:
+checkpoints hold model, optimizer, scheduler, EMA and every rank's RNG; the data position and
+the diffusion noise are pure functions of (seed, step, micro-step, rank) (see stream.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from hypernet.adapters.lidb.model import LiDB
+from hypernet.files import atomic_write_bytes
+from hypernet.hypernetwork.export import HypernetInfo, save_hypernet
+from hypernet.hypernetwork.losses import hypernet_loss, weight_mse
+from hypernet.hypernetwork.model import HyperNetwork
+from hypernet.training.losses import diffusion_loss, make_noise_scheduler
+from pretrain.cache import PreparedData
+from pretrain.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.context import RunContext
+from pretrain.distributed import all_reduce_sum
+from pretrain.metrics import MetricsWriter
+from pretrain.optim import EMA, cosine_with_warmup
+from pretrain.stage1 import load_stage1
+from pretrain.stream import SampleStream, step_seed
+
+log = logging.getLogger(__name__)
+
+FINAL = "final.safetensors"
+#: stage-2 settings that do not change the trained weights (free to differ on resume).
+_FREE = ("val_every", "val_noise_draws", "ckpt_every", "keep_checkpoints", "log_every")
+
+
+def stage2_key(ctx: RunContext) -> str:
+    d = dataclasses.asdict(ctx.cfg)
+    for k in _FREE:
+        d["stage2"].pop(k)
+    payload = {k: d[k] for k in ("base", "data", "stage1", "stage2")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_stage2(ctx: RunContext) -> None:
+    final = ctx.stage2_dir / FINAL
+    if final.is_file() and _final_key(final) == stage2_key(ctx):
+        if ctx.dist.is_main:
+            log.info("stage2: already done for these settings (%s), skipping", final)
+        return
+    recipe = Stage2Recipe(ctx)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+def _final_key(path) -> str | None:
+    from hypernet.hypernetwork.export import read_info
+
+    return read_info(path).metadata.get("stage2_key")
+
+
+class Stage2Recipe:
+    def __init__(self, ctx: RunContext):
+        self.ctx, self.cfg, self.dist = ctx, ctx.cfg.stage2, ctx.dist
+        self.key = stage2_key(ctx)
+
+    # 1. Setup ------------------------------------------------------------------------------
+    def setup(self) -> None:
+        self._setup_data()
+        self._setup_base()
+        self._setup_model()
+        self.step = 0
+        ckpt = latest_checkpoint(self.ctx.stage2_dir / "checkpoints")
+        if ckpt is not None:
+            self._resume(ckpt)
+        self.metrics = MetricsWriter(self.ctx.stage2_dir, self.step, enabled=self.dist.is_main)
+
+    def _setup_data(self) -> None:
+        self.data = PreparedData(self.ctx.prepared_dir)
+        s1 = load_stage1(self.ctx.stage1_dir)
+        self.s1 = s1
+        self.samples: dict[str, list] = {}
+        self.targets: dict[str, dict[str, torch.Tensor]] = {}
+        for split in ("train", "val"):
+            ids = [i for i in self.data.identities(split) if i in s1.identities]
+            self.targets[split] = s1.targets(ids)  # (n_ids, L, r, a) / (n_ids, L, b, r)
+            self.samples[split] = [(j, row) for j, ident in enumerate(ids) for row in self.data.rows(ident)]
+        if not self.samples["train"]:
+            raise RuntimeError("stage2: no training samples with stage-1 targets; run stage1 first")
+        self.stream = SampleStream(len(self.samples["train"]), self.cfg.seed, self.ctx.cfg.data.flip)
+        self.text_emb = self.data.text_emb().to(self.dist.device)  # (1, 77, D)
+        if self.dist.is_main:
+            log.info("stage2: %d train samples (%d identities), %d val samples (%d identities)",
+                     len(self.samples["train"]), self.targets["train"]["A_train"].shape[0],
+                     len(self.samples["val"]), self.targets["val"]["A_train"].shape[0])
+
+    def _setup_base(self) -> None:
+        pipe = self.ctx.pipe()
+        self.lidb = LiDB(pipe, self.s1.spec, name="hypernet", layers=self.s1.layers)
+        for p in self.lidb.parameters():
+            p.requires_grad_(False)  # the prediction is routed in through `use`; these never train
+        self.unet = pipe.unet
+        self.noise_scheduler = make_noise_scheduler(pipe)
+
+    def _setup_model(self) -> None:
+        c, spec = self.cfg, self.s1.spec
+        mcfg = dataclasses.replace(c.model, num_layers=len(self.s1.layers), a=spec.a, b=spec.b, r=spec.r)
+        self.model_cfg = mcfg
+        torch.manual_seed(c.seed)  # same init on every rank (DDP also broadcasts rank 0's)
+        self.model = HyperNetwork(mcfg).to(self.dist.device)
+        dev = self.dist.device
+        self.ddp = DDP(self.model, device_ids=[dev] if dev.type == "cuda" else None) if self.dist.distributed \
+            else self.model
+        enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        enc_ids = {id(p) for p in enc}
+        rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in enc_ids]
+        groups = [{"params": rest, "lr": c.lr}]
+        if enc:
+            groups.append({"params": enc, "lr": c.lr * c.encoder_lr_scale})
+        self.opt = torch.optim.AdamW(groups, lr=c.lr, weight_decay=c.weight_decay)
+        self.sched = cosine_with_warmup(self.opt, c.warmup_steps, c.steps, c.min_lr_ratio)
+        self.ema = EMA(self.model, c.ema_decay) if c.ema_decay > 0 else None
+        if self.dist.is_main:
+            n = sum(p.numel() for p in self.model.parameters())
+            log.info("stage2: hypernetwork %s, %.2fM parameters, %d layers x (r=%d, a=%d, b=%d)",
+                     mcfg.encoder, n / 1e6, mcfg.num_layers, mcfg.r, mcfg.a, mcfg.b)
+
+    def _resume(self, ckpt) -> None:
+        state = load_checkpoint(ckpt, self.key, self.dist)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step = int(state["step"])
+        if self.dist.is_main:
+            log.info("stage2: resumed from %s (step %d of %d)", ckpt, self.step, self.cfg.steps)
+
+    def cleanup(self) -> None:
+        self.lidb.remove()
+        self.metrics.close()
+
+    # 2. Checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        state = {
+            "key": self.key, "step": self.step, "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "data_position": self.step * self._global_batch(),
+        }
+        save_checkpoint(self.ctx.stage2_dir / "checkpoints", self.step, state, self.dist,
+                        self.cfg.keep_checkpoints)
+
+    def _global_batch(self) -> int:
+        return self.cfg.batch_size * self.dist.world_size * self.cfg.grad_accum
+
+    # 3. Training ---------------------------------------------------------------------------
+    def _batch(self, pairs: list[tuple[int, bool]], split: str = "train"):
+        """-> pixels (B, 3, R, R), latents (B, 4, h, w), targets {A (B, L, r, a), B (B, L, b, r)}."""
+        picked = [(self.samples[split][i], f) for i, f in pairs]
+        rows = [row for (_, row), _ in picked]
+        flips = torch.tensor([f for _, f in picked])  # (B,)
+        pix = self.data.pixels(rows)  # (B, 3, R, R)
+        pix = torch.where(flips[:, None, None, None], pix.flip(-1), pix)
+        lat = torch.where(flips[:, None, None, None], self.data.latents(rows, flip=True),
+                          self.data.latents(rows))  # (B, 4, h, w)
+        tidx = torch.tensor([j for (j, _), _ in picked])
+        tgt = {k: v[tidx] for k, v in self.targets[split].items()}
+        dev = self.dist.device
+        return pix.to(dev), lat.to(dev), {k: v.to(dev) for k, v in tgt.items()}
+
+    def _loss_step(self, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
+        c, d = self.cfg, self.dist
+        pairs = self.stream.micro_batch(self.step, micro, d.rank, d.world_size, c.grad_accum, c.batch_size)
+        pix, lat, tgt = self._batch(pairs)
+        gen = torch.Generator().manual_seed(step_seed(c.seed, self.step, micro, d.rank))
+        with self.ctx.autocast():
+            pred = self.ddp(pix)  # {"A_train": (B, L, r, a), "B_train": (B, L, b, r)}
+            dl = None
+            if c.alpha > 0:
+                self.lidb.use(pred)
+                emb = self.text_emb.expand(lat.shape[0], -1, -1)  # (B, 77, D)
+                dl = diffusion_loss(self.unet, self.noise_scheduler, lat, emb, gen, c.min_snr_gamma)
+                self.lidb.use(None)
+        l2 = weight_mse(pred, tgt)
+        loss = hypernet_loss(dl, l2, c.alpha, c.beta)
+        parts = {"loss": loss.item(), "l2": l2.item(), "diffusion": dl.item() if dl is not None else 0.0}
+        return loss, parts
+
+    def train_step(self) -> dict[str, float]:
+        """grad_accum micro-steps (gradients synced on the last only), clip, AdamW, schedule."""
+        c = self.cfg
+        self.ddp.train()
+        self.opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(c.grad_accum):
+            sync = micro == c.grad_accum - 1 or not self.dist.distributed
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                loss, parts = self._loss_step(micro)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"stage2: loss must be finite, got {loss.item()} at step {self.step}")
+                (loss / c.grad_accum).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v / c.grad_accum
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        gn = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm or float("inf"))
+        self.opt.step()
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        return {**sums, "grad_norm": float(gn), "lr": self.sched.get_last_lr()[0]}
+
+    def train(self) -> None:
+        c, d = self.cfg, self.dist
+        if d.is_main:
+            log.info("stage2: steps %d -> %d, global batch %d (%d x %d ranks x %d accum)", self.step,
+                     c.steps, self._global_batch(), c.batch_size, d.world_size, c.grad_accum)
+        bar = tqdm(total=c.steps, initial=self.step, desc="stage2", unit="step", disable=not d.is_main)
+        t0, start = time.monotonic(), self.step
+        while self.step < c.steps:
+            m = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}")
+            last = self.step == c.steps
+            if self.step % c.log_every == 0 or last:
+                m = self._mean_over_ranks(m)
+                self.metrics.write(self.step, {f"train/{k}": v for k, v in m.items()})
+                if d.is_main:
+                    el = time.monotonic() - t0
+                    left = el / (self.step - start) * (c.steps - self.step)
+                    log.info("stage2: step %d/%d loss %.4f (diffusion %.4f, l2 %.5f) lr %.2e, ~%.0f s left",
+                             self.step, c.steps, m["loss"], m["diffusion"], m["l2"], m["lr"], left)
+            if self.step % c.val_every == 0 or last:
+                self.metrics.write(self.step, self.validate())
+            if self.step % c.ckpt_every == 0 or last:
+                self.save_checkpoint()
+        bar.close()
+        self._write_final()
+
+    def _mean_over_ranks(self, m: dict[str, float]) -> dict[str, float]:
+        keys = sorted(m)
+        t = torch.tensor([m[k] for k in keys], dtype=torch.float64, device=self.dist.device)
+        all_reduce_sum(t)
+        return {k: float(v) / self.dist.world_size for k, v in zip(keys, t.tolist(), strict=True)}
+
+    # 4. Validation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Held-out identities: weight-space error and diffusion loss of the predicted LiDB versus
+        the zero adapter (the base) and the stage-1 LiDB, on the same noise and timesteps."""
+        from pretrain.validation import validate_hypernet
+
+        model = self.model
+        if self.ema is not None:  # validate what will be exported
+            model = HyperNetwork(self.model_cfg).to(self.dist.device)
+            model.load_state_dict(self.model.state_dict())
+            self.ema.copy_to(model)
+        res = validate_hypernet(self, model)
+        if self.dist.is_main and res:
+            log.info("stage2: val at step %d: weight mse %.5f (zero adapter %.5f), diffusion loss "
+                     "%.5f (zero adapter %.5f, stage-1 %.5f)", self.step, res["val/weight_mse"],
+                     res["val/weight_mse_zero"], res["val/diffusion"], res["val/diffusion_zero"],
+                     res["val/diffusion_stage1"])
+        return res
+
+    # 5. Output -----------------------------------------------------------------------------
+    def _write_final(self) -> None:
+        if not self.dist.is_main:
+            return
+        model = self.model
+        if self.ema is not None:
+            self.ema.copy_to(model)
+        info = HypernetInfo(self.model_cfg, self.s1.spec, self.s1.layers, self.s1.base_fingerprint,
+                            self.data.resolution)
+        save_hypernet(self.ctx.stage2_dir / FINAL, model, info, extra_meta={"stage2_key": self.key})
+        from pretrain.metrics import read_metrics
+
+        last = {k: v[-1][1] for k, v in read_metrics(self.metrics.csv_path).items() if k.startswith("val/")}
+        atomic_write_bytes(self.ctx.stage2_dir / "summary.json",
+                           json.dumps({"step": self.step, "key": self.key, **last}, indent=1).encode())
+        log.info("stage2: wrote %s", self.ctx.stage2_dir / FINAL)
+
+
+__all__ = ["FINAL", "Stage2Recipe", "run_stage2", "stage2_key"]
