@@ -23,6 +23,7 @@ log = logging.getLogger("hdb")
 SUBCOMMAND_MODULES = [
     "hypernet.recipes.base",
     "serving.cli",
+    "pretrain.cli",
 ]
 
 
