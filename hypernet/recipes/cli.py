@@ -22,6 +22,7 @@ log = logging.getLogger("hdb")
 #: Modules contributing subcommands, in `--help` order.
 SUBCOMMAND_MODULES = [
     "hypernet.recipes.base",
+    "hypernet.recipes.personalize",
     "serving.cli",
     "pretrain.cli",
 ]
