@@ -1,0 +1,17 @@
+"""Personalisation methods (DreamBooth, Textual Inversion, LoRA, LiDB) behind one interface.
+
+Each method package exports `METHOD` (name, config class, `train`, artifact class); the
+subpackages import diffusers/peft, so they load on first use through `get_method`.
+"""
+
+from hypernet.methods.base import (
+    METHOD_NAMES,
+    Artifact,
+    Method,
+    Personaliser,
+    detect_kind,
+    get_method,
+    load_artifact,
+)
+
+__all__ = ["METHOD_NAMES", "Artifact", "Method", "Personaliser", "detect_kind", "get_method", "load_artifact"]
