@@ -105,20 +105,14 @@ def _open_header(data: bytes, source: str, max_pixels: int) -> Image.Image:
             f"{source} must be a JPEG, PNG or WebP image, got data no image decoder recognises"
         ) from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(
-            f"{source} must be a JPEG, PNG or WebP image, got unreadable data ({e})"
-        ) from e
+        raise ImageDecodeError(f"{source} must be a JPEG, PNG or WebP image, got unreadable data ({e})") from e
     if img.format not in ALLOWED_FORMATS:
-        raise ImageDecodeError(
-            f"{source} must be a JPEG, PNG or WebP image, got {img.format or 'an unknown format'}"
-        )
+        raise ImageDecodeError(f"{source} must be a JPEG, PNG or WebP image, got {img.format or 'an unknown format'}")
     w, h = img.size
     if w < 1 or h < 1:
         raise ImageDecodeError(f"{source} must have a non-empty canvas, got {w}x{h}")
     if w * h > max_pixels:
-        raise ImageTooLargeError(
-            f"{source} must have at most {max_pixels:,} pixels, got {w}x{h} = {w * h:,}"
-        )
+        raise ImageTooLargeError(f"{source} must have at most {max_pixels:,} pixels, got {w}x{h} = {w * h:,}")
     return img
 
 
@@ -246,44 +240,45 @@ def preprocess(img: Image.Image, resolution: int, *, detector: Detector = "auto"
     return x / 127.5 - 1.0
 
 
-def list_photos(inputs: str | Path | Sequence[str | Path | bytes]) -> list[str | Path | bytes]:
-    """Expand a directory into its image files (sorted); pass files and bytes through.
+PhotoInput = str | Path | bytes | Image.Image
+
+
+def list_photos(inputs: PhotoInput | Sequence[PhotoInput]) -> list[Path | bytes | Image.Image]:
+    """Expand a directory into its image files (sorted); pass files, bytes and images through.
 
     Raises:
         InvalidInputError: a missing path, or no images at all.
     """
-    items = [inputs] if isinstance(inputs, (str, Path, bytes)) else list(inputs)
-    out: list[str | Path | bytes] = []
+    single = isinstance(inputs, (str, Path, bytes, Image.Image))
+    items = [inputs] if single else list(inputs)
+    out: list[Path | bytes | Image.Image] = []
     for item in items:
         if isinstance(item, (bytes, bytearray)):
             out.append(bytes(item))
             continue
+        if isinstance(item, Image.Image):
+            out.append(item)
+            continue
         p = Path(item)
         if p.is_dir():
-            out.extend(
-                sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-            )
+            out.extend(sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
         elif p.is_file():
             out.append(p)
         else:
-            raise InvalidInputError(
-                f"`images` must be existing files or directories, got {str(p)!r}"
-            )
+            raise InvalidInputError(f"`images` must be existing files or directories, got {str(p)!r}")
     if not out:
-        raise InvalidInputError(
-            f"`images` must contain at least one JPEG/PNG/WebP photo, got none in {inputs!r}"
-        )
+        raise InvalidInputError(f"`images` must contain at least one JPEG/PNG/WebP photo, got none in {inputs!r}")
     return out
 
 
 def load_photos(
-    inputs: str | Path | Sequence[str | Path | bytes],
+    inputs: PhotoInput | Sequence[PhotoInput],
     resolution: int,
     *,
     detector: Detector = "auto",
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> torch.Tensor:
-    """Decode and preprocess photos from a directory, files, or encoded bytes.
+    """Decode and preprocess photos from a directory, files, encoded bytes or decoded images.
 
     Returns:
         (N, 3, resolution, resolution) float32 in [-1, 1].
@@ -293,8 +288,11 @@ def load_photos(
     """
     tensors = []
     for i, item in enumerate(list_photos(inputs)):
-        source = f"image #{i}" if isinstance(item, bytes) else str(item)
-        img = decode_image(item, max_pixels=max_pixels, source=source)
+        if isinstance(item, Image.Image):
+            img = _to_rgb(item)  # already decoded (and size-checked) by the caller
+        else:
+            source = f"image #{i}" if isinstance(item, bytes) else str(item)
+            img = decode_image(item, max_pixels=max_pixels, source=source)
         tensors.append(preprocess(img, resolution, detector=detector))
     return torch.stack(tensors)  # (N, 3, H, W)
 

@@ -55,14 +55,6 @@ def format_prompt(template: str, token: str, class_noun: str) -> str:
         ) from e
 
 
-def override_train(config: Any, **overrides: Any) -> Any:
-    """A copy of a method config whose `train` TrainConfig has the non-None `overrides`."""
-    kw = {k: v for k, v in overrides.items() if v is not None}
-    if not kw:
-        return config
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, **kw))
-
-
 def config_json(config: Any) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
 

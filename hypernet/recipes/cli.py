@@ -23,6 +23,8 @@ log = logging.getLogger("hdb")
 SUBCOMMAND_MODULES = [
     "hypernet.recipes.base",
     "hypernet.recipes.personalize",
+    "hypernet.recipes.train",
+    "hypernet.recipes.generate",
     "serving.cli",
     "pretrain.cli",
 ]

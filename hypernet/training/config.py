@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -84,6 +85,11 @@ class TrainConfig:
             raise InvalidInputError(
                 f"`adam_beta1`/`adam_beta2` must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}"
             )
+
+    def with_overrides(self, **overrides) -> TrainConfig:
+        """A copy with the non-None `overrides` (validated again)."""
+        kw = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(self, **kw) if kw else self
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

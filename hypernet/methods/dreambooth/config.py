@@ -29,8 +29,12 @@ class DreamBoothMethodConfig:
     class_image_steps: int = field(default=25, metadata={"help": "DPM-Solver++ steps per class image"})
     prompt: str = field(default="a photo of {token} {class_noun}", metadata={"help": "instance prompt"})
     train: TrainConfig = field(default_factory=_default_train, metadata={"help": "optimisation"})
+    steps: int | None = field(default=None, metadata={"help": "shortcut: overrides train.steps"})
+    lr: float | None = field(default=None, metadata={"help": "shortcut: overrides train.lr"})
+    seed: int | None = field(default=None, metadata={"help": "shortcut: overrides train.seed"})
 
     def __post_init__(self) -> None:
+        self.train = self.train.with_overrides(steps=self.steps, lr=self.lr, seed=self.seed)
         if not isinstance(self.num_class_images, int) or self.num_class_images < 1:
             raise InvalidInputError(f"`num_class_images` must be a positive integer, got {self.num_class_images!r}")
         if not self.prior_loss_weight >= 0:

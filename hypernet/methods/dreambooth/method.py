@@ -181,11 +181,9 @@ class DreamBoothArtifact:
         if self.text_encoder is not None:
             _check_same_architecture(pipe.text_encoder, self.text_encoder, "text_encoder")
         self._originals[id(pipe)] = (pipe.unet, pipe.text_encoder)
-        p = next(pipe.unet.parameters())
-        pipe.unet = self.unet.to(p.device, p.dtype)
+        pipe.unet = _like(self.unet, pipe.unet)
         if self.text_encoder is not None:
-            q = next(pipe.text_encoder.parameters())
-            pipe.text_encoder = self.text_encoder.to(q.device, q.dtype)
+            pipe.text_encoder = _like(self.text_encoder, pipe.text_encoder)
 
     def remove(self, pipe) -> None:
         orig = self._originals.pop(id(pipe), None)
@@ -203,3 +201,11 @@ def _check_same_architecture(base: torch.nn.Module, ours: torch.nn.Module, name:
                 d.pop(k)
     if json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
         raise IncompatibleAdapterError(f"DreamBooth {name} must have the base's architecture, got a different config")
+
+
+def _like(model: torch.nn.Module, ref: torch.nn.Module) -> torch.nn.Module:
+    """`model` moved to `ref`'s device and dtype (in place; no-op when they already match)."""
+    p, q = next(model.parameters()), next(ref.parameters())
+    if (p.device, p.dtype) != (q.device, q.dtype):
+        model.to(q.device, q.dtype)
+    return model

@@ -25,7 +25,11 @@ class LoRAMethodConfig:
     prompt: str = field(default="a photo of {token} {class_noun}", metadata={"help": "training prompt"})
     init_seed: int = field(default=0, metadata={"help": "seed of the LoRA A matrices' init"})
     train: TrainConfig = field(default_factory=_default_train, metadata={"help": "optimisation"})
+    steps: int | None = field(default=None, metadata={"help": "shortcut: overrides train.steps"})
+    lr: float | None = field(default=None, metadata={"help": "shortcut: overrides train.lr"})
+    seed: int | None = field(default=None, metadata={"help": "shortcut: overrides train.seed"})
 
     def __post_init__(self) -> None:
+        self.train = self.train.with_overrides(steps=self.steps, lr=self.lr, seed=self.seed)
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise InvalidInputError(f"`rank` must be a positive integer, got {self.rank!r}")

@@ -7,6 +7,7 @@ The artifact is the file stock `pipe.load_lora_weights()` reads: diffusers-forma
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -150,7 +151,8 @@ class LoRAArtifact:
             raise InvalidInputError("artifact must not be applied twice to the same pipeline, got a second apply")
         name = f"hdb_lora_{id(self):x}"
         try:
-            pipe.load_lora_weights({k: v.clone() for k, v in self.tensors.items()}, adapter_name=name)
+            with _quiet_diffusers():  # it warns when a LoRA has no text-encoder part
+                pipe.load_lora_weights({k: v.clone() for k, v in self.tensors.items()}, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as e:
             remove_peft_adapter(pipe.unet, name)
             remove_peft_adapter(pipe.text_encoder, name)
@@ -162,3 +164,15 @@ class LoRAArtifact:
         if name is not None:
             remove_peft_adapter(pipe.unet, name)
             remove_peft_adapter(pipe.text_encoder, name)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlog
+
+    before = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(before)
