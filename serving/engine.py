@@ -106,7 +106,9 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
-        """Load the base (default: the embedded tiny base, built on first use)."""
+        """Load the base (default: the embedded tiny base, built on first use). Idempotent."""
+        if self.pipe is not None:
+            return
         from hypernet.base import base_fingerprint, load_pipeline
 
         if self.base_spec:

@@ -86,13 +86,19 @@ class IdentityRepository:
 
     # ------------------------------------------------------------------ writes
     def save(self, record: IdentityRecord, blob: bytes) -> IdentityRecord:
-        """Store blob then metadata; fills `expires_at` from the TTL."""
+        """Store blob then metadata; fills `expires_at` from the TTL and `timings["store"]`
+        (the blob write, also added to `timings["total"]` when present)."""
         check_name("tenant", record.tenant)
         check_name("identity_id", record.id)
         if self.ttl_s > 0:
             record.expires_at = record.created_at + self.ttl_s
         record.artifact_bytes = len(blob)
+        t0 = time.perf_counter()
         self.store.put(_blob_key(record.tenant, record.id), blob)
+        took = time.perf_counter() - t0
+        record.timings["store"] = took
+        if "total" in record.timings:
+            record.timings["total"] += took
         self.store.put(_meta_key(record.tenant, record.id), record.to_json())
         return record
 

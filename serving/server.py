@@ -185,11 +185,66 @@ async def run(cfg: ServeConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        await server.wait_ready()
-    except Exception:
-        log.exception("loading the models failed")
+    await asyncio.wait([server._ready])  # loaded, failed, or cancelled by a signal's stop()
+    if not server._ready.cancelled() and server._ready.exception() is not None:
+        log.error("loading the models failed", exc_info=server._ready.exception())
         await server.stop(0)
         return 1
     await server.stopped.wait()
     return 0
+
+
+class BackgroundServer:
+    """An `HdbServer` on its own event loop thread, for embedding in sync code and tests.
+
+        with BackgroundServer(ServeConfig(port=0, metrics_port=-1)) as bg:
+            HdbClient(f"localhost:{bg.port}").health()
+    """
+
+    def __init__(self, cfg: ServeConfig, *, engine: Engine | None = None,
+                 store: Store | None = None, wait_ready: bool = True):
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="hdb-server-loop",
+                                        daemon=True)
+        self._thread.start()
+        self.server = HdbServer(cfg, engine=engine, store=store)
+        try:
+            self.call(self.server.start())
+            if wait_ready:
+                self.call(self.server.wait_ready())
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        return f"localhost:{self.port}"
+
+    def call(self, coro, timeout: float | None = None):
+        """Run `coro` on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, grace: float | None = None) -> None:
+        if not self.server.stopped.is_set() and hasattr(self.server, "state"):
+            self.call(self.server.stop(grace))
+
+    def close(self, grace: float | None = 0.0) -> None:
+        try:
+            self.stop(grace)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            if not self._thread.is_alive():
+                self.loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

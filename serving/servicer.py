@@ -88,8 +88,10 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
 
     # ------------------------------------------------------------------ personalise
     async def _watch(self, job: Job, event_cls) -> AsyncIterator:
-        """Stream a job's events; a foreground job is cancelled if the stream ends early."""
+        """Stream a job's accepted event, progress and identity; a foreground job is cancelled
+        when the stream ends early (client cancel, deadline, error)."""
         try:
+            yield event_cls(accepted=accepted_pb(job))
             async for ev in self.core.jobs.watch(job):
                 if isinstance(ev, ProgressInfo):
                     yield event_cls(progress=progress_pb(ev))
@@ -103,11 +105,6 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
                           ) -> AsyncIterator[pb.PersonalizeEvent]:
         spec = v.personalization(request.photo, request.method, request.options, self.cfg)
         job = await self.core.start_personalize(tenant_var.get(), spec, _deadline(context))
-        try:
-            yield pb.PersonalizeEvent(accepted=accepted_pb(job))
-        finally:
-            if not job.background and not job.done:  # closed before the watch began
-                job.token.cancel("the call ended")
         async for ev in self._watch(job, pb.PersonalizeEvent):
             yield ev
 
@@ -152,7 +149,6 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         p_spec = v.personalization(request.photo, request.method, request.options, self.cfg)
         p_spec = v.PersonalizeSpec(p_spec.photo, p_spec.method, p_spec.options, background=False)
         job = await self.core.start_personalize(tenant_var.get(), p_spec, _deadline(context))
-        yield pb.PersonalizeAndGenerateEvent(accepted=accepted_pb(job))
         async for ev in self._watch(job, pb.PersonalizeAndGenerateEvent):
             yield ev
         for k, spec in enumerate(specs):
