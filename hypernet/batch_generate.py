@@ -8,24 +8,22 @@ relaxed LoRA (zeros for "no identity"). Each image has its own generator seeded 
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import DPMSolverMultistepScheduler
 from PIL import Image
 
 from hypernet.adapters.lidb.config import LiDBSpec
 from hypernet.adapters.lidb.model import LiDB
 from hypernet.adapters.lora.model import LoRA
 from hypernet.errors import Cancelled, InvalidInputError
+from hypernet.generate import check_generate_args, make_scheduler
 from hypernet.identity import Identity
 
 BATCH_LIDB = "batch_lidb"
 BATCH_RELAXED = "batch_relaxed"
-MAX_PROMPT_TOKENS = 77
 
 
 @dataclass(frozen=True)
@@ -43,27 +41,14 @@ class GenRequest:
     num_images: int = 1
 
     def validate(self) -> None:
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 500:
-            raise InvalidInputError(f"`steps` must be an integer in [1, 500], got {self.steps!r}")
-        if not isinstance(self.num_images, int) or not 1 <= self.num_images <= 64:
-            raise InvalidInputError(f"`num_images` must be an integer in [1, 64], got {self.num_images!r}")
-        if not math.isfinite(self.guidance) or not 0.0 <= self.guidance <= 50.0:
-            raise InvalidInputError(f"`guidance` must be a finite number in [0, 50], got {self.guidance!r}")
-        for k in ("height", "width"):
-            v = getattr(self, k)
-            if v is not None and (not isinstance(v, int) or v < 8 or v > 2048 or v % 8):
-                raise InvalidInputError(f"`{k}` must be a multiple of 8 in [8, 2048], got {v!r}")
+        check_generate_args(self.prompt, self.negative_prompt, self.steps, self.guidance, self.seed,
+                            self.height, self.width, self.num_images, "dpmsolver++")
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one UNet call."""
         spec = self.identity.spec.to_json() if self.identity else None
         layers = tuple(self.identity.layers) if self.identity else None
         return (self.steps, float(self.guidance), self.height, self.width, spec, layers)
-
-
-def dpm_solver(pipe) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ (2M) from the base's own noise schedule: good images in ~25 steps."""
-    return DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
 
 
 def generate_batch(
@@ -105,7 +90,7 @@ def generate_batch(
                 on_step(step + 1, first.steps)
             return kwargs
 
-        scheduler, pipe.scheduler = pipe.scheduler, dpm_solver(pipe)
+        scheduler, pipe.scheduler = pipe.scheduler, make_scheduler(pipe, "dpmsolver++")
         try:
             out = pipe(
                 prompt=[r.prompt for r, _ in samples],

@@ -136,11 +136,15 @@ class Identity:
     def apply(self, pipe) -> None:
         """Attach as forward-time adapters (the base weights are not touched)."""
         self.check_base(pipe)
-        lidb = LiDB(pipe, self.spec, name=LIDB_ADAPTER, layers=self.layers)
-        lidb.load_state_dict(self.lidb)
-        if self.relaxed:
-            lora = LoRA(pipe, self.layers, r=self.relaxed_rank, alpha=self.relaxed_rank, name=RELAXED_ADAPTER)
-            lora.load_state_dict(self.relaxed)
+        try:
+            lidb = LiDB(pipe, self.spec, name=LIDB_ADAPTER, layers=self.layers)
+            lidb.load_state_dict(self.lidb)
+            if self.relaxed:
+                lora = LoRA(pipe, self.layers, r=self.relaxed_rank, alpha=self.relaxed_rank, name=RELAXED_ADAPTER)
+                lora.load_state_dict(self.relaxed)
+        except BaseException:
+            self.remove(pipe)  # never leave half an identity attached
+            raise
 
     def remove(self, pipe) -> None:
         from hypernet.adapters.inject import delete_adapter
