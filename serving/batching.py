@@ -29,6 +29,9 @@ class BatchPolicy:
             raise InvalidInputError(f"`max_wait_s` must be >= 0, got {self.max_wait_s}")
 
 
+BatchKey = tuple[Hashable, Hashable]  # (shape, layout); layout None: the bare base
+
+
 @dataclass
 class GenWork:
     """One image to generate (a request for n images becomes n of these, seeds seed..seed+n-1)."""
@@ -41,18 +44,30 @@ class GenWork:
     height: int
     width: int
     identity: Any = None  # a loaded personalisation (see serving.engine), or None for the base
-    #: Works with equal keys may share a UNet call; `Engine.batch_key` sets it (the library
-    #: decides what is compatible: steps, guidance, size, adapter layout).
-    batch_key: Hashable = None
+    #: (shape, layout): works with `compatible` keys may share a UNet call. `Engine.batch_key`
+    #: sets it (the library decides: shape = steps, guidance, size; layout = adapter layout).
+    batch_key: BatchKey = ((), None)
 
 
-def take_compatible(pending: list, key: Hashable, limit: int, key_of) -> list:
-    """Remove and return up to `limit` items of `pending` whose `key_of(item) == key`, in order."""
+def compatible(a: BatchKey, b: BatchKey) -> bool:
+    """Equal shape, and equal adapter layouts (the bare base, layout None, fits any)."""
+    return a[0] == b[0] and (a[1] is None or b[1] is None or a[1] == b[1])
+
+
+def take_compatible(pending: list, key: BatchKey, limit: int, key_of) -> tuple[list, BatchKey]:
+    """Remove and return up to `limit` items of `pending` compatible with `key`, in order.
+
+    Returns the chosen items and the batch's key, narrowed to a concrete layout once one is
+    chosen (a batch started by a bare-base image can then only take that layout).
+    """
     chosen, kept = [], []
     for item in pending:
-        if len(chosen) < limit and key_of(item) == key:
+        k = key_of(item)
+        if len(chosen) < limit and k is not None and compatible(key, k):
             chosen.append(item)
+            if key[1] is None:
+                key = k
         else:
             kept.append(item)
     pending[:] = kept
-    return chosen
+    return chosen, key

@@ -19,7 +19,7 @@ from serving.batching import BatchPolicy, GenWork
 from serving.cancel import CancelToken
 from serving.config import ServeConfig
 from serving.engine import Engine, Loaded
-from serving.errors import FailedPrecondition
+from serving.errors import FailedPrecondition, Unavailable
 from serving.identities import IdentityRecord, IdentityRepository, new_identity_id
 from serving.imaging import encode_image
 from serving.jobs import Job, JobManager, ProgressInfo
@@ -80,6 +80,12 @@ class ServiceCore:
 
     def start(self) -> None:
         self.worker.start()
+
+    def abort_all(self, reason: str) -> None:
+        """Stop every job at its next step and fail every queued item (shutdown past grace)."""
+        for job in self.jobs.active():
+            job.token.cancel(reason)
+        self.queue.abort_all(Unavailable(f"{reason}; retry on another replica"))
 
     async def drain(self, timeout: float) -> bool:
         """Let queued and running jobs finish (<= timeout), then stop the worker."""

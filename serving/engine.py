@@ -12,6 +12,7 @@ GetServerInfo) even where part of the library is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import logging
@@ -19,13 +20,13 @@ import platform
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hypernet.errors import Cancelled, InvalidInputError
-from serving.batching import GenWork
+from serving.batching import BatchKey, GenWork
 from serving.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
@@ -295,12 +296,18 @@ class Engine:
 
     # ------------------------------------------------------------------ generate
     @staticmethod
-    def batch_key(work: GenWork, loaded: Loaded | None) -> Hashable:
-        """Which works may share a UNet call: the library's key for per-sample identities and
-        the bare base; adapters without per-sample weights only batch with themselves."""
-        if loaded is not None and not loaded.batchable:
-            return ("solo", id(loaded.obj), work.steps, work.guidance, work.height, work.width)
-        return _gen_request(work).batch_key()
+    def batch_key(work: GenWork, loaded: Loaded | None) -> BatchKey:
+        """(shape, layout) of a work: the library's `GenRequest.batch_key()` is (steps,
+        guidance, height, width, spec, layers); the bare base (layout None) fits any layout;
+        adapters without per-sample weights only batch with themselves."""
+        plain = loaded is None or not loaded.batchable
+        key = _gen_request(dataclasses.replace(work, identity=None) if plain else work).batch_key()
+        shape = key[:4]
+        if loaded is None:
+            return shape, None
+        if not loaded.batchable:
+            return shape, ("solo", id(loaded.obj))
+        return shape, key[4:]
 
     def generate(self, works: list[GenWork], should_stop: Callable[[], bool]) -> list:
         """Images for `works` (equal batch_key), one per work, in order: PIL RGB images.

@@ -160,12 +160,16 @@ class HdbServer:
         log.info("draining", extra={"inflight": self.state.inflight, "grace_s": grace})
         while (self.state.inflight > 0 or self.core.jobs.active()) and time.monotonic() - t0 < grace:
             await asyncio.sleep(0.05)
-        left = max(0.0, grace - (time.monotonic() - t0))
-        await self.server.stop(min(left, 1.0))
+        if self.state.inflight > 0 or self.core.jobs.active():  # grace is over: stop the rest
+            log.warning("grace period over; stopping unfinished work",
+                        extra={"inflight": self.state.inflight,
+                               "jobs": len(self.core.jobs.active())})
+            self.core.abort_all("the server is shutting down")
+        await self.server.stop(1.0)
         self._ready.cancel()
         self._sweeper.cancel()
         if self.state.ready:
-            await self.core.drain(max(0.0, grace - (time.monotonic() - t0)))
+            await self.core.drain(max(5.0, grace - (time.monotonic() - t0)))
         self.metrics.close()
         log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 2)})
         self.stopped.set()

@@ -90,6 +90,17 @@ class WorkQueue:
             self._items = [i for i in self._items if id(i) not in drop]
             self._on_depth(len(self._items))
 
+    def abort_all(self, exc: BaseException) -> None:
+        """Close the queue and fail every queued item with `exc`."""
+        with self._cond:
+            self._closed = True
+            items, self._items = self._items, []
+            self._on_depth(0)
+            self._cond.notify_all()
+        for item in items:
+            item.token.cancel("aborted")
+            item.fail(exc)
+
     def take(self) -> WorkItem | None:
         """The oldest item (blocking); None once closed and empty."""
         with self._cond:
@@ -102,7 +113,7 @@ class WorkQueue:
             return item
 
     def take_compatible(self, key, limit: int, wait_s: float) -> list[WorkItem]:
-        """Up to `limit` queued images with `batch_key == key`, waiting <= `wait_s` to fill up."""
+        """Up to `limit` queued images compatible with `key`, waiting <= `wait_s` to fill up."""
         def key_of(i: WorkItem):
             return i.gen.batch_key if i.gen is not None else None
 
@@ -110,7 +121,8 @@ class WorkQueue:
         deadline = time.monotonic() + wait_s
         with self._cond:
             while True:
-                chosen += take_compatible(self._items, key, limit - len(chosen), key_of)
+                more, key = take_compatible(self._items, key, limit - len(chosen), key_of)
+                chosen += more
                 left = deadline - time.monotonic()
                 if len(chosen) >= limit or left <= 0 or self._closed:
                     break
