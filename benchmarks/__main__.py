@@ -1,0 +1,70 @@
+"""`python -m benchmarks [--tiny] [--only NAME ...] [--out DIR]`: run benchmarks, write REPORT.md."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import BENCHMARKS
+
+log = logging.getLogger("benchmarks")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke-test sizes: every benchmark runs in seconds (numbers are meaningless)")
+    p.add_argument("--only", action="append", default=[], metavar="NAME",
+                   help=f"run only these (repeatable or comma-separated): {', '.join(BENCHMARKS)}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder (default: benchmarks/results; --tiny: a temporary folder)")
+    p.add_argument("--no-report", action="store_true", help="skip writing REPORT.md")
+    return p.parse_args(argv)
+
+
+def selected(only: list[str]) -> list[str]:
+    names = [n.strip() for item in only for n in item.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        raise SystemExit(f"--only must name benchmarks among {list(BENCHMARKS)}, got {unknown}")
+    return [b for b in BENCHMARKS if not names or b in names]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from benchmarks.harness import RESULTS_DIR, BenchContext, run_benchmark
+    from benchmarks.report import write_report
+
+    out = args.out or (Path(tempfile.mkdtemp(prefix="hdb-bench-tiny-")) if args.tiny else RESULTS_DIR)
+    ctx = BenchContext(out_dir=out, tiny=args.tiny)
+    failed = []
+    for name in selected(args.only):
+        mod = importlib.import_module(f"benchmarks.{name}")
+        log.info("benchmark %s: start", name)
+        t0 = time.perf_counter()
+        try:
+            path = run_benchmark(ctx, name, mod.run)
+        except Exception:
+            log.exception("benchmark %s failed", name)
+            failed.append(name)
+            continue
+        log.info("benchmark %s: %.1f s -> %s", name, time.perf_counter() - t0, path)
+    if not args.no_report:
+        report = write_report(ctx.out_dir)
+        log.info("report: %s", report)
+    if failed:
+        log.error("failed benchmarks: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
