@@ -1,0 +1,396 @@
+"""The face world: a small text-to-image latent-diffusion model trained here, on CPU, on real faces.
+
+Random tiny bases generate noise, so nothing measured on them says whether personalisation
+captures a face. This trains a real (small) one: a UNet2DConditionModel of ~16M parameters over
+the latents of TAEF2 (a real pretrained autoencoder, `hypernet.base.taef2`), 128 px images ->
+32x16x16 latents, conditioned on "a photo of a person" through the real CLIP tokenizer and a small
+frozen CLIP text tower, on the *training* identities' photos only (the held-out ones are written to
+`split.json` for evaluation). The output is a diffusers pipeline directory usable as `--base`.
+
+Choices, from a probe on these machines: v-prediction (epsilon diverged at sampling after the
+same training), min-SNR loss weighting (Hang et al. 2023: ~3x faster convergence), EMA weights
+exported, caption dropout 10% so classifier-free guidance works, photos preprocessed exactly like
+user photos (`hypernet.photos.face_crop`) plus flips and crop-margin jitter, all encoded once.
+
+    nice -n 19 hdb base train-face-world --corpus ../shared/data/faces/caltech/identities.csv \
+        --out runs/face_world --steps 4000            # resumable: rerun with --resume
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from hypernet.base.taef2 import TAEF2, load_taef2  # noqa: F401  (registers TAEF2 for loading)
+from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
+from hypernet.errors import InvalidInputError, ModelNotFoundError
+from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
+from hypernet.files import atomic_write_bytes
+from hypernet.photos import _to_rgb, decode_image, face_crop
+from hypernet.training.losses import diffusion_loss
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "FACE_WORLD_RESOLUTION",
+    "FaceWorldConfig",
+    "FaceWorldTrainer",
+    "default_taef2_dir",
+    "face_world_scheduler_config",
+    "face_world_text_config",
+    "face_world_unet_config",
+    "train_face_world",
+]
+
+#: Image size of the face world (16x16 latents).
+FACE_WORLD_RESOLUTION = 128
+CAPTION = "a photo of a person"
+
+
+def default_taef2_dir() -> Path:
+    """TAEF2 weights: $HDB_TAEF2_DIR, else ../shared/data/models/taef2 beside the checkout."""
+    import os
+
+    env = os.environ.get("HDB_TAEF2_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "models" / "taef2"
+
+
+def face_world_unet_config(width: int = 96) -> dict:
+    """Three levels (16, 8, 4), one layer per block, attention at 16x16 and 8x8 plus the mid block.
+
+    width 96 -> ~16M parameters (blocks 96/192/256), the size the probe trained in ~25 min.
+    """
+    return dict(
+        sample_size=FACE_WORLD_RESOLUTION // 8,
+        in_channels=32,
+        out_channels=32,
+        layers_per_block=1,
+        block_out_channels=(width, 2 * width, max(2 * width, width * 8 // 3 // 32 * 32)),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=4,  # diffusers' name for the number of heads
+        norm_num_groups=32,
+    )
+
+
+def face_world_text_config() -> CLIPTextConfig:
+    """A 2-layer, 128-wide CLIP text tower with the real 49,408-token vocabulary (kept frozen).
+
+    Frozen random: the world sees only two captions, so training it would only move the
+    embeddings of those tokens and leave every other token (e.g. "ohwx") off-distribution.
+    """
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=128,
+    )
+
+
+def face_world_scheduler_config() -> dict:
+    """SD's noise schedule with v-prediction; DDIM with trailing spacing samples from t=999."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        prediction_type="v_prediction",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
+
+
+@dataclass
+class FaceWorldConfig:
+    """Training settings; defaults are what produced the committed face world."""
+
+    steps: int = field(default=4000, metadata={"help": "optimizer steps in total (resume counts on)"})
+    batch_size: int = field(default=32, metadata={"help": "latents per step (probe: 32)"})
+    lr: float = field(default=3e-4, metadata={"help": "AdamW peak learning rate"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the exported weights"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "share of empty captions (CFG)"})
+    min_snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting gamma"})
+    margins: tuple[float, ...] = field(
+        default=(0.5, 0.4, 0.6), metadata={"help": "face-crop margins encoded per photo (0.5 = product's)"}
+    )
+    holdout_identities: int = field(default=7, metadata={"help": "identities never trained on"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the identity split"})
+    seed: int = field(default=0, metadata={"help": "weights and batch-order seed"})
+    width: int = field(default=96, metadata={"help": "UNet base width (96 -> ~16M parameters)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "steps between resumable checkpoints"})
+    export_every: int = field(default=500, metadata={"help": "steps between pipeline exports + grids"})
+    grid_samples: int = field(default=16, metadata={"help": "samples in each export's grid (0: none)"})
+    grid_steps: int = field(default=25, metadata={"help": "DDIM steps of the grid samples"})
+    num_threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    detector: str = field(default="auto", metadata={"help": "face crop detector (auto/mtcnn/center)"})
+
+    def __post_init__(self) -> None:
+        if self.grid_samples < 0:
+            raise InvalidInputError(f"`grid_samples` must be >= 0, got {self.grid_samples}")
+        for name in ("steps", "batch_size", "checkpoint_every", "export_every", "num_threads", "width", "grid_steps"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise InvalidInputError(f"`lr` must be in (0, 1), got {self.lr}")
+        if not 0 <= self.ema_decay < 1:
+            raise InvalidInputError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}")
+        if not 0 <= self.caption_dropout < 1:
+            raise InvalidInputError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}")
+        if not self.margins or min(self.margins) < 0:
+            raise InvalidInputError(f"`margins` must be non-empty and >= 0, got {self.margins}")
+        if self.width % 32:
+            raise InvalidInputError(f"`width` must be a multiple of 32 (GroupNorm), got {self.width}")
+        self.margins = tuple(float(m) for m in self.margins)
+
+
+def _load_crops(path: Path, margins: tuple[float, ...], detector: str) -> torch.Tensor:
+    """One photo -> (len(margins), 3, 128, 128) in [-1, 1]; margin 0.5 equals `photos.preprocess`."""
+    img = _to_rgb(decode_image(path))
+    out = []
+    for m in margins:
+        crop = face_crop(img, detector=detector, margin=m)  # type: ignore[arg-type]
+        crop = crop.resize((FACE_WORLD_RESOLUTION,) * 2, Image.Resampling.LANCZOS)
+        arr = np.asarray(crop, dtype=np.uint8).copy()  # (H, W, 3)
+        out.append(torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0)
+    return torch.stack(out)
+
+
+class FaceWorldTrainer:
+    """setup -> train -> (save_checkpoint / export) -> cleanup; resumable from `out/checkpoint/`."""
+
+    def __init__(self, corpus: str | Path, out: str | Path, cfg: FaceWorldConfig, taef2_dir: Path) -> None:
+        self.corpus_path, self.out, self.cfg, self.taef2_dir = Path(corpus), Path(out), cfg, Path(taef2_dir)
+        self.ckpt = self.out / "checkpoint"
+        self.step = 0
+        self.history: list[dict] = []
+
+    # 1. Setup ----------------------------------------------------------------------------------
+    def setup(self, resume: bool) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.num_threads)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if (self.ckpt / "state.json").is_file() and not resume:
+            raise InvalidInputError(
+                f"`out` must be empty or resumed with --resume, got a checkpoint in {str(self.out)!r}"
+            )
+        self._setup_split()
+        self._setup_models()
+        self._setup_data()
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=cfg.lr, weight_decay=0.01)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        if resume and (self.ckpt / "state.json").is_file():
+            self._load_checkpoint()
+
+    def _setup_split(self) -> None:
+        corpus = read_manifest(self.corpus_path)
+        split_file = self.out / "split.json"
+        if split_file.is_file():
+            self.split = IdentitySplit.load(split_file)
+        else:
+            self.split = split_identities(corpus, self.cfg.holdout_identities, self.cfg.split_seed)
+            self.split.save(split_file)
+        self.files = corpus.files(self.split.train)
+        log.info("face world: %d training photos of %d identities; held out %s",
+                 len(self.files), len(self.split.train), self.split.holdout)
+
+    def _setup_models(self) -> None:
+        torch.manual_seed(self.cfg.seed)
+        self.unet = UNet2DConditionModel(**face_world_unet_config(self.cfg.width))
+        torch.manual_seed(self.cfg.seed + 2)
+        self.text_encoder = CLIPTextModel(face_world_text_config()).eval().requires_grad_(False)
+        self.vae = load_taef2(self.taef2_dir).requires_grad_(False)
+        write_clip_tokenizer(self.out / "tokenizer")
+        self.tokenizer = load_clip_tokenizer(self.out / "tokenizer")
+        self.scheduler = DDIMScheduler(**face_world_scheduler_config())
+        self.ema = {k: v.detach().clone() for k, v in self.unet.state_dict().items()}
+        log.info("face world UNet: %.2fM parameters", sum(p.numel() for p in self.unet.parameters()) / 1e6)
+
+    @torch.no_grad()
+    def _setup_data(self) -> None:
+        """Encode every training photo at every margin, plain and mirrored, once (cached on disk)."""
+        cache = self.out / "latents.pt"
+        key = [str(p) for p in self.files] + [repr(self.cfg.margins), self.cfg.detector]
+        if cache.is_file():
+            saved = torch.load(cache, weights_only=True)
+            if saved.get("key") == key:
+                self.latents = saved["latents"]
+        if not hasattr(self, "latents"):
+            chunks = []
+            for i, path in enumerate(self.files):
+                pix = _load_crops(path, self.cfg.margins, self.cfg.detector)  # (M, 3, 128, 128)
+                pix = torch.cat([pix, pix.flip(-1)])  # (2M, 3, 128, 128): mirrored copies
+                chunks.append(self.vae.encode(pix).latent_dist.mode() * self.vae.config.scaling_factor)
+                if i % 50 == 0:
+                    log.info("encoded %d/%d photos", i + 1, len(self.files))
+            self.latents = torch.cat(chunks)  # (N * 2M, 32, 16, 16)
+            torch.save({"key": key, "latents": self.latents}, cache)
+        ids = self.tokenizer(
+            [CAPTION, ""], padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids
+        self.cond, self.uncond = self.text_encoder(ids)[0]  # 2 x (77, 128)
+        log.info("face world data: %d latents, std %.3f", len(self.latents), self.latents.std().item())
+
+    # 2. Train ----------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg
+        t0, losses = time.time(), []
+        while self.step < cfg.steps:
+            loss = self._loss_step()
+            losses.append(loss)
+            self.step += 1
+            if self.step % 25 == 0:
+                rate = (time.time() - t0) / len(losses)
+                log.info("step %d/%d loss %.4f (%.2f s/step)", self.step, cfg.steps, np.mean(losses[-25:]), rate)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                rate = (time.time() - t0) / len(losses)
+                self.history.append(dict(step=self.step, loss=float(np.mean(losses)), s_per_step=rate))
+                t0, losses = time.time(), []
+                self.save_checkpoint()
+            if self.step % cfg.export_every == 0 or self.step == cfg.steps:
+                self.export()
+
+    def _loss_step(self) -> float:
+        cfg = self.cfg
+        idx = torch.randint(0, len(self.latents), (cfg.batch_size,), generator=self.gen)
+        latents = self.latents[idx]  # (B, 32, 16, 16)
+        drop = torch.rand(cfg.batch_size, generator=self.gen) < cfg.caption_dropout
+        emb = torch.where(drop[:, None, None], self.uncond, self.cond)  # (B, 77, 128)
+        for g in self.opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+        loss = diffusion_loss(self.unet, self.scheduler, latents, emb, self.gen, cfg.min_snr_gamma)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.opt.step()
+        self._update_ema()
+        return float(loss)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        # warm-up: early averages would otherwise be dominated by the random initialisation
+        d = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        for k, v in self.unet.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.ema[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.ema[k].copy_(v)
+
+    # 3. Checkpoint / export --------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Raw + EMA weights, optimizer and RNG state; state.json written last (atomic)."""
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.unet.state_dict().items()}, str(self.ckpt / "unet.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.ema.items()}, str(self.ckpt / "ema.safetensors"))
+        torch.save({"opt": self.opt.state_dict(), "gen": self.gen.get_state()}, self.ckpt / "optim.pt")
+        state = dict(step=self.step, config=asdict(self.cfg), history=self.history)
+        atomic_write_bytes(self.ckpt / "state.json", json.dumps(state, indent=1).encode())
+
+    def _load_checkpoint(self) -> None:
+        state = json.loads((self.ckpt / "state.json").read_text())
+        self.unet.load_state_dict(load_file(str(self.ckpt / "unet.safetensors")))
+        self.ema = load_file(str(self.ckpt / "ema.safetensors"))
+        extra = torch.load(self.ckpt / "optim.pt", weights_only=False)
+        self.opt.load_state_dict(extra["opt"])
+        self.gen.set_state(extra["gen"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        log.info("resumed face world at step %d", self.step)
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The current model as a pipeline with the EMA UNet (a copy: training continues)."""
+        unet = UNet2DConditionModel(**face_world_unet_config(self.cfg.width))
+        unet.load_state_dict(self.ema)
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=unet.eval(),
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
+            image_encoder=None, requires_safety_checker=False,
+        )
+
+    def export(self) -> Path:
+        """Write the diffusers pipeline (EMA UNet) + a 4x4 sample grid + face_world.json to `out`."""
+        pipe = self.pipeline()
+        pipe.save_pretrained(str(self.out), safe_serialization=True)
+        pipe.set_progress_bar_config(disable=True)
+        if self.cfg.grid_samples:
+            grid = sample_grid(pipe, n=self.cfg.grid_samples, seed=0, steps=self.cfg.grid_steps)
+            (self.out / "samples").mkdir(exist_ok=True)
+            grid.save(self.out / "samples" / f"step{self.step:06d}.png")
+        info = dict(step=self.step, config=asdict(self.cfg), split=asdict(self.split), history=self.history,
+                    unet_parameters=sum(p.numel() for p in pipe.unet.parameters()))
+        atomic_write_bytes(self.out / "face_world.json", json.dumps(info, indent=1).encode())
+        log.info("exported face world at step %d to %s", self.step, self.out)
+        return self.out
+
+    def cleanup(self) -> None:
+        self.latents = torch.empty(0)
+
+
+@torch.no_grad()
+def sample_grid(
+    pipe: StableDiffusionPipeline, *, n: int = 16, seed: int = 0, prompt: str = CAPTION,
+    steps: int = 25, guidance_scale: float = 3.0,
+) -> Image.Image:
+    """`n` samples with seeds seed..seed+n-1, tiled into a square-ish grid (one image)."""
+    images = []
+    for i in range(0, n, 8):
+        k = min(8, n - i)
+        gens = [torch.Generator().manual_seed(seed + i + j) for j in range(k)]
+        images += pipe([prompt] * k, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=gens, height=FACE_WORLD_RESOLUTION, width=FACE_WORLD_RESOLUTION).images
+    return tile(images)
+
+
+def tile(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    """Tile equally sized images row by row (`cols` default: ceil(sqrt(n)))."""
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def train_face_world(
+    corpus: str | Path, out: str | Path, cfg: FaceWorldConfig | None = None, *,
+    taef2_dir: str | Path | None = None, resume: bool = False,
+) -> Path:
+    """Train (or resume) the face world; returns `out`, a pipeline directory usable as `--base`.
+
+    Raises:
+        ModelNotFoundError: the manifest or the TAEF2 weights are missing.
+        InvalidInputError: bad settings, or `out` holds a checkpoint and `resume` is False.
+    """
+    cfg = cfg or FaceWorldConfig()
+    taef2_dir = Path(taef2_dir) if taef2_dir else default_taef2_dir()
+    if not (taef2_dir / "taef2_encoder.pth").is_file():
+        raise ModelNotFoundError(f"`taef2_dir` must hold taef2_encoder.pth, got {str(taef2_dir)!r}")
+    trainer = FaceWorldTrainer(corpus, out, cfg, taef2_dir)
+    trainer.setup(resume)
+    trainer.train()
+    if not (trainer.out / "model_index.json").is_file():
+        trainer.export()
+    trainer.cleanup()
+    return trainer.out
+

@@ -1,0 +1,1 @@
+"""Measured identity quality: the face corpus, face embeddings, methods compared, the report."""
