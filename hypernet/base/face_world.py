@@ -37,7 +37,7 @@ from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write
 from hypernet.errors import InvalidInputError, ModelNotFoundError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
 from hypernet.files import atomic_write_bytes
-from hypernet.photos import _to_rgb, decode_image, face_crop
+from hypernet.photos import _get_detector, _to_rgb, decode_image, detect_face
 from hypernet.training.losses import diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -166,15 +166,35 @@ class FaceWorldConfig:
 
 
 def _load_crops(path: Path, margins: tuple[float, ...], detector: str) -> torch.Tensor:
-    """One photo -> (len(margins), 3, 128, 128) in [-1, 1]; margin 0.5 equals `photos.preprocess`."""
+    """One photo -> (len(margins), 3, 128, 128) in [-1, 1]; margin 0.5 equals `photos.preprocess`.
+
+    The face is detected once per photo (MTCNN is the slow part), then cropped at each margin.
+    """
     img = _to_rgb(decode_image(path))
+    box = None
+    if detector == "mtcnn" or (detector == "auto" and _get_detector() is not None):
+        box = detect_face(img)
     out = []
     for m in margins:
-        crop = face_crop(img, detector=detector, margin=m)  # type: ignore[arg-type]
-        crop = crop.resize((FACE_WORLD_RESOLUTION,) * 2, Image.Resampling.LANCZOS)
+        crop = _square_crop(img, box, m).resize((FACE_WORLD_RESOLUTION,) * 2, Image.Resampling.LANCZOS)
         arr = np.asarray(crop, dtype=np.uint8).copy()  # (H, W, 3)
         out.append(torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0)
     return torch.stack(out)
+
+
+# Copied from hypernet.photos.face_crop (the crop geometry after detection): keep in sync.
+def _square_crop(img: Image.Image, box: tuple[float, float, float, float] | None, margin: float) -> Image.Image:
+    w, h = img.size
+    if box is None:
+        side, cx, cy = min(w, h), w / 2, h / 2
+    else:
+        x0, y0, x1, y1 = box
+        side = min(max(x1 - x0, y1 - y0) * (1 + 2 * margin), w, h)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    side = max(1, int(round(side)))
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    return img.crop((left, top, left + side, top + side))
 
 
 class FaceWorldTrainer:
@@ -242,7 +262,7 @@ class FaceWorldTrainer:
                 pix = _load_crops(path, self.cfg.margins, self.cfg.detector)  # (M, 3, 128, 128)
                 pix = torch.cat([pix, pix.flip(-1)])  # (2M, 3, 128, 128): mirrored copies
                 chunks.append(self.vae.encode(pix).latent_dist.mode() * self.vae.config.scaling_factor)
-                if i % 50 == 0:
+                if i % 25 == 0:
                     log.info("encoded %d/%d photos", i + 1, len(self.files))
             self.latents = torch.cat(chunks)  # (N * 2M, 32, 16, 16)
             torch.save({"key": key, "latents": self.latents}, cache)
@@ -285,7 +305,7 @@ class FaceWorldTrainer:
         torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
         self.opt.step()
         self._update_ema()
-        return float(loss)
+        return float(loss.detach())
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("dir", type=Path, help="output directory")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=_make_tiny)
+    from hypernet.recipes.face_world import register_base_action  # `train-face-world` (issue 9)
+
+    register_base_action(bsub)
 
 
 def _make_tiny(args: argparse.Namespace) -> int:

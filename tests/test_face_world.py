@@ -1,0 +1,89 @@
+"""Face world: a 2-step smoke run on real photos through `hdb base train-face-world`, then resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hypernet.base.face_world import FaceWorldConfig, _load_crops
+from hypernet.errors import InvalidInputError
+from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
+from hypernet.recipes.cli import main
+from tests.test_taef2 import TAEF2_DIR
+
+
+@pytest.fixture()
+def small_corpus(faces_dir, tmp_path):
+    """3 identities x 3 photos, absolute paths (the manifest format users write)."""
+    corpus = read_manifest(faces_dir / "identities.csv")
+    lines = ["file,identity"]
+    for ident in corpus.identities[:3]:
+        lines += [f"{p},{ident}" for p in corpus.photos[ident][:3]]
+    path = tmp_path / "faces.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_split_is_seeded_and_keeps_identities_with_few_photos_in_training(faces_dir):
+    corpus = read_manifest(faces_dir / "identities.csv")
+    a, b = split_identities(corpus, 7, seed=0), split_identities(corpus, 7, seed=0)
+    assert a == b and len(a.holdout) == 7 and set(a.train).isdisjoint(a.holdout)
+    assert sorted(a.train + a.holdout, key=int) == corpus.identities
+    assert all(len(corpus.photos[i]) >= 3 for i in a.holdout)
+    assert split_identities(corpus, 7, seed=1) != a
+    with pytest.raises(InvalidInputError, match="n_holdout"):
+        split_identities(corpus, 22, seed=0)
+
+
+def test_crops_at_the_default_margin_equal_the_product_preprocessing(faces_dir):
+    from hypernet.photos import load_photos
+
+    path = faces_dir / "image_0003.jpg"
+    ours = _load_crops(path, (0.5,), "center")[0]  # (3, 128, 128)
+    theirs = load_photos([path], 128, detector="center")[0]
+    assert torch.equal(ours, theirs)
+
+
+def test_config_validation():
+    with pytest.raises(InvalidInputError, match="`width` must be a multiple of 32"):
+        FaceWorldConfig(width=40)
+    with pytest.raises(InvalidInputError, match="`caption_dropout`"):
+        FaceWorldConfig(caption_dropout=1.0)
+
+
+def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tmp_path):
+    if not (TAEF2_DIR / "taef2_encoder.pth").is_file():
+        pytest.skip(f"TAEF2 weights not available: {TAEF2_DIR} is absent")
+    from hypernet.base import load_pipeline
+    from hypernet.base.face_world import FaceWorldTrainer
+
+    out = tmp_path / "world"
+    args = ["base", "train-face-world", "--corpus", str(small_corpus), "--out", str(out), "--batch-size", "2",
+            "--holdout", "1", "--width", "32", "--export-every", "2", "--grid-samples", "1", "--threads", "1"]
+    assert main([*args, "--steps", "2"]) == 0
+    split = IdentitySplit.load(out / "split.json")
+    assert len(split.holdout) == 1 and len(split.train) == 2
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["vae"] == ["hypernet.base.taef2", "TAEF2"]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
+    assert (out / "samples" / "step000002.png").is_file()
+    ema = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert ema["conv_in.weight"].shape[1] == 32  # 32-channel TAEF2 latents
+
+    pipe = load_pipeline(out, device="cpu", dtype="fp32")
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.unet.config.in_channels == 32 and pipe.vae_scale_factor == 8
+
+    # an existing checkpoint is never silently overwritten; --resume continues counting
+    assert main([*args, "--steps", "3"]) == 2
+    assert main([*args, "--steps", "3", "--resume"]) == 0
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    # training used only the training identities' photos: 6 photos x 1 margin... x2 flips
+    trainer = FaceWorldTrainer(small_corpus, out, FaceWorldConfig(width=32, margins=(0.5, 0.4, 0.6)), TAEF2_DIR)
+    trainer._setup_split()
+    corpus = read_manifest(small_corpus)
+    assert set(trainer.files) == set(corpus.files(split.train))
+    assert set(trainer.files).isdisjoint(corpus.files(split.holdout))
