@@ -36,7 +36,7 @@ RUNTIME_STAGES = ("gpu", "cpu")
 
 
 def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[; ]", name, 1)[0]).lower()
+    return re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[; ]", name, maxsplit=1)[0]).lower()
 
 
 @pytest.fixture(scope="module")

@@ -383,7 +383,7 @@ def test_pretraining_commands_parse_and_share_one_run(hdb_parser, torchrun_parse
     runs = _pretrain_invocations(hdb_parser, torchrun_parser)
     assert [ns.stage for *_, ns in runs] == ["prepare", "stage1", "stage2", "stage2", "export"]
     keys = set()
-    for kdir, w, c, tr, ns in runs:
+    for _kdir, w, c, tr, ns in runs:
         cfg = load_config(ns.config, collect_overrides(ns))
         # Same run folder and same settings, or a later step would not find (or would redo)
         # what an earlier one wrote: pretrain keys its outputs by these sections.
@@ -431,7 +431,7 @@ def test_stage2_pytorchjob_matches_torchrun(hdb_parser, torchrun_parser):
     nproc = job["spec"]["nprocPerNode"]
     runs = [r for r in _pretrain_invocations(hdb_parser, torchrun_parser) if r[0] == "pretraining/stage2"]
     assert len(runs) == len(job["spec"]["pytorchReplicaSpecs"]) == 2
-    for _, w, c, tr, ns in runs:
+    for _, w, c, tr, _ns in runs:
         assert tr.nproc_per_node == nproc
         # The operator's PET_* variables set these; a hard-coded value would fight them.
         given = {a.split("=")[0].replace("_", "-") for a in c["args"] if a.startswith("--")}
