@@ -97,6 +97,31 @@ def measure(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 5, inner: 
     return summarize(runs)
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]], *, warmup: int = 1, repeats: int = 5, inner: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Like `measure` for several variants, alternating them run by run (A B A B ...).
+
+    On a shared machine load drifts over seconds; alternating puts every variant under the
+    same drift, so the ratio of their medians is fairer than timing A fully, then B.
+    """
+    if repeats < 1 or inner < 1 or warmup < 0:
+        raise InvalidInputError(
+            f"`repeats`/`inner` must be >= 1 and `warmup` >= 0, got {repeats}, {inner}, {warmup}"
+        )
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    runs: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            runs[k].append((time.perf_counter() - t0) / inner)
+    return {k: summarize(v) for k, v in runs.items()}
+
+
 def percentile(xs: list[float], p: float) -> float | None:
     """The p-th percentile (0..100, linear interpolation) of `xs`; None when empty."""
     if not xs:
@@ -291,5 +316,7 @@ def run_benchmark(ctx: BenchContext, name: str, fn: Callable[[BenchContext], Out
 
 __all__ = [
     "RESULTS_DIR", "BenchContext", "Outcome", "gpu_name", "is_noisy", "load_average", "machine_info", "measure",
-    "run_benchmark", "peak_rss", "percentile", "ratio", "read_result", "reset_peak_rss", "rss_bytes", "summarize", "write_result",
+    "measure_interleaved",
+    "peak_rss", "percentile", "ratio", "read_result", "reset_peak_rss", "rss_bytes", "run_benchmark", "summarize",
+    "write_result",
 ]
