@@ -27,6 +27,7 @@ SUBCOMMAND_MODULES = [
     "hypernet.recipes.generate",
     "serving.cli",
     "pretrain.cli",
+    "hypernet.recipes.loadtest",
 ]
 
 
