@@ -76,18 +76,27 @@ def _run_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_stages(config: str | Path | None, output_dir: str | Path, stages, overrides=None) -> Path:
-    """Load the config, join torchrun's job (if any) and run `stages` in order on this rank."""
+def run_stages(config: str | Path | None, output_dir: str | Path, stages, overrides=None,
+               distributed: bool = True) -> Path:
+    """Load the config, join torchrun's job (if any) and run `stages` in order on this rank.
+
+    `distributed=False` runs alone even inside a torchrun worker (library callers building the
+    embedded default must not join a job they do not belong to).
+    """
     import torch
 
+    from hypernet.device import resolve_device
     from pretrain.config import load_config
     from pretrain.context import RunContext
-    from pretrain.distributed import cleanup, init_distributed
+    from pretrain.distributed import DistInfo, cleanup, init_distributed
 
     cfg = load_config(config, overrides)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist = init_distributed(cfg.device, cfg.dist_timeout_min)
+    if distributed:
+        dist = init_distributed(cfg.device, cfg.dist_timeout_min)
+    else:
+        dist = DistInfo(0, 1, 0, resolve_device(None if cfg.device == "auto" else cfg.device))
     if not dist.is_main:  # one voice: other ranks only warn
         logging.getLogger().setLevel(logging.WARNING)
     ctx = RunContext(cfg, Path(output_dir), dist)
@@ -102,7 +111,8 @@ def run_stages(config: str | Path | None, output_dir: str | Path, stages, overri
             if dist.is_main:
                 log.info("=== %s finished in %.1f s ===", stage, time.monotonic() - t0)
     finally:
-        cleanup()
+        if distributed:
+            cleanup()
     return ctx.out
 
 

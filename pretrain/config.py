@@ -224,11 +224,25 @@ def from_dict(cls: type, data: dict[str, Any], where: str):
     for k, v in data.items():
         t = hints[k]
         sub = f"{where}.{k}" if where else k
-        kwargs[k] = from_dict(t, v, sub) if dataclasses.is_dataclass(t) else v
+        kwargs[k] = from_dict(t, v, sub) if dataclasses.is_dataclass(t) else _coerce(t, v)
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise InvalidInputError(f"`{where or 'config'}` must be valid, got {e}") from e
+
+
+def _coerce(t, v):
+    """YAML 1.1 reads `1e-4` as a string: turn numeric strings into the field's number type."""
+    if not isinstance(v, str):
+        return v
+    args = typing.get_args(t) or (t,)
+    for num in (int, float):
+        if num in args:
+            try:
+                return num(v)
+            except ValueError:
+                continue
+    return v
 
 
 def dump_config(cfg: PretrainConfig) -> str:

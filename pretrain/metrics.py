@@ -20,10 +20,7 @@ class MetricsWriter:
         if not enabled:
             return
         out.mkdir(parents=True, exist_ok=True)
-        rows = []
-        if self.csv_path.is_file():
-            with self.csv_path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        rows = [r for r in _rows(self.csv_path) if int(r["step"]) <= resume_step]
         with self.csv_path.open("w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["step", "metric", "value"])
@@ -53,10 +50,25 @@ class MetricsWriter:
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     """metric -> [(step, value), ...] from a metrics.csv."""
     out: dict[str, list[tuple[int, float]]] = {}
-    with Path(path).open(newline="") as f:
-        for r in csv.DictReader(f):
-            out.setdefault(r["metric"], []).append((int(r["step"]), float(r["value"])))
+    for r in _rows(Path(path)):
+        out.setdefault(r["metric"], []).append((int(r["step"]), float(r["value"])))
     return out
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    """Well-formed rows only: a job killed mid-write can leave a torn last line."""
+    if not path.is_file():
+        return []
+    good = []
+    with path.open(newline="") as f:
+        for r in csv.DictReader(f):
+            try:
+                int(r["step"]), float(r["value"])
+            except (TypeError, ValueError, KeyError):
+                continue
+            if r.get("metric"):
+                good.append(r)
+    return good
 
 
 __all__ = ["MetricsWriter", "read_metrics"]

@@ -134,7 +134,7 @@ def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset
             Either way the example batch is 2: dynamo specialises a batch of 1 to a constant.
 
     Raises:
-        InvalidInputError: unknown exporter.
+        InvalidInputError: unknown exporter, or "torchscript" for a model over 2 GB.
     """
     import onnx
 
@@ -144,9 +144,14 @@ def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset
     model = model.to("cpu").float().eval()
     example = torch.zeros(2, 3, info.resolution, info.resolution)  # (2, 3, R, R)
     names = dict(input_names=["pixels"], output_names=["A_train", "B_train"], opset_version=opset)
+    meta = info.to_metadata()
+    large = sum(p.numel() * 4 for p in model.parameters()) > _PROTOBUF_LIMIT
+    if large and exporter != "dynamo":
+        raise InvalidInputError(f"`exporter` must be 'dynamo' for a model over 2 GB, got {exporter!r}")
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about the shape checks in `encode`; shapes are fixed except the batch.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchscript exporter: see `exporter`
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1, max=4096)
             logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per initializer
@@ -154,6 +159,11 @@ def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset
                 _OnnxWrapper(model), (example,), None, dynamic_shapes={"pixels": {0: batch}},
                 external_data=False, dynamo=True, verbose=False, **names,
             )
+            program.model.metadata_props.update(meta)
+            if large:  # e.g. a ViT-H encoder: protobuf cannot hold 2 GB, weights go beside the graph
+                program.save(str(path), external_data=True)
+                log.info("wrote ONNX hypernetwork %s (+ external data, dynamo exporter)", path)
+                return path
             proto = program.model_proto
         else:
             buf = io.BytesIO()
@@ -161,13 +171,17 @@ def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset
             torch.onnx.export(_OnnxWrapper(model), (example,), buf, dynamic_axes=axes, dynamo=False,
                               **names)
             proto = onnx.load_from_string(buf.getvalue())
-    for k, v in info.to_metadata().items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+            for k, v in meta.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = k, v
     data = proto.SerializeToString()
     atomic_write_bytes(path, data)
     log.info("wrote ONNX hypernetwork %s (%d bytes, %s exporter)", path, len(data), exporter)
     return path
+
+
+#: protobuf cannot serialise a message of 2 GiB or more; stay well below.
+_PROTOBUF_LIMIT = 1_800_000_000
 
 
 class _OnnxWrapper(torch.nn.Module):
