@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -24,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"run only these (repeatable or comma-separated): {', '.join(BENCHMARKS)}")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default: benchmarks/results; --tiny: a temporary folder)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch/OpenMP threads here and in child processes (default: all cores; --tiny: 1)")
     p.add_argument("--no-report", action="store_true", help="skip writing REPORT.md")
     return p.parse_args(argv)
 
@@ -40,13 +43,53 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from benchmarks.harness import RESULTS_DIR, BenchContext, run_benchmark
+    from benchmarks.harness import RESULTS_DIR, BenchContext
     from benchmarks.report import write_report
 
     out = args.out or (Path(tempfile.mkdtemp(prefix="hdb-bench-tiny-")) if args.tiny else RESULTS_DIR)
     ctx = BenchContext(out_dir=out, tiny=args.tiny)
+    threads = args.threads or (1 if args.tiny else None)
+    with _threads(threads):
+        failed = _run_all(ctx, selected(args.only))
+    if not args.no_report:
+        report = write_report(ctx.out_dir)
+        log.info("report: %s", report)
+    if failed:
+        log.error("failed benchmarks: %s", ", ".join(failed))
+        return 1
+    return 0
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Pin torch's (and child processes') thread count for the run, then restore it.
+
+    Smoke runs use 1: on a shared 2-core machine OpenMP threads that spin while others wait turn
+    a tiny model's step from milliseconds into seconds.
+    """
+    if n is None:
+        yield
+        return
+    import torch
+
+    before, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = env
+
+
+def _run_all(ctx, names: list[str]) -> list[str]:
+    from benchmarks.harness import run_benchmark
+
     failed = []
-    for name in selected(args.only):
+    for name in names:
         mod = importlib.import_module(f"benchmarks.{name}")
         log.info("benchmark %s: start", name)
         t0 = time.perf_counter()
@@ -57,13 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(name)
             continue
         log.info("benchmark %s: %.1f s -> %s", name, time.perf_counter() - t0, path)
-    if not args.no_report:
-        report = write_report(ctx.out_dir)
-        log.info("report: %s", report)
-    if failed:
-        log.error("failed benchmarks: %s", ", ".join(failed))
-        return 1
-    return 0
+    return failed
 
 
 if __name__ == "__main__":

@@ -1,0 +1,189 @@
+"""The service under load: `hdb serve` on loopback, driven by `hdb loadtest` (locust, gRPC users).
+
+1. Concurrency sweep: 1, 4, 16 and 64 closed-loop clients of Generate (cycling through a few
+   stored identities, so per-sample batching is exercised) and of PersonalizeAndGenerate;
+   throughput, p50/p95/p99 latency and every non-OK status by code. RESOURCE_EXHAUSTED (the
+   bounded queue pushing back) is reported apart; every other non-OK status is a failure.
+2. Service overhead: end-to-end gRPC latency of one call vs the library doing the same work in
+   this process (`generate_batch`; `personalize` + `generate_batch`), alternating call by call.
+   Target: under 5% extra. Measured with the default batching wait (`max_wait_ms` 10: a lone
+   image waits that long for batch-mates) and with `max_wait_ms` 0.
+
+The server runs with `--no-auth` on 127.0.0.1 only, on a free port, with metrics HTTP off, on the
+same base and hypernetwork as every other benchmark; it is stopped with SIGTERM at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from benchmarks.assets import base_dir, hypernet_source, load_pipe, photo_bytes
+from benchmarks.harness import ROOT, BenchContext, Outcome, measure_interleaved, ratio
+
+log = logging.getLogger(__name__)
+
+NAME = "service_load"
+USERS = (1, 4, 16, 64)
+SCENARIOS = ("generate", "personalize-and-generate")
+PROMPT = "a photo of ohwx person"
+TARGET_OVERHEAD = 0.05
+#: Identities created up front for the Generate sweep (users cycle through them).
+N_IDENTITIES = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve(ctx: BenchContext, hypernet: Path, *, max_wait_ms: float | None = None,
+          startup_timeout: float = 600.0) -> Iterator[str]:
+    """Run `hdb serve` (loopback, no auth, no metrics HTTP) until the block ends; yields HOST:PORT."""
+    from serving.client import HdbClient
+
+    port = _free_port()
+    work = ctx.work_dir / "service"
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "hypernet.recipes.cli", "serve", "--no-auth", "--host", "127.0.0.1",
+           "--port", str(port), "--metrics-port", "-1", "--base", str(base_dir()), "--hypernet", str(hypernet),
+           "--store", str(work / f"store-{port}"), "--log-format", "text", "--log-level", "WARNING"]
+    if max_wait_ms is not None:
+        cmd += ["--max-wait-ms", str(max_wait_ms)]
+    log_file = (work / f"server-{port}.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        with HdbClient(target) as client:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"hdb serve exited with {proc.returncode}; see {log_file.name}")
+                try:
+                    if client.health(timeout=2.0) == "SERVING":
+                        break
+                except Exception:  # noqa: BLE001 - not listening yet
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"hdb serve was not SERVING after {startup_timeout:.0f} s")
+                time.sleep(0.5)
+        yield target
+    finally:
+        proc.terminate()  # SIGTERM: graceful stop
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+
+
+# ---------------------------------------------------------------------------- 1. sweep
+def sweep(ctx: BenchContext, target: str, photo: Path, identities: list[str]) -> dict[str, Any]:
+    from hypernet.recipes.loadtest import LoadTestConfig, run_loadtest
+
+    out: dict[str, Any] = {}
+    for scenario in SCENARIOS:
+        out[scenario] = {}
+        for users in ctx.pick(USERS, (1, 4)):
+            cfg = LoadTestConfig(
+                target=target, users=users, scenario=scenario, photo=str(photo),
+                identities=identities if scenario == "generate" else [],
+                duration=ctx.pick(30.0 if scenario == "generate" else 40.0, 3.0),
+                gen_steps=ctx.pick(0, 2), personalize_steps=ctx.pick(None, 1), prompt=PROMPT,
+            )
+            log.info("service_load: %s x %d users", scenario, users)
+            out[scenario][str(users)] = run_loadtest(cfg)
+            time.sleep(ctx.pick(3.0, 0.5))  # let abandoned work drain before the next point
+    return out
+
+
+# ---------------------------------------------------------------------------- 2. overhead
+def overhead(ctx: BenchContext, target: str, pipe, runtime, photo: bytes) -> dict[str, Any]:
+    """Interleaved direct-library vs gRPC latency of the same work, and their ratio."""
+    from hypernet.batch_generate import GenRequest, generate_batch
+    from hypernet.personalize import personalize
+    from serving.client import HdbClient
+
+    steps = ctx.pick(25, 2)  # = the server's default_generate_steps in full mode
+    ft = ctx.pick(None, 1)
+    ft_kw = {} if ft is None else {"steps": ft}
+    out: dict[str, Any] = {}
+    with HdbClient(target) as client:
+        gen = HdbClient.generation(n=1, steps=steps, seed=0)
+        t = measure_interleaved({
+            "direct": lambda: generate_batch(pipe, [GenRequest(PROMPT, seed=0, steps=steps)]),
+            "grpc": lambda: client.generate(PROMPT, "", n=1, steps=steps, seed=0),
+        }, warmup=2, repeats=ctx.pick(15, 1))
+        out["generate"] = _overhead_row(t)
+
+        def direct_pag():
+            ident = personalize(pipe, photo, hypernet=runtime, seed=0, **ft_kw)
+            return generate_batch(pipe, [GenRequest(PROMPT, identity=ident, seed=0, steps=steps)])
+
+        t = measure_interleaved({
+            "direct": direct_pag,
+            "grpc": lambda: client.personalize_and_generate(
+                photo, [PROMPT], options=HdbClient.options(seed=0, steps=ft), generation=gen),
+        }, warmup=1, repeats=ctx.pick(7, 1))
+        out["personalize_and_generate"] = _overhead_row(t)
+    return out
+
+
+def _overhead_row(t: dict[str, dict]) -> dict[str, Any]:
+    d, g = t["direct"]["median"], t["grpc"]["median"]
+    extra = (g - d) / d
+    return {"direct_s": t["direct"], "grpc_s": t["grpc"], "extra_s": g - d, "overhead": extra,
+            "ratio": ratio(g, d), "meets_target": extra < TARGET_OVERHEAD}
+
+
+# ---------------------------------------------------------------------------- the benchmark
+def _make_identities(target: str, photos: list[bytes], steps: int | None) -> list[str]:
+    from serving.client import HdbClient
+
+    with HdbClient(target) as client:
+        return [client.personalize(p, options=HdbClient.options(steps=steps, seed=i)).id
+                for i, p in enumerate(photos)]
+
+
+def run(ctx: BenchContext) -> Outcome:
+    from hypernet.personalize import load_runtime
+
+    pipe = load_pipe()
+    hyper = hypernet_source(ctx, pipe)
+    runtime = load_runtime(str(hyper.path))
+    photos, source = photo_bytes(N_IDENTITIES)
+    photo_file = ctx.work_dir / "service-photo.jpg"
+    photo_file.write_bytes(photos[0])
+    results: dict[str, Any] = {"overhead": {}}
+    with serve(ctx, hyper.path) as target:
+        identities = _make_identities(target, photos, ctx.pick(None, 1))
+        results["sweep"] = sweep(ctx, target, photo_file, identities)
+        results["overhead"]["max_wait_10ms"] = overhead(ctx, target, pipe, runtime, photos[0])
+    if not ctx.tiny:
+        with serve(ctx, hyper.path, max_wait_ms=0) as target:
+            results["overhead"]["max_wait_0ms"] = overhead(ctx, target, pipe, runtime, photos[0])
+    settings = {
+        "users": list(ctx.pick(USERS, (1, 4))), "scenarios": list(SCENARIOS), "prompt": PROMPT,
+        "identities_for_generate": N_IDENTITIES, "photos": source, "hypernetwork": hyper.to_json(),
+        "server": "hdb serve --no-auth --host 127.0.0.1 --metrics-port -1 (defaults: queue_size 32, "
+                  "max_batch 8, max_wait_ms 10, default_generate_steps 25)",
+        "client": "hdb loadtest (locust, closed loop, honours retry-after-ms)",
+        "target_overhead": TARGET_OVERHEAD, "base": "embedded tiny base",
+    }
+    notes = [
+        "Server and load generator share the same CPU cores, so at high concurrency the client's own work "
+        "competes with the model; throughput is the service's on this machine, not an upper bound.",
+        "Overhead = (gRPC median - direct median) / direct median; the gRPC side includes queueing, the batching "
+        "wait, PNG encoding, protobuf and the loopback socket; the direct side is the library call alone.",
+    ]
+    return Outcome(settings, results, notes)
