@@ -21,6 +21,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("dir", type=Path, help="output directory")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=_make_tiny)
+    single = bsub.add_parser(
+        "to-single-file",
+        help="write a diffusers SD 1.x base as one original-layout .safetensors file",
+        description="Write the UNet, VAE and CLIP text encoder of a diffusers SD 1.x pipeline "
+        "directory as one checkpoint in the original (LDM/CompVis) key layout, the format most "
+        "community SD 1.x bases ship in. Load it back with `load_pipeline(FILE, config_dir=DIR)`.",
+    )
+    single.add_argument("dir", type=Path, help="diffusers pipeline directory (with model_index.json)")
+    single.add_argument("out", type=Path, help="output .safetensors file")
+    single.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                        help="weight precision in the file (default fp32: exact; fp16 halves the size)")
+    single.set_defaults(func=_to_single_file)
     from hypernet.recipes.face_world import register_base_action  # `train-face-world` (issue 9)
 
     register_base_action(bsub)
@@ -30,4 +42,14 @@ def _make_tiny(args: argparse.Namespace) -> int:
     out = make_tiny_pipeline(args.dir, seed=args.seed)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote tiny base to {out} ({size:,} bytes)")
+    return 0
+
+
+def _to_single_file(args: argparse.Namespace) -> int:
+    from hypernet.base.loading import load_pipeline
+    from hypernet.base.single_file import save_single_file
+
+    pipe = load_pipeline(args.dir, device="cpu", dtype=args.dtype)
+    out = save_single_file(pipe, args.out)
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
     return 0
