@@ -50,6 +50,9 @@ class PersonalizeConfig:
     flip: bool = field(default=True, metadata={"help": "horizontal-flip augmentation of the one photo"})
     max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject larger photos"})
     mixed_precision: str = field(default="no", metadata={"help": "autocast on CUDA: no, fp16, bf16"})
+    init: str = field(default="hypernetwork", metadata={
+        "help": "start of the fine-tune: 'hypernetwork' (HyperDreamBooth) or 'zero' (the fine-tune-only "
+                "ablation: same steps, no prediction)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 0 <= self.steps <= 10_000:
@@ -58,6 +61,8 @@ class PersonalizeConfig:
             raise InvalidInputError(f"`rank` must be an integer in [1, 256], got {self.rank!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
+        if self.init not in ("hypernetwork", "zero"):
+            raise InvalidInputError(f"`init` must be 'hypernetwork' or 'zero', got {self.init!r}")
         for k in ("token", "class_noun"):
             v = getattr(self, k)
             if not isinstance(v, str) or not v.strip() or len(v) > 64:
@@ -119,6 +124,8 @@ def personalize(
     t = time.perf_counter()
     report(ProgressEvent("hypernetwork", 0, 1))
     pred = {k: v[0].detach() for k, v in runtime.predict(pixels).items()}  # (L, r, a), (L, b, r)
+    if cfg.init == "zero":
+        pred = {k: torch.zeros_like(v) for k, v in pred.items()}
     timings["hypernetwork"] = time.perf_counter() - t
     _check_stop(should_stop)
 
@@ -134,7 +141,7 @@ def personalize(
         spec=runtime.spec, layers=list(runtime.layers), shapes=layer_shapes(pipe, runtime.layers),
         base_fingerprint=cached_fingerprint(pipe), lidb={k: v.cpu().float() for k, v in pred.items()},
         relaxed=relaxed, token=cfg.token, class_noun=cfg.class_noun,
-        method="hyperdreambooth" if cfg.steps > 0 else "hypernetwork", timings=timings,
+        method=_method_name(cfg), timings=timings,
     )
     report(ProgressEvent("done", cfg.steps, cfg.steps, losses[-1] if losses else None))
     log.info("personalised in %.2fs (%s)", sum(timings.values()),
@@ -174,6 +181,12 @@ def _resolve_runtime(hypernet, pipe) -> HypernetRuntime:
         runtime = load_runtime(str(hypernet))
     runtime.check_base(pipe)
     return runtime
+
+
+def _method_name(cfg: PersonalizeConfig) -> str:
+    if cfg.init == "zero":
+        return "finetune-only"
+    return "hyperdreambooth" if cfg.steps > 0 else "hypernetwork"
 
 
 def _check_stop(should_stop: Callable[[], bool] | None) -> None:
