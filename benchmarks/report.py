@@ -1,11 +1,396 @@
-"""REPORT.md from the result JSONs (placeholder; filled in below)."""
+"""REPORT.md (tables) and PNG plots (matplotlib) from the result JSONs of one benchmark run.
+
+    python -m benchmarks.report [DIR]      # re-render from DIR/*.json (default benchmarks/results)
+
+Every number in the report is read from a JSON next to it; nothing is computed here beyond
+formatting and the ratios' presentation. A benchmark without a JSON shows as "not run".
+"""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
+from typing import Any
+
+from benchmarks import BENCHMARKS
+from benchmarks.harness import RESULTS_DIR
 
 
-def write_report(out_dir: Path) -> Path:
-    path = Path(out_dir) / "REPORT.md"
-    path.write_text("# Benchmarks\n")
+# ---------------------------------------------------------------------------- formatting
+def fs(x: float | None) -> str:
+    """Seconds, human-sized."""
+    if x is None:
+        return "-"
+    if x < 0:
+        return "-" + fs(-x)
+    if x < 1e-3:
+        return f"{x * 1e6:.0f} µs"
+    if x < 1:
+        return f"{x * 1e3:.1f} ms"
+    if x < 120:
+        return f"{x:.2f} s"
+    return f"{x / 60:.1f} min"
+
+
+def fb(n: float | None) -> str:
+    """Bytes, human-sized (binary units)."""
+    if n is None:
+        return "-"
+    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def fx(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}x"
+
+
+def fpct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.1f}%"
+
+
+def med(d: dict | None) -> float | None:
+    return None if not d else d.get("median")
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- sections
+def _header(docs: dict[str, dict]) -> list[str]:
+    any_doc = next(iter(docs.values()))
+    m = any_doc["machine"]
+    git = m.get("git") or {}
+    tiny = any(d["mode"] == "tiny" for d in docs.values())
+    lines = ["# Benchmarks", ""]
+    if tiny:
+        lines += ["> **Tiny (smoke-test) mode: these numbers are meaningless; run `make bench` for real ones.**", ""]
+    lines += [
+        f"Generated from the JSON files in this folder (`python -m benchmarks.report`). Machine: **{m['cpu']}**, "
+        f"{m['cores']} cores, {fb(m.get('ram_bytes'))} RAM, GPU: **{m.get('gpu') or 'none'}**, torch threads "
+        f"{m.get('torch_threads')}. Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ". "
+        f"Commit `{(git.get('commit') or 'unknown')[:12]}`" + (" (+ uncommitted changes)" if git.get("dirty") else "")
+        + ".",
+        "",
+        "Every figure is the median of several timed runs after warm-up (raw runs are in the JSONs); comparisons "
+        "are ratios of figures measured in the same run, on the same machine.",
+        "",
+    ]
+    noisy = {n: d["load_average"] for n, d in docs.items() if d["load_average"].get("noisy")}
+    if noisy:
+        lines += [
+            f"> **Shared, noisy machine.** The 1-minute load average exceeded the core count ({m['cores']}) during: "
+            + "; ".join(f"{n} (before {la['before'][0] if la['before'] else '?'}, after "
+                        f"{la['after'][0] if la['after'] else '?'})" for n, la in noisy.items())
+            + ". Other jobs competed for the CPU: absolute times are inflated and noisier; same-run ratios are "
+            "the more trustworthy figures.", "",
+        ]
+    return lines
+
+
+def _headline(docs: dict[str, dict]) -> list[str]:
+    rows = []
+    meth = docs.get("methods", {}).get("results", {})
+    r = meth.get("ratios") or {}
+    paper = meth.get("paper") or {}
+    if r:
+        rows.append(["HyperDreamBooth vs DreamBooth, wall time", fx(r.get("speedup_vs_dreambooth")),
+                     f"paper {fx(paper.get('speedup_vs_dreambooth'), 0)} faster"])
+        rows.append(["HyperDreamBooth vs Textual Inversion, wall time", fx(r.get("speedup_vs_textual_inversion")),
+                     f"paper {fx(paper.get('speedup_vs_textual_inversion'), 0)} faster"])
+    sz = docs.get("sd15_scale", {}).get("results", {}).get("sizes", {}).get("ratios") or {}
+    if sz:
+        rows.append(["DreamBooth UNet (fp32) / LiDB file, SD 1.5", fx(sz.get("dreambooth_fp32_over_lidb"), 0),
+                     "paper 10,000x smaller"])
+        rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity (LiDB + rank-4 LoRA), SD 1.5",
+                     fx(sz.get("dreambooth_fp32_over_hyperdreambooth_identity"), 0), "paper 10,000x smaller"])
+    st = docs.get("sd15_scale", {}).get("results", {}).get("step_times", {}).get("ratios") or {}
+    if st:
+        rows.append(["Full-UNet step / LiDB step, SD 1.5 at 256 px", fx(st.get("full_over_lidb"), 2), "-"])
+    b = docs.get("batching", {}).get("results", {})
+    for size, row in b.items():
+        rows.append([f"8 identities batched vs sequential, {size}", fx(row.get("speedup"), 2), "target >= 3x"])
+    ov = docs.get("service_load", {}).get("results", {}).get("overhead", {})
+    for cfg, rpcs in ov.items():
+        for rpc, row in rpcs.items():
+            rows.append([f"Service overhead, {rpc} ({cfg.replace('_', ' ')})", fpct(row.get("overhead")),
+                         "target < +5%"])
+    h = docs.get("hypernet_inference", {}).get("results", {})
+    for bkey, row in h.items():
+        rows.append([f"Hypernetwork onnxruntime vs torch, {bkey}", fx(row.get("onnx_speedup"), 2), "-"])
+    g = docs.get("gpu", {}).get("results", {})
+    if g:
+        rows.append(["GPU", g.get("gpu") if g.get("available") else "not available",
+                     "see section 6" if g.get("available") else "no CUDA device in this session"])
+    return ["## Headline numbers", "", table(["what", "ours", "reference / target"], rows), ""] if rows else []
+
+
+def _methods(doc: dict, out: Path) -> list[str]:
+    res = doc["results"]
+    lines = ["## 1. Personalisation methods (tiny base, same photo, each at its default steps)", ""]
+    if "skipped" in res:
+        return lines + [f"Skipped: {res['skipped']}", ""]
+    rows = []
+    for name, r in res["rows"].items():
+        h = r.get("heldout_loss") or {}
+        rows.append([name, r["steps"], fs(med(r["wall_s"])), fs(med(r.get("step_s"))),
+                     fb(r.get("peak_rss_above_base_bytes")), fb(r["artifact_bytes"]),
+                     fpct(h.get("drop_same")), fpct(h.get("drop_other")), fpct(h.get("identity_effect"))])
+    lines += [table(["method", "steps", "wall time", "time/step", "peak RSS above base", "artifact",
+                     "loss drop, same identity", "loss drop, other identities", "identity effect"], rows), ""]
+    r, p = res["ratios"], res["paper"]
+    lines += [table(["ratio", "ours (tiny base)", "paper"], [
+        ["DreamBooth time / HyperDreamBooth time", fx(r["speedup_vs_dreambooth"]), fx(p["speedup_vs_dreambooth"], 0)],
+        ["Textual Inversion time / HyperDreamBooth time", fx(r["speedup_vs_textual_inversion"]),
+         fx(p["speedup_vs_textual_inversion"], 0)],
+        ["LoRA time / HyperDreamBooth time", fx(r["speedup_vs_lora"]), "-"],
+        ["LiDB time / HyperDreamBooth time", fx(r["speedup_vs_lidb"]), "-"],
+        ["DreamBooth artifact / HyperDreamBooth identity (tiny base)", fx(r["smaller_than_dreambooth"], 0),
+         fx(p["smaller_than_dreambooth"], 0) + " (SD scale: section 2)"],
+    ]), ""]
+    fd = res.get("face_detect_s")
+    db = res["rows"].get("dreambooth", {})
+    lines += [f"Face detection + crop (MTCNN, once per photo, not in the wall times above): {fs(med(fd))}. "
+              f"DreamBooth's class images ({db.get('class_images_seconds') and fs(db['class_images_seconds'])} to "
+              "generate, cached) are excluded from its wall time. Loss drops are relative to the base model on the "
+              "same noised latents (fixed timesteps and noise); identity effect = same-identity drop - "
+              "other-identity drop.", ""]
+    if _plot_methods(res, out / "methods.png"):
+        lines += ["![methods](methods.png)", ""]
+    return lines
+
+
+def _sd15(doc: dict, out: Path) -> list[str]:
+    res = doc["results"]
+    sz, st = res["sizes"], res["step_times"]
+    lines = ["## 2. SD 1.5 scale (real architecture, random weights, CPU)", "",
+             f"UNet parameters: {sz['unet_params']:,}.", ""]
+    rows = [[k, f"{v['params']:,}", fb(v["bytes"]), v["how"]] for k, v in sz["artifacts"].items()]
+    lines += [table(["artifact", "parameters", "bytes", "how measured"], rows), ""]
+    lines += [table(["size ratio", "ours"], [[k.replace("_", " "), fx(v, 0)] for k, v in sz["ratios"].items()]), ""]
+    rows = []
+    for k in ("full_unet", "lidb", "lora_r4"):
+        v = st[k]
+        rows.append([k, f"{v['trainable_params']:,}", fs(med(v["step_s"])), v["step_s"]["n"],
+                     fb(v.get("peak_rss_above_start_bytes")), v.get("what", "")])
+    lines += [f"Time per training step at {st['resolution']} px ({st['unet_params']:,}-parameter UNet, built in "
+              f"{fs(st['build_s'])}):", "",
+              table(["trainable set", "parameters", "time/step", "timed steps", "peak RSS above start", "note"], rows),
+              "", f"Full UNet / LiDB step: {fx(st['ratios']['full_over_lidb'], 2)}; full UNet / LoRA step: "
+              f"{fx(st['ratios']['full_over_lora'], 2)}.", ""]
+    if _plot_sizes(sz, out / "sd15_sizes.png"):
+        lines += ["![sizes](sd15_sizes.png)", ""]
+    return lines
+
+
+def _hypernet(doc: dict, out: Path) -> list[str]:
+    res = doc["results"]
+    rows = [[k, fs(med(v["torch_s"])), fs(med(v["onnx_s"])), fx(v["onnx_speedup"], 2), f"{v['max_abs_diff']:.1e}"]
+            for k, v in res.items()]
+    a = doc["settings"]["architecture"]
+    lines = ["## 3. Hypernetwork inference (CPU)", "",
+             f"{a['encoder']} {a['encoder_kwargs']} at {a['image_size']} px, decoder dim {a['decoder_dim']} x "
+             f"{a['decoder_depth']}, {a['iterations']} refinement steps, {a['layers']} layers (a={a['a']}, "
+             f"b={a['b']}, r={a['r']}); {doc['settings']['hypernetwork']['label']}.", "",
+             table(["batch", "torch", "onnxruntime", "onnx speedup", "max abs diff"], rows), ""]
+    if _plot_bars({k: {"torch": med(v["torch_s"]), "onnxruntime": med(v["onnx_s"])} for k, v in res.items()},
+                  "seconds per call", "Hypernetwork inference", out / "hypernet_inference.png"):
+        lines += ["![hypernet](hypernet_inference.png)", ""]
+    return lines
+
+
+def _service(doc: dict, out: Path) -> list[str]:
+    res = doc["results"]
+    lines = ["## 4. Service under load (`hdb serve` on loopback, `hdb loadtest` clients)", ""]
+    for scenario, points in res.get("sweep", {}).items():
+        rows = []
+        for users, r in points.items():
+            lat = r["latency_s"]
+            rows.append([users, r["ok"], r["calls"], f"{r['throughput_rps']:.2f}", fs(lat["p50"]), fs(lat["p95"]),
+                         fs(lat["p99"]), r["rejected"], r["failures"],
+                         ", ".join(f"{k}: {v}" for k, v in r["status_counts"].items())])
+        lines += [f"**{scenario}**", "", table(["users", "ok", "calls", "ok calls/s", "p50", "p95", "p99",
+                                                 "RESOURCE_EXHAUSTED", "failures", "statuses"], rows), ""]
+    for cfg, rpcs in res.get("overhead", {}).items():
+        rows = [[rpc, fs(med(r["direct_s"])), fs(med(r["grpc_s"])), fs(r["extra_s"]), fpct(r["overhead"]),
+                 "yes" if r["meets_target"] else "no"] for rpc, r in rpcs.items()]
+        lines += [f"Service overhead ({cfg.replace('_', ' ')}), one call at a time, alternating direct/gRPC:", "",
+                  table(["call", "library direct", "gRPC end-to-end", "extra", "overhead", "< 5%"], rows), ""]
+    if _plot_service(res.get("sweep", {}), out / "service_load.png"):
+        lines += ["![service](service_load.png)", ""]
+    return lines
+
+
+def _batching(doc: dict, out: Path) -> list[str]:
+    res = doc["results"]
+    rows = [[k, f"{v['batched_images_per_s']:.2f}", f"{v['sequential_images_per_s']:.2f}", fx(v["speedup"], 2),
+             "yes" if v["meets_target"] else "no", v["max_pixel_diff_batched_vs_sequential"]] for k, v in res.items()]
+    s = doc["settings"]
+    lines = ["## 5. Batching: 8 identities in one call vs one after another", "",
+             f"{s['generate_steps']} denoising steps, guidance {s['guidance']}, {s['identities']} identities "
+             f"(hypernetwork + {s['identity_finetune_steps']}-step fine-tune each).", "",
+             table(["size", "batched images/s", "sequential images/s", "speedup", ">= 3x", "max pixel diff"], rows),
+             ""]
+    if _plot_bars({k: {"batched": v["batched_images_per_s"], "sequential": v["sequential_images_per_s"]}
+                   for k, v in res.items()}, "images / s", "8 identities", out / "batching.png"):
+        lines += ["![batching](batching.png)", ""]
+    return lines
+
+
+def _gpu(doc: dict, out: Path) -> list[str]:
+    res = doc["results"]
+    lines = ["## 6. GPU", ""]
+    if not res.get("available"):
+        return lines + [f"**Not measured: {res.get('reason')}.** No GPU figures are reported or estimated.", ""]
+    rows = [[k, fs(med(v))] for k, v in res.items() if isinstance(v, dict) and "median" in v]
+    return lines + [f"On **{res['gpu']}**:", "", table(["what", "median"], rows), ""]
+
+
+SECTIONS = {"methods": _methods, "sd15_scale": _sd15, "hypernet_inference": _hypernet,
+            "service_load": _service, "batching": _batching, "gpu": _gpu}
+ORDER = ("methods", "sd15_scale", "hypernet_inference", "service_load", "batching", "gpu")
+
+
+# ---------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_methods(res: dict, path: Path) -> bool:
+    rows = {k: v for k, v in res["rows"].items() if med(v.get("wall_s"))}
+    if not rows:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = list(rows)
+    axes[0].barh(names, [med(rows[n]["wall_s"]) for n in names], color="tab:blue")
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("wall time, s (log)")
+    axes[1].barh(names, [rows[n]["artifact_bytes"] for n in names], color="tab:orange")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("artifact bytes (log)")
+    axes[0].invert_yaxis()
+    axes[1].invert_yaxis()
+    fig.suptitle("Personalisation methods (tiny base)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_sizes(sz: dict, path: Path) -> bool:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = list(sz["artifacts"])
+    ax.barh(names, [sz["artifacts"][n]["bytes"] for n in names], color="tab:green")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes (log)")
+    ax.invert_yaxis()
+    ax.set_title("Artifact size at SD 1.5 scale")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_bars(groups: dict[str, dict[str, float | None]], ylabel: str, title: str, path: Path) -> bool:
+    if not groups:
+        return False
+    plt = _plt()
+    series = list(next(iter(groups.values())))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        xs = [j + i * width for j in range(len(groups))]
+        ax.bar(xs, [v.get(s) or 0 for v in groups.values()], width, label=s)
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(groups))], list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_service(sweep: dict, path: Path) -> bool:
+    if not sweep:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for scenario, points in sweep.items():
+        users = [int(u) for u in points]
+        axes[0].plot(users, [p["throughput_rps"] for p in points.values()], marker="o", label=scenario)
+        for q, style in (("p50", "-"), ("p95", "--"), ("p99", ":")):
+            axes[1].plot(users, [p["latency_s"][q] or float("nan") for p in points.values()], style, marker="o",
+                         label=f"{scenario} {q}")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("ok calls / s")
+    axes[1].set_ylabel("latency, s")
+    axes[1].set_yscale("log")
+    fig.suptitle("Service under load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------- entry
+def _notes(docs: dict[str, dict]) -> list[str]:
+    lines = ["## Notes and run conditions", ""]
+    rows = []
+    for name in ORDER:
+        d = docs.get(name)
+        if d is None:
+            continue
+        la = d["load_average"]
+        rows.append([name, d["mode"], d["created"], fs(d.get("seconds")), la.get("before"), la.get("after"),
+                     "yes" if la.get("noisy") else "no"])
+    lines += [table(["benchmark", "mode", "finished", "took", "load avg before (1/5/15 min)", "after", "noisy"],
+                    rows), ""]
+    for name in ORDER:
+        for note in (docs.get(name) or {}).get("notes", []):
+            lines.append(f"- **{name}**: {note}")
+    return lines + ["", "Reproduce: `make bench` (all, CPU, < 30 min on an idle 2-core machine) or "
+                    "`.venv/bin/python -m benchmarks --only NAME`; load-test your own deployment with "
+                    "`hdb loadtest --target HOST:PORT --users N --duration S [--api-key ...]`.", ""]
+
+
+def write_report(out_dir: str | Path = RESULTS_DIR) -> Path:
+    """Render `out_dir`/REPORT.md (+ PNGs) from the `<name>.json` files there."""
+    out = Path(out_dir)
+    docs = {}
+    for name in BENCHMARKS:
+        p = out / f"{name}.json"
+        if p.is_file():
+            docs[name] = json.loads(p.read_text())
+    path = out / "REPORT.md"
+    if not docs:
+        path.write_text("# Benchmarks\n\nNo results yet: run `make bench`.\n")
+        return path
+    lines = _header(docs) + _headline(docs)
+    for name in ORDER:
+        if name in docs:
+            lines += SECTIONS[name](docs[name], out)
+        else:
+            lines += [f"## {name}", "", "Not run.", ""]
+    lines += _notes(docs)
+    path.write_text("\n".join(lines) + "\n")
     return path
+
+
+if __name__ == "__main__":
+    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))

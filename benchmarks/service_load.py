@@ -94,11 +94,11 @@ def sweep(ctx: BenchContext, target: str, photo: Path, identities: list[str]) ->
     out: dict[str, Any] = {}
     for scenario in SCENARIOS:
         out[scenario] = {}
-        for users in ctx.pick(USERS, (1, 4)):
+        for users in ctx.pick(USERS, (2,)):
             cfg = LoadTestConfig(
                 target=target, users=users, scenario=scenario, photo=str(photo),
                 identities=identities if scenario == "generate" else [],
-                duration=ctx.pick(30.0 if scenario == "generate" else 40.0, 3.0),
+                duration=ctx.pick(30.0 if scenario == "generate" else 40.0, 2.0),
                 gen_steps=ctx.pick(0, 2), personalize_steps=ctx.pick(None, 1), prompt=PROMPT,
             )
             log.info("service_load: %s x %d users", scenario, users)
@@ -173,7 +173,7 @@ def run(ctx: BenchContext) -> Outcome:
         with serve(ctx, hyper.path, max_wait_ms=0) as target:
             results["overhead"]["max_wait_0ms"] = overhead(ctx, target, pipe, runtime, photos[0])
     settings = {
-        "users": list(ctx.pick(USERS, (1, 4))), "scenarios": list(SCENARIOS), "prompt": PROMPT,
+        "users": list(ctx.pick(USERS, (2,))), "scenarios": list(SCENARIOS), "prompt": PROMPT,
         "identities_for_generate": N_IDENTITIES, "photos": source, "hypernetwork": hyper.to_json(),
         "server": "hdb serve --no-auth --host 127.0.0.1 --metrics-port -1 (defaults: queue_size 32, "
                   "max_batch 8, max_wait_ms 10, default_generate_steps 25)",

@@ -1,0 +1,116 @@
+"""Benchmarks are not tests; these only check every benchmark still runs (tiny mode) and writes
+valid JSON and a REPORT.md - plus the load-test wrapper's own logic.
+
+One tiny run of the whole suite (`python -m benchmarks --tiny`) is shared by the module: a real
+`hdb serve` on loopback, real locust clients, the real library calls, at smoke-test sizes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import BENCHMARKS
+from hypernet.errors import InvalidInputError
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Run every benchmark once in tiny mode; (results dir, exit code)."""
+    from benchmarks.__main__ import main
+
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:  # module scope: conftest's per-test cache env is not set yet
+        mp.setenv("HDB_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "hdb-cache"))
+        rc = main(["--tiny", "--out", str(out)])
+    return out, rc
+
+
+def _doc(out, name: str) -> dict:
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_every_benchmark_runs_and_writes_json(tiny_run):
+    out, rc = tiny_run
+    assert rc == 0
+    for name in BENCHMARKS:
+        doc = _doc(out, name)
+        assert doc["name"] == name and doc["mode"] == "tiny"
+        m = doc["machine"]
+        assert m["cores"] >= 1 and m["cpu"] and "torch" in m["versions"] and "commit" in m["git"]
+        assert set(doc["load_average"]) == {"before", "after", "noisy"}
+        assert isinstance(doc["results"], dict) and doc["results"]
+
+
+def test_result_contents(tiny_run):
+    out, _ = tiny_run
+    sizes = _doc(out, "sd15_scale")["results"]["sizes"]
+    assert sizes["unet_params"] == 859_520_964  # the real SD 1.5 UNet, on the meta device
+    assert sizes["artifacts"]["lidb"]["params"] == 25_600
+    assert sizes["artifacts"]["lidb"]["bytes"] < sizes["artifacts"]["lora_r4"]["bytes"]
+    assert sizes["ratios"]["dreambooth_fp32_over_lidb"] > 10_000
+
+    hyper = _doc(out, "hypernet_inference")["results"]
+    assert set(hyper) == {"batch1", "batch8"}
+    assert all(r["max_abs_diff"] < 1e-4 for r in hyper.values())  # onnx export agrees with torch
+
+    batching = _doc(out, "batching")["results"]
+    assert all(r["speedup"] > 0 and r["max_pixel_diff_batched_vs_sequential"] <= 2 for r in batching.values())
+
+    service = _doc(out, "service_load")["results"]
+    for scenario, points in service["sweep"].items():
+        for users, r in points.items():
+            assert r["failures"] == 0, (scenario, users, r["status_counts"])
+            assert r["ok"] >= 1 and r["latency_s"]["p50"] > 0
+    assert set(service["overhead"]["max_wait_10ms"]) == {"generate", "personalize_and_generate"}
+
+    gpu = _doc(out, "gpu")["results"]
+    assert "available" in gpu and (gpu["available"] or gpu["reason"])
+
+    methods = _doc(out, "methods")["results"]
+    if "skipped" not in methods:
+        rows = methods["rows"]
+        assert set(rows) == {"hyperdreambooth", "hypernetwork", "lidb", "lora", "textual-inversion", "dreambooth"}
+        assert all(r["wall_s"]["median"] > 0 and r["artifact_bytes"] > 0 for r in rows.values())
+        assert rows["dreambooth"]["artifact_bytes"] > rows["hyperdreambooth"]["artifact_bytes"]
+
+
+def test_report_has_every_section_and_plot(tiny_run):
+    out, _ = tiny_run
+    report = (out / "REPORT.md").read_text()
+    for title in ("## Headline numbers", "## 1. Personalisation", "## 2. SD 1.5 scale", "## 3. Hypernetwork",
+                  "## 4. Service under load", "## 5. Batching", "## 6. GPU", "Tiny (smoke-test) mode"):
+        assert title in report
+    for png in ("sd15_sizes.png", "hypernet_inference.png", "service_load.png", "batching.png"):
+        assert (out / png).stat().st_size > 1000
+        assert f"({png})" in report
+
+
+def test_loadtest_subcommand_is_registered():
+    from hypernet.recipes.cli import build_parser
+
+    args = build_parser().parse_args(["loadtest", "--target", "127.0.0.1:50051", "--users", "3", "--duration", "5",
+                                      "--api-key", "k", "--scenario", "personalize-and-generate"])
+    assert args.users == 3 and args.duration == 5.0 and args.api_key == "k" and callable(args.func)
+
+
+@pytest.mark.parametrize("kw", [{"target": "no-port"}, {"users": 0}, {"duration": 0}, {"scenario": "x"},
+                                {"photo": "/no/such/photo.jpg"}])
+def test_loadtest_config_rejects_bad_values(kw):
+    from hypernet.recipes.loadtest import LoadTestConfig
+
+    with pytest.raises(InvalidInputError):
+        LoadTestConfig(**kw)
+
+
+def test_summarize_calls_separates_backpressure_from_failures():
+    from hypernet.recipes.loadtest import summarize_calls
+
+    calls = [("OK", 0.1), ("OK", 0.3), ("OK", 0.2), ("RESOURCE_EXHAUSTED", 0.001), ("INTERNAL", 0.5),
+             ("UNAVAILABLE", 0.01)]
+    s = summarize_calls(calls, duration=2.0, images_per_call=2)
+    assert s["ok"] == 3 and s["rejected"] == 1 and s["failures"] == 2 and s["calls"] == 6
+    assert s["status_counts"] == {"INTERNAL": 1, "OK": 3, "RESOURCE_EXHAUSTED": 1, "UNAVAILABLE": 1}
+    assert s["latency_s"]["p50"] == pytest.approx(0.2) and s["latency_s"]["max"] == pytest.approx(0.3)
+    assert s["throughput_rps"] == pytest.approx(1.5) and s["images_per_s"] == pytest.approx(3.0)
