@@ -27,5 +27,9 @@ test: setup
 lint: setup
 	.venv/bin/ruff check .
 
+# Every benchmark on CPU (< 30 min on an idle 2-core machine) -> benchmarks/results/ (JSON, REPORT.md, PNGs).
+bench: setup
+	$(PY) -m benchmarks
+
 clean:
 	rm -rf .venv .cache
