@@ -255,15 +255,13 @@ class Engine:
         known = getattr(m.config_cls, "__dataclass_fields__", {})
         config = m.config_cls(**{k: v for k, v in names.items() if v is not None and k in known})
 
-        def on_progress(ev) -> None:  # methods take no should_stop: stop by raising here
-            if should_stop():
-                raise Cancelled(f"{method} training was cancelled")
+        def on_progress(ev) -> None:
             progress(getattr(ev, "stage", method), int(ev.step), int(ev.total),
                      getattr(ev, "loss", None))
 
         t0 = time.perf_counter()
         artifact = m.train(self.pipe, [photo], token=opts.token, class_noun=opts.class_noun,
-                           config=config, progress=on_progress)
+                           config=config, progress=on_progress, should_stop=should_stop)
         t1 = time.perf_counter()
         blob = _artifact_to_bytes(artifact)
         timings = {"train": t1 - t0, "serialize": time.perf_counter() - t1}
@@ -323,12 +321,24 @@ class Engine:
             return [images[0] for images in per_request]
         from hypernet.generate import generate
 
-        return [
-            generate(self.pipe, w.prompt, artifact=w.identity.obj if w.identity else None,
-                     negative_prompt=w.negative_prompt, steps=w.steps, guidance=w.guidance,
-                     seed=w.seed, height=w.height, width=w.width, num_images=1)[0]
-            for w in works
-        ]
+        # Adapters without per-sample weights: one call per run of consecutive seeds of the same
+        # prompt (image i of a call uses seed + i, so this equals one call per image).
+        images: list = []
+        i = 0
+        while i < len(works):
+            w, j = works[i], i + 1
+            while (j < len(works) and works[j].identity is w.identity
+                   and (works[j].prompt, works[j].negative_prompt) == (w.prompt, w.negative_prompt)
+                   and works[j].seed == w.seed + (j - i)):
+                j += 1
+            if should_stop():
+                raise Cancelled("generation was cancelled")
+            images += generate(self.pipe, w.prompt, artifact=w.identity.obj if w.identity else None,
+                               negative_prompt=w.negative_prompt, steps=w.steps,
+                               guidance=w.guidance, seed=w.seed, height=w.height, width=w.width,
+                               num_images=j - i)
+            i = j
+        return images
 
 
 def _gen_request(w: GenWork):
