@@ -18,8 +18,9 @@ setup: .venv/.setup-stamp
 proto:
 	@if [ -f serving/proto_build.py ]; then $(PY) -m serving.proto_build; fi
 
+# `hdb serve`: the gRPC service on localhost:50051 with the embedded tiny models (dev mode).
 run: setup
-	$(PY) -m hypernet.recipes.cli demo
+	$(PY) -m hypernet.recipes.cli serve
 
 test: setup
 	$(PY) -m pytest -q
