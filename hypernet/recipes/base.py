@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hypernet.base.tiny import make_tiny_pipeline
+# Heavy imports (torch, diffusers) happen inside the commands: `hdb --help` must stay fast.
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
+    from hypernet.base.tiny import make_tiny_pipeline
+
     out = make_tiny_pipeline(args.dir, seed=args.seed)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote tiny base to {out} ({size:,} bytes)")
