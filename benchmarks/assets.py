@@ -63,7 +63,10 @@ def hypernet_source(ctx: BenchContext, pipe) -> HypernetSource:
 
             HypernetRuntime.load(path, backend="torch").check_base(pipe)
             folder = path if path.is_dir() else path.parent
-            return HypernetSource(folder, True, f"embedded trained tiny hypernetwork ({folder})")
+            from hypernet.defaults import DEFAULT_HYPERNET_OVERRIDES
+
+            corpus = next((o for o in DEFAULT_HYPERNET_OVERRIDES if o.startswith("data.corpus=")), "tiny-cpu corpus")
+            return HypernetSource(folder, True, f"embedded trained tiny hypernetwork (pretrain tiny-cpu, {corpus})")
         except Exception as e:  # noqa: BLE001 - any failure falls back, and the JSON says why
             log.warning("no usable trained hypernetwork (%s: %s); using a random-init one", type(e).__name__, e)
             reason = f"{type(e).__name__}: {e}"

@@ -149,7 +149,9 @@ def step_times(ctx: BenchContext) -> dict[str, Any]:
                      text_emb=torch.randn(1, 77, TEXT_DIM, generator=gen))  # (1, 77, 768)
     out: dict[str, Any] = {"resolution": px, "unet_params": n_params, "build_s": build_s, "steps_per_variant": steps}
     # Full UNet first, while the model is clean; then LiDB (removed after), then peft LoRA.
-    need = n_params * 4 * 4 + (3 << 30)  # weights + grads + 2 AdamW moments (fp32) + activations
+    # weights + grads + 2 AdamW moments (fp32) + activations, and 4 GiB left for whoever else runs here:
+    # on a shared machine an out-of-memory kill could hit another process.
+    need = n_params * 4 * 4 + (3 << 30) + (4 << 30)
     avail = psutil.virtual_memory().available
     if avail >= need:
         out["full_unet"] = _train_steps(pipe, list(unet.parameters()), data, steps)

@@ -59,6 +59,8 @@ def serve(ctx: BenchContext, hypernet: Path, *, max_wait_ms: float | None = None
            "--store", str(work / f"store-{port}"), "--log-format", "text", "--log-level", "WARNING"]
     if max_wait_ms is not None:
         cmd += ["--max-wait-ms", str(max_wait_ms)]
+    if ctx.tiny:
+        cmd.append("--no-warmup")  # smoke runs: the benchmark's own warm-up calls are enough
     log_file = (work / f"server-{port}.log").open("w")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
     target = f"127.0.0.1:{port}"
@@ -98,7 +100,7 @@ def sweep(ctx: BenchContext, target: str, photo: Path, identities: list[str]) ->
             cfg = LoadTestConfig(
                 target=target, users=users, scenario=scenario, photo=str(photo),
                 identities=identities if scenario == "generate" else [],
-                duration=ctx.pick(30.0 if scenario == "generate" else 40.0, 2.0),
+                duration=ctx.pick(20.0 if scenario == "generate" else 30.0, 2.0),
                 gen_steps=ctx.pick(0, 2), personalize_steps=ctx.pick(None, 1), prompt=PROMPT,
             )
             log.info("service_load: %s x %d users", scenario, users)
