@@ -284,14 +284,23 @@ def test_metrics_endpoint(server, client, identity):
     assert 'hdb_stage_seconds_count{stage="queue_wait"}' in text
 
 
-def test_reflection_lists_the_service(client):
+def test_reflection_serves_the_schema(client):
+    """What grpcurl needs: the service list and the file descriptors (with dependencies)."""
+    from google.protobuf import descriptor_pb2
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
-    (resp,) = list(stub.ServerReflectionInfo(iter([
-        reflection_pb2.ServerReflectionRequest(list_services="")])))
-    names = {s.name for s in resp.list_services_response.service}
+    listed, described = list(stub.ServerReflectionInfo(iter([
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="hyperdreambooth.v1.Personalization")])))
+    names = {s.name for s in listed.list_services_response.service}
     assert {"hyperdreambooth.v1.Personalization", "grpc.health.v1.Health"} <= names
+    files = [descriptor_pb2.FileDescriptorProto.FromString(b)
+             for b in described.file_descriptor_response.file_descriptor_proto]
+    (ours,) = [f for f in files if f.package == "hyperdreambooth.v1"]
+    assert "Personalize" in {m.name for m in ours.service[0].method}
+    assert "google/protobuf/timestamp.proto" in ours.dependency
 
 
 def test_logs_carry_request_ids_and_no_secrets(server, client, photo_bytes, caplog):
