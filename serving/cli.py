@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import os
 import sys
+import threading
 from pathlib import Path
 
 DEFAULT_TARGET = "localhost:50051"
@@ -96,7 +99,14 @@ def _serve(args) -> int:
 
     cfg = load_config(args)
     configure_logging(cfg.log_format, "DEBUG" if args.verbose else cfg.log_level)
-    return asyncio.run(run(cfg))
+    rc = asyncio.run(run(cfg))
+    if any(t.name.startswith("hdb-model") and t.is_alive() for t in threading.enumerate()):
+        # Stopped mid model load or mid step: exit now rather than tearing torch down under a
+        # running thread (the work is abandoned by design; nothing half-written is kept).
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 # ---------------------------------------------------------------------- client

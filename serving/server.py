@@ -37,6 +37,32 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+def _in_daemon_thread(fn, *args) -> asyncio.Future:
+    """Run `fn` on a daemon thread: a SIGTERM during a long model load (the embedded
+    hypernetwork builds on first use) must not keep the process alive until it finishes."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result=None, error: BaseException | None = None) -> None:
+        if not fut.done():
+            fut.set_exception(error) if error is not None else fut.set_result(result)
+
+    def work() -> None:
+        try:
+            outcome = (fn(*args), None)
+        except BaseException as e:  # delivered to the awaiting task
+            outcome = (None, e)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is gone: the server stopped while we worked
+            pass
+
+    threading.Thread(target=work, name="hdb-model-load", daemon=True).start()
+    return fut
+
+
 def resolve_keyring(cfg: ServeConfig) -> KeyRing | None:
     """The API keys, or None for dev mode (no auth).
 
@@ -125,7 +151,7 @@ class HdbServer:
 
     async def _load(self) -> None:
         t0 = time.perf_counter()
-        await asyncio.to_thread(self.core.load, self.cfg.warmup)
+        await _in_daemon_thread(self.core.load, self.cfg.warmup)
         self.core.start()
         self.state.ready = True
         for name in ("", SERVICE_NAME):
