@@ -134,10 +134,29 @@ _STAGE_FNS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pretrain ...`: same exit codes as `hdb`."""
-    from hypernet.recipes.cli import main as hdb_main
+    """`python -m pretrain ...` (what torchrun starts): only this parser, so a worker does not
+    import every other `hdb` subcommand; errors map to the same exit codes as `hdb`."""
+    from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError, NotFoundError
 
-    return hdb_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Copied from hypernet.recipes.cli.main: the exit codes of `hdb`.
+    try:
+        return _run_args(args)
+    except InvalidInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ModelNotFoundError, NotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except EnvironmentProblem as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
 
 
 __all__ = ["STAGES", "main", "register", "run_stages"]

@@ -14,14 +14,18 @@ from hypernet.hypernetwork.model import pack_theta
 
 def weight_mse(pred: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                reduction: str = "mean") -> torch.Tensor:
-    """Mean squared difference of packed LiDB weights, over every (A_train, B_train) entry.
+    """Squared L2 distance of packed LiDB weights per layer, averaged over layers (and samples).
+
+    The paper's ||theta_hat - theta_pre||^2 sums over every weight; averaging over layers keeps
+    the term's scale independent of how many layers a base has (16 on the tiny base, 128 on
+    SD 1.5), so one `beta` suits both, while the sum within a layer keeps the paper's geometry.
 
     Args:
         pred / target: {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}.
         reduction: "mean" -> scalar; "none" -> (N,) per sample.
     """
     diff = pack_theta(pred).float() - pack_theta(target).float()  # (N, L, P)
-    per = diff.pow(2).mean(dim=(1, 2))  # (N,)
+    per = diff.pow(2).sum(dim=2).mean(dim=1)  # (N,)
     return per.mean() if reduction == "mean" else per
 
 
