@@ -113,6 +113,7 @@ class ServiceCore:
             InvalidInputError (bad photo), QueueFull, Unavailable (draining).
         """
         t_start = time.perf_counter()
+        self.queue.check_room(1)  # before paying for the decode
         image = await self.decode(spec.photo)
         t_decoded = time.perf_counter()
         token = CancelToken(None if spec.background else deadline)
@@ -156,6 +157,7 @@ class ServiceCore:
                 token=spec.options.token, class_noun=spec.options.class_noun,
             )
             await asyncio.to_thread(self.repo.save, record, result.blob)
+            self.metrics.identities.inc()
             for stage, seconds in timings.items():
                 self.metrics.stage.labels(f"personalize.{stage}").observe(seconds)
             log.info("identity created", extra={"identity_id": record.id, "method": spec.method,
@@ -182,6 +184,12 @@ class ServiceCore:
                 f"{self.engine.fingerprint}"
             )
         return record, loaded
+
+    async def delete_identity(self, tenant: str, identity_id: str) -> IdentityRecord:
+        record = await asyncio.to_thread(self.repo.delete, tenant, identity_id)
+        self.metrics.identities.dec()
+        log.info("identity deleted", extra={"identity_id": identity_id})
+        return record
 
     async def export(self, tenant: str, identity_id: str, fmt: str) -> bytes:
         _, loaded = await self.load_identity(tenant, identity_id)

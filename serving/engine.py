@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from hypernet.errors import Cancelled, InvalidInputError
 from serving.batching import BatchKey, GenWork
 from serving.errors import FailedPrecondition
@@ -48,6 +50,8 @@ METHODS: dict[str, MethodSpec] = {
     "textual_inversion": MethodSpec("textual_inversion", True, "hypernet.methods.textual_inversion"),
     "dreambooth": MethodSpec("dreambooth", True, "hypernet.methods.dreambooth"),
 }
+#: Longest side a decoded photo keeps while it waits in the queue (see `decode_photo`).
+MAX_QUEUED_PHOTO_SIDE = 2048
 #: Warm-up personalisation: a flat grey photo, one fine-tune step.
 _WARMUP_STEPS = 1
 
@@ -173,6 +177,22 @@ class Engine:
         return {"allocated": float(torch.cuda.memory_allocated(dev)),
                 "reserved": float(torch.cuda.memory_reserved(dev))}
 
+    @staticmethod
+    def default_steps(method: str) -> int:
+        """The library's default optimisation steps of `method` (0 when unknown)."""
+        try:
+            if method == "hyperdreambooth":
+                from hypernet.personalize import PersonalizeConfig
+
+                return int(PersonalizeConfig().steps)
+            from hypernet.methods import get_method
+
+            cfg = get_method(method).config_cls()
+            train = getattr(cfg, "train", None)
+            return int(getattr(train, "steps", None) or getattr(cfg, "steps", 0) or 0)
+        except Exception:  # noqa: BLE001 - informational only
+            return 0
+
     def methods(self) -> dict[str, tuple[bool, str]]:
         """Per method: (available, why not)."""
         out = {}
@@ -206,7 +226,12 @@ class Engine:
         """
         from hypernet.photos import decode_image
 
-        return decode_image(data, max_pixels=max_pixels, source="`photo`")
+        img = decode_image(data, max_pixels=max_pixels, source="`photo`")
+        if max(img.size) > MAX_QUEUED_PHOTO_SIDE:
+            # A queued photo waits in memory: bound it (queue_size x 12 MB at most). The model
+            # sees at most 512 px of it anyway (face crop, then resize to the base's size).
+            img.thumbnail((MAX_QUEUED_PHOTO_SIDE, MAX_QUEUED_PHOTO_SIDE), Image.Resampling.LANCZOS)
+        return img
 
     # ------------------------------------------------------------------ personalise
     def personalize(

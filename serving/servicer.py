@@ -170,8 +170,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
 
     async def DeleteIdentity(self, request: pb.DeleteIdentityRequest, context
                              ) -> pb.DeleteIdentityResponse:
-        record = await asyncio.to_thread(self.core.repo.delete, tenant_var.get(),
-                                          request.identity_id)
+        record = await self.core.delete_identity(tenant_var.get(), request.identity_id)
         return pb.DeleteIdentityResponse(identity_id=record.id)
 
     async def ExportIdentity(self, request: pb.ExportIdentityRequest, context
@@ -189,7 +188,8 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         available = e.methods()
         methods = [
             pb.MethodInfo(method=v.METHOD_ENUMS[name], background=spec.background,
-                          available=available[name][0], detail=available[name][1])
+                          available=available[name][0], detail=available[name][1],
+                          default_steps=e.default_steps(name))
             for name, spec in METHODS.items()
         ]
         limits = pb.Limits(

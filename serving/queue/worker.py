@@ -60,6 +60,21 @@ class WorkQueue:
         with self._cond:
             return len(self._items)
 
+    def check_room(self, n: int) -> None:
+        """Raise what `put_all` of `n` items would raise now (a cheap early refusal)."""
+        with self._cond:
+            self._refuse_unless_room(n)
+
+    def _refuse_unless_room(self, n: int) -> None:
+        if self._closed:
+            raise Unavailable("the server is shutting down; retry on another replica")
+        if n > self.capacity - len(self._items):
+            raise QueueFull(
+                f"the work queue is full ({len(self._items)}/{self.capacity} queued, "
+                f"{n} more asked); retry after the hint in `retry-after-ms`",
+                self.retry_after_ms,
+            )
+
     def put_all(self, items: list[WorkItem]) -> int:
         """Enqueue all of `items` or none. Returns the queue position of the first one.
 
@@ -68,15 +83,7 @@ class WorkQueue:
             Unavailable: the queue is closed (server draining).
         """
         with self._cond:
-            if self._closed:
-                raise Unavailable("the server is shutting down; retry on another replica")
-            free = self.capacity - len(self._items)
-            if len(items) > free:
-                raise QueueFull(
-                    f"the work queue is full ({len(self._items)}/{self.capacity} queued, "
-                    f"{len(items)} more asked); retry after the hint in `retry-after-ms`",
-                    self.retry_after_ms,
-                )
+            self._refuse_unless_room(len(items))
             position = len(self._items)
             self._items.extend(items)
             self._on_depth(len(self._items))

@@ -63,7 +63,7 @@ class ServerFactory:
 
         return Engine(str(self.base_dir), str(self.hypernet_dir), "cpu", "fp32")
 
-    def __call__(self, engine=None, store_obj=None, **overrides):
+    def __call__(self, engine=None, store_obj=None, wait_ready=True, **overrides):
         from serving.config import ServeConfig
         from serving.server import BackgroundServer
 
@@ -72,7 +72,8 @@ class ServerFactory:
                     store=str(self.tmp / f"store{len(self.started)}"), log_format="text",
                     sweep_interval_s=3600.0, grace_s=5.0)
         base.update(overrides)
-        bg = BackgroundServer(ServeConfig(**base), engine=engine or self.engine(), store=store_obj)
+        bg = BackgroundServer(ServeConfig(**base), engine=engine or self.engine(), store=store_obj,
+                              wait_ready=wait_ready)
         self.started.append(bg)
         return bg
 
