@@ -14,8 +14,7 @@ from hypernet.training.losses import diffusion_loss, make_noise_scheduler
 
 
 @torch.no_grad()
-def paired_diffusion_loss(pipe, latents: torch.Tensor, text_emb: torch.Tensor, draws: int = 32,
-                          seed: int = 0) -> float:
+def paired_diffusion_loss(pipe, latents: torch.Tensor, text_emb: torch.Tensor, draws: int = 32, seed: int = 0) -> float:
     """Mean diffusion loss of `pipe.unet` (with whatever adapters are active) over fixed draws.
 
     Args:

@@ -176,11 +176,12 @@ class _Run:
         return before
 
     def cleanup(self) -> None:
-        for m, was in self._gc_before:
+        """Undo `setup`'s changes to the models (safe after a partial setup)."""
+        for m, was in getattr(self, "_gc_before", []):
             _set_model_checkpointing(m, was)
-        for m, mode in self._saved_modes:
+        for m, mode in getattr(self, "_saved_modes", []):
             m.train(mode)
-        for p, flag in self._saved_flags:
+        for p, flag in getattr(self, "_saved_flags", []):
             p.requires_grad_(flag)
         for p in self.params:
             p.grad = None
@@ -281,7 +282,11 @@ class _Run:
 
     def train(self, *, progress, should_stop, after_step, stage) -> TrainResult:
         cfg = self.cfg
-        self.setup()
+        try:
+            self.setup()
+        except BaseException:
+            self.cleanup()  # e.g. a checkpoint of another run: leave the models as they were
+            raise
         t0 = time.perf_counter()
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not cfg.progress_bar, desc=stage, leave=False)
         # The RNG states at the start of the current step: with the parameters as they are until

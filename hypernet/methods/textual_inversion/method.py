@@ -130,6 +130,10 @@ def _drop_tokens(pipe, tokens: list[str]) -> None:
     present = [t for t in tokens if t in pipe.tokenizer.get_added_vocab()]
     if present:
         pipe.unload_textual_inversion(present)
+        # diffusers shrinks the embedding but leaves config.vocab_size at the grown size, so a
+        # pipeline saved afterwards would not load: put it back in step with the weights.
+        te = pipe.text_encoder
+        te.config.vocab_size = te.get_input_embeddings().weight.shape[0]
 
 
 class TIArtifact:

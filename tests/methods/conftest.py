@@ -1,0 +1,43 @@
+"""Fixtures for the personalisation-method tests: one shared pipeline, real photos encoded once."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def shared_pipe(tiny_base_dir):
+    """One CPU fp32 tiny pipeline for the session. Methods must leave it unchanged (tested)."""
+    from hypernet.base import load_pipeline
+
+    return load_pipeline(tiny_base_dir, device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def identity_photos(faces_dir: Path) -> list[Path]:
+    """Four photos of identity 0 of the Caltech faces."""
+    with (faces_dir / "identities.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["identity"] == "0"]
+    return [faces_dir / r["file"] for r in rows[:4]]
+
+
+@pytest.fixture(scope="session")
+def identity_pixels(identity_photos, shared_pipe) -> torch.Tensor:
+    """(4, 3, 64, 64) preprocessed once (MTCNN face crops), reused by every method test."""
+    from hypernet.methods._common import as_pixels
+
+    return as_pixels(shared_pipe, identity_photos)
+
+
+@pytest.fixture()
+def synthetic_data(shared_pipe):
+    """TrainData from seeded random 'photos' - for loop mechanics that need no real faces."""
+    from hypernet.training import build_train_data
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1  # (3, 3, 64, 64)
+    return build_train_data(shared_pipe, pixels, "a ohwx face", keep_ids=True)
