@@ -129,7 +129,7 @@ class ServiceCore:
             return self.engine.personalize(image, spec.method, spec.options, progress,
                                            lambda: token.stopped)
 
-        item = WorkItem(token=token, fn=run)
+        item = job.item = WorkItem(token=token, fn=run)
         try:
             job.queue_position = self.queue.put_all([item])
         except BaseException:
@@ -137,6 +137,12 @@ class ServiceCore:
             raise
         job.task = asyncio.create_task(self._complete(job, item, spec, t_start, t_decoded))
         return job
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """Stop a job: its queued work leaves the queue now, running work at its next step."""
+        job.token.cancel(reason)
+        if job.item is not None:
+            self.queue.discard([job.item])
 
     async def _complete(self, job: Job, item: WorkItem, spec: PersonalizeSpec, t_start: float,
                         t_decoded: float) -> None:
@@ -217,8 +223,8 @@ class ServiceCore:
             w.batch_key = self.engine.batch_key(w, loaded)
         items = [WorkItem(token=token, gen=w) for w in works]
         self.queue.put_all(items)
+        pending = {asyncio.wrap_future(i.future): k for k, i in enumerate(items)}
         try:
-            pending = {asyncio.wrap_future(i.future): k for k, i in enumerate(items)}
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for fut in sorted(done, key=pending.__getitem__):
@@ -231,4 +237,7 @@ class ServiceCore:
                                          img.height)
         finally:
             token.cancel("the call ended")
+            for fut in pending:  # nobody will read these now
+                if not fut.cancel() and not fut.cancelled():
+                    fut.exception()  # retrieved: no "never retrieved" warning
             self.queue.discard(items)

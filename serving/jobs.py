@@ -60,6 +60,7 @@ class Job:
     loaded: Any = None  # the in-memory personalisation (PersonalizeAndGenerate reuses it)
     error: BaseException | None = None
     task: asyncio.Task | None = None
+    item: Any = None  # its WorkItem in the model worker's queue
     watchers: set[asyncio.Queue] = field(default_factory=set)
 
     @property
@@ -143,11 +144,6 @@ class JobManager:
         for q in job.watchers:
             q.put_nowait(_DONE)
         self._changed()
-
-    def cancel(self, tenant: str, job_id: str, reason: str = "cancelled by CancelJob") -> Job:
-        job = self.get(tenant, job_id)
-        job.token.cancel(reason)
-        return job
 
     # ------------------------------------------------------------------ watching
     async def watch(self, job: Job) -> AsyncIterator[ProgressInfo | IdentityRecord]:

@@ -99,7 +99,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
                     yield event_cls(identity=identity_pb(ev))
         finally:
             if not job.background and not job.done:
-                job.token.cancel("the call ended")
+                self.core.cancel(job, "the call ended")
 
     async def Personalize(self, request: pb.PersonalizeRequest, context
                           ) -> AsyncIterator[pb.PersonalizeEvent]:
@@ -121,7 +121,8 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
                 yield pb.PersonalizeEvent(identity=identity_pb(ev))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
-        job = self.core.jobs.cancel(tenant_var.get(), request.job_id)
+        job = self.core.jobs.get(tenant_var.get(), request.job_id)
+        self.core.cancel(job, "cancelled by CancelJob")
         if job.task is not None and not job.done:
                 await asyncio.wait([job.task], timeout=min(5.0, context.time_remaining() or 5.0))
         return job_pb(job)

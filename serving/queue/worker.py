@@ -91,11 +91,16 @@ class WorkQueue:
             return position
 
     def discard(self, items: list[WorkItem]) -> None:
-        """Drop still-queued `items` (their caller is gone), freeing their places at once."""
+        """Drop still-queued `items` (their caller is gone), freeing their places at once;
+        their futures fail with their token's error."""
         drop = set(map(id, items))
         with self._cond:
+            removed = [i for i in self._items if id(i) in drop]
             self._items = [i for i in self._items if id(i) not in drop]
             self._on_depth(len(self._items))
+        for item in removed:
+            item.token.cancel("removed from the queue")
+            item.fail(item.token.error())
 
     def abort_all(self, exc: BaseException) -> None:
         """Close the queue and fail every queued item with `exc`."""

@@ -181,3 +181,18 @@ def test_many_concurrent_generates_all_complete(make_server, client_for):
     assert not errors and len(results) == 6
     assert sorted(img.seed for r in results for img in r) == sorted(
         s for k in range(6) for s in (k, k + 1))
+
+
+def test_cancelled_queued_personalize_leaves_the_queue(make_server, client_for, photo_bytes):
+    bg = make_server(queue_size=2)
+    c = client_for(bg)
+    blocker, _ = _start_blocker(c, photo_bytes)
+    waiting = c.personalize_events(photo_bytes, options=c.options(steps=1))
+    job_id = next(iter(waiting)).accepted.job_id
+    assert len(bg.server.core.queue) == 1
+    waiting.cancel()
+    job = _job(bg, job_id)
+    wait_until(lambda: job.done, what="the queued job to be cancelled")
+    assert job.state == "CANCELLED" and job.progress is None  # it never ran
+    assert len(bg.server.core.queue) == 0 and bg.server.core.worker.busy  # blocker still runs
+    blocker.cancel()
