@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="results folder (default: benchmarks/results; --tiny: a temporary folder)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch/OpenMP threads here and in child processes (default: all cores; --tiny: 1)")
+                   help="torch/OpenMP threads here and in child processes (default: all cores, or 1 when "
+                        "the machine is already loaded at start; --tiny: 1)")
     p.add_argument("--no-report", action="store_true", help="skip writing REPORT.md")
     return p.parse_args(argv)
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = args.out or (Path(tempfile.mkdtemp(prefix="hdb-bench-tiny-")) if args.tiny else RESULTS_DIR)
     ctx = BenchContext(out_dir=out, tiny=args.tiny)
-    threads = args.threads or (1 if args.tiny else None)
+    threads = args.threads or (1 if args.tiny else auto_threads())
     with _threads(threads):
         failed = _run_all(ctx, selected(args.only))
     if not args.no_report:
@@ -58,6 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         log.error("failed benchmarks: %s", ", ".join(failed))
         return 1
     return 0
+
+
+def auto_threads() -> int | None:
+    """1 when other work already loads every core, else None (torch's default: all cores).
+
+    On oversubscribed cores OpenMP threads spin-waiting for each other make multi-threaded torch
+    far slower than one thread (measured here: a tiny-base LoRA step took 133 ms with 1 thread
+    and 2.5 s with 2 at a load average of 10 on 2 cores).
+    """
+    from benchmarks.harness import is_noisy, load_average
+
+    load = load_average()
+    if is_noisy(load, os.cpu_count()):
+        log.warning("load average %s on %d cores: running torch with 1 thread", load, os.cpu_count())
+        return 1
+    return None
 
 
 @contextlib.contextmanager

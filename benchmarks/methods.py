@@ -45,6 +45,9 @@ METHODS = ("hyperdreambooth", "hypernetwork", "lidb", "lora", "textual-inversion
 TOKEN, CLASS_NOUN = "ohwx", "person"
 #: The paper's claims (Ruiz et al. 2024): DreamBooth / HDB time, TI / HDB time, DreamBooth / HDB size.
 PAPER = {"speedup_vs_dreambooth": 25.0, "speedup_vs_textual_inversion": 125.0, "smaller_than_dreambooth": 10_000.0}
+#: Timed runs per method; the two slowest (minutes per run at their default steps) get fewer so
+#: `make bench` stays under 30 minutes on 2 cores.
+REPEATS, LONG_REPEATS, LONG_METHODS = 3, 2, ("textual-inversion", "dreambooth")
 #: Timesteps the held-out loss is averaged over (fixed, so every method sees the same noised latents).
 EVAL_TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
 
@@ -222,15 +225,17 @@ def run(ctx: BenchContext) -> Outcome:
     job_base = {
         "base": str(base_dir()), "hypernet": str(hyper.path), "photo": str(face_png),
         "eval_pixels": str(work / "eval_pixels.pt"),
-        "work_dir": str(work), "warmup": ctx.pick(2, 1), "repeats": ctx.pick(3, 1),
+        "work_dir": str(work), "warmup": ctx.pick(2, 1),
         "eval_timesteps": ctx.pick(list(EVAL_TIMESTEPS), [250, 750]),
         "dreambooth": ctx.pick({}, {"num_class_images": 2, "class_image_steps": 2}),
     }
-    settings.update({"photos": plan.to_json(), "warmup_steps": job_base["warmup"], "repeats": job_base["repeats"],
+    repeats = {m: ctx.pick(LONG_REPEATS if m in LONG_METHODS else REPEATS, 1) for m in METHODS}
+    settings.update({"photos": plan.to_json(), "warmup_steps": job_base["warmup"], "repeats": repeats,
                      "eval_timesteps": job_base["eval_timesteps"], "steps": ctx.pick("each method's default", 2)})
     rows = {}
     for method in METHODS:
-        job = {**job_base, "method": method, "steps": None if not ctx.tiny or method == "hypernetwork" else 2}
+        job = {**job_base, "method": method, "repeats": repeats[method],
+               "steps": None if not ctx.tiny or method == "hypernetwork" else 2}
         log.info("methods: %s", method)
         rows[method] = _run_isolated(job, ctx.work_dir) if not ctx.tiny else run_job(job)
     results = {"rows": rows, "ratios": _ratios(rows), "paper": PAPER, "face_detect_s": detect}

@@ -77,6 +77,9 @@ def _header(docs: dict[str, dict]) -> list[str]:
         f"Commit `{(git.get('commit') or 'unknown')[:12]}`" + (" (+ uncommitted changes)" if git.get("dirty") else "")
         + ".",
         "",
+        *(["torch ran with 1 thread: the machine was already loaded when the run started, and multi-threaded "
+           "torch on oversubscribed cores is far slower (OpenMP threads spin-wait for each other).", ""]
+          if m.get("torch_threads") == 1 and (m.get("cores") or 1) > 1 else []),
         "Every figure is the median of several timed runs after warm-up (raw runs are in the JSONs); comparisons "
         "are ratios of figures measured in the same run, on the same machine.",
         "",

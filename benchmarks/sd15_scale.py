@@ -135,11 +135,12 @@ def step_times(ctx: BenchContext) -> dict[str, Any]:
 
     cfg = ctx.pick(SD15_UNET, TINY_UNET)
     px = ctx.pick(256, 64)
-    steps = ctx.pick(4, 2)  # the first is a warm-up
+    steps = ctx.pick(3, 2)  # the first is a warm-up (~7 s per 256 px fwd+bwd on 2 cores: few repeats)
     t0 = time.perf_counter()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**cfg)
     build_s = time.perf_counter() - t0
+    log.info("sd15_scale: built the %s UNet in %.1f s", "SD 1.5" if not ctx.tiny else "narrow", build_s)
     n_params = sum(p.numel() for p in unet.parameters())
     pipe = SimpleNamespace(unet=unet, text_encoder=None, scheduler=DDPMScheduler(**SD_SCHEDULER))
     gen = torch.Generator().manual_seed(0)
@@ -160,8 +161,11 @@ def step_times(ctx: BenchContext) -> dict[str, Any]:
         out["full_unet"] = _fwd_bwd_steps(pipe, data, steps)
         out["full_unet"]["what"] = (f"forward+backward only: AdamW state would need {need / 2**30:.1f} GiB, "
                                     f"{avail / 2**30:.1f} GiB were free")
+    log.info("sd15_scale: full UNet %s", out["full_unet"]["step_s"])
     out["lidb"] = _lidb_steps(pipe, data, steps)
+    log.info("sd15_scale: LiDB %s", out["lidb"]["step_s"])
     out["lora_r4"] = _lora_steps(pipe, data, steps)
+    log.info("sd15_scale: LoRA %s", out["lora_r4"]["step_s"])
     full = out["full_unet"]["step_s"]["median"]
     out["ratios"] = {"full_over_lidb": ratio(full, out["lidb"]["step_s"]["median"]),
                      "full_over_lora": ratio(full, out["lora_r4"]["step_s"]["median"])}
