@@ -193,6 +193,7 @@ class ServiceCore:
 
     async def delete_identity(self, tenant: str, identity_id: str) -> IdentityRecord:
         record = await asyncio.to_thread(self.repo.delete, tenant, identity_id)
+        self.jobs.scrub_identity(tenant, identity_id)
         self.metrics.identities.dec()
         log.info("identity deleted", extra={"identity_id": identity_id})
         return record

@@ -100,6 +100,12 @@ class JobManager:
             )
         return job
 
+    def scrub_identity(self, tenant: str, identity_id: str) -> None:
+        """Forget a deleted identity in finished jobs (its weights and its metadata)."""
+        for job in self._jobs.values():
+            if job.tenant == tenant and job.record is not None and job.record.id == identity_id:
+                job.record, job.loaded = None, None
+
     def active(self) -> list[Job]:
         return [j for j in self._jobs.values() if not j.done]
 
@@ -134,7 +140,8 @@ class JobManager:
         if job.done:
             return
         job.finished_at = time.time()
-        job.record, job.loaded, job.error = record, loaded, error
+        # weights stay in memory only for the call that will generate with them right away
+        job.record, job.loaded, job.error = record, None if job.background else loaded, error
         if error is None:
             job.state = "SUCCEEDED"
         elif isinstance(error, _STOPPED):
@@ -160,7 +167,8 @@ class JobManager:
                 yield item
             if job.error is not None:
                 raise job.error
-            assert job.record is not None
+            if job.record is None:
+                raise NotFoundError(f"job {job.id!r} made an identity that was since deleted")
             yield job.record
         finally:
             job.watchers.discard(q)

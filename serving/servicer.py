@@ -105,8 +105,11 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
                           ) -> AsyncIterator[pb.PersonalizeEvent]:
         spec = v.personalization(request.photo, request.method, request.options, self.cfg)
         job = await self.core.start_personalize(tenant_var.get(), spec, _deadline(context))
-        async for ev in self._watch(job, pb.PersonalizeEvent):
-            yield ev
+        try:
+            async for ev in self._watch(job, pb.PersonalizeEvent):
+                yield ev
+        finally:
+            job.loaded = None  # only PersonalizeAndGenerate uses the in-memory weights
 
     async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
         return job_pb(self.core.jobs.get(tenant_var.get(), request.job_id))
@@ -150,10 +153,14 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
         p_spec = v.personalization(request.photo, request.method, request.options, self.cfg)
         p_spec = v.PersonalizeSpec(p_spec.photo, p_spec.method, p_spec.options, background=False)
         job = await self.core.start_personalize(tenant_var.get(), p_spec, _deadline(context))
-        async for ev in self._watch(job, pb.PersonalizeAndGenerateEvent):
-            yield ev
+        try:
+            async for ev in self._watch(job, pb.PersonalizeAndGenerateEvent):
+                yield ev
+            loaded = job.loaded
+        finally:
+            job.loaded = None
         for k, spec in enumerate(specs):
-            async for img in self.core.generate(spec, job.loaded, _deadline(context)):
+            async for img in self.core.generate(spec, loaded, _deadline(context)):
                 yield pb.PersonalizeAndGenerateEvent(image=image_pb(img, prompt_index=k))
 
     # ------------------------------------------------------------------ identities

@@ -144,7 +144,9 @@ def test_export_identity(client, identity, fmt, tmp_path):
 
 
 def test_delete_removes_every_trace(server, client, photo_bytes):
-    ident = client.personalize(photo_bytes, options=client.options(steps=0))
+    events = list(client.personalize_events(photo_bytes, options=client.options(steps=0)))
+    job_id, ident = events[0].accepted.job_id, events[-1].identity
+    assert client.get_job(job_id).identity.id == ident.id
     client.generate("ohwx", ident.id, steps=1)  # now also in the server's identity cache
     store_root = server.server.repo.store.root
     before = {p.name for p in store_root.rglob("*") if p.is_file()}
@@ -158,6 +160,9 @@ def test_delete_removes_every_trace(server, client, photo_bytes):
                  lambda: client.delete_identity(ident.id)):
         err = rpc_code(call)
         assert err.code() == grpc.StatusCode.NOT_FOUND and ident.id in err.details()
+    job = client.get_job(job_id)  # the job remains, without the identity
+    assert job.state == pb.SUCCEEDED and not job.HasField("identity")
+    assert rpc_code(client.watch_job, job_id).code() == grpc.StatusCode.NOT_FOUND
 
 
 def test_photos_never_reach_the_store(server, client, photo_bytes):
