@@ -28,6 +28,7 @@ SUBCOMMAND_MODULES = [
     "serving.cli",
     "pretrain.cli",
     "hypernet.recipes.loadtest",
+    "hypernet.recipes.eval",
 ]
 
 

@@ -1,0 +1,162 @@
+"""The conditions the evaluation compares: each turns one input photo into an applied artifact.
+
+    hyperdreambooth    hypernetwork prediction + 40-step rank-relaxed fast fine-tune (the paper)
+    hypernetwork       the prediction alone (fine-tune steps = 0)
+    fast-finetune      the same fast fine-tune from a zero prediction (what the hypernet adds)
+    lidb               LiDB trained from scratch on the photo
+    lora               LoRA
+    dreambooth         full UNet fine-tune with prior preservation
+    textual-inversion  one new token embedding
+    base               no personalisation
+
+Every method runs at its library defaults unless `overrides` says otherwise; LiDB's training
+prompt (the paper's "a {token} face") is set to the evaluation prompt so that every method is
+asked for what it was trained on (the face world only ever saw "a photo of a person").
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hypernet.errors import InvalidInputError
+
+__all__ = ["CONDITIONS", "EVAL_PROMPT_TEMPLATE", "Personalised", "parse_overrides", "personalise"]
+
+CONDITIONS = (
+    "hyperdreambooth", "hypernetwork", "fast-finetune", "lidb", "lora", "dreambooth", "textual-inversion", "base",
+)
+_HYPERNET_CONDITIONS = ("hyperdreambooth", "hypernetwork", "fast-finetune")
+EVAL_PROMPT_TEMPLATE = "a photo of {token} {class_noun}"
+
+
+@dataclass
+class Personalised:
+    """An artifact (None for the base), the seconds its training took and its size on disk."""
+
+    artifact: Any
+    seconds: float
+    nbytes: int
+
+
+def needs_hypernet(conditions) -> bool:
+    return any(c in _HYPERNET_CONDITIONS for c in conditions)
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """["lora.steps=100", "dreambooth.num_class_images=10"] -> {"lora": {"steps": 100}, ...}.
+
+    Values are parsed as int, float, true/false, else kept as strings.
+
+    Raises:
+        InvalidInputError: not CONDITION.KEY=VALUE, or an unknown condition.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        cond, dot, field_name = key.partition(".")
+        if not sep or not dot or not field_name:
+            raise InvalidInputError(f"`override` must be CONDITION.KEY=VALUE, got {item!r}")
+        if cond not in CONDITIONS:
+            raise InvalidInputError(f"`override` condition must be one of {list(CONDITIONS)}, got {cond!r}")
+        out.setdefault(cond, {})[field_name] = _parse_value(raw)
+    return out
+
+
+def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def personalise(
+    pipe, condition: str, photo: Path, *, runtime=None, token: str = "ohwx", class_noun: str = "person",
+    overrides: dict[str, Any] | None = None, seed: int = 0, detector: str = "auto",
+) -> Personalised:
+    """Train `condition` on the one `photo`; the pipeline is left clean (apply happens later).
+
+    Raises:
+        InvalidInputError: unknown condition or override; a hypernet condition without `runtime`.
+    """
+    overrides = dict(overrides or {})
+    if condition not in CONDITIONS:
+        raise InvalidInputError(f"`condition` must be one of {list(CONDITIONS)}, got {condition!r}")
+    if condition == "base":
+        return Personalised(None, 0.0, 0)
+    t0 = time.perf_counter()
+    if condition in _HYPERNET_CONDITIONS:
+        overrides.setdefault("detector", detector)
+        artifact = _personalise_hypernet(pipe, condition, photo, runtime, token, class_noun, overrides, seed)
+    else:
+        artifact = _train_method(pipe, condition, photo, token, class_noun, overrides, seed, detector)
+    seconds = time.perf_counter() - t0
+    return Personalised(artifact, seconds, artifact_bytes(artifact))
+
+
+def _personalise_hypernet(pipe, condition, photo, runtime, token, class_noun, overrides, seed):
+    from hypernet.personalize import PersonalizeConfig
+    from hypernet.personalize import personalize as fast_personalize
+
+    if runtime is None:
+        raise InvalidInputError(f"condition {condition!r} must be given a hypernetwork, got none")
+    kw = {"token": token, "class_noun": class_noun, "seed": seed, **overrides}
+    if condition == "hypernetwork":
+        kw["steps"] = 0
+    _check_fields(PersonalizeConfig, kw, condition)
+    if condition == "fast-finetune":
+        runtime = _zero_prediction(runtime)
+    return fast_personalize(pipe, photo, hypernet=runtime, config=PersonalizeConfig(**kw))
+
+
+def _zero_prediction(runtime):
+    """The runtime with its prediction replaced by zeros: LiDB's delta is then exactly 0."""
+    zero = copy.copy(runtime)
+
+    def predict(pixels):
+        return {k: torch.zeros_like(v) for k, v in runtime.predict(pixels).items()}
+
+    zero.predict = predict
+    return zero
+
+
+def _train_method(pipe, condition, photo, token, class_noun, overrides, seed, detector):
+    from hypernet.methods import get_method
+
+    method = get_method(condition)
+    kw = dict(overrides)
+    names = {f.name for f in fields(method.config_cls)}
+    if condition == "lidb" and "prompt" not in kw:
+        kw["prompt"] = EVAL_PROMPT_TEMPLATE
+    if "seed" in names and "seed" not in kw:
+        kw["seed"] = seed
+    _check_fields(method.config_cls, kw, condition)
+    return method.train(pipe, [photo], token=token, class_noun=class_noun, config=method.config_cls(**kw),
+                        detector=detector)
+
+
+def _check_fields(cls, kw: dict, condition: str) -> None:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(kw) - names)
+    if unknown:
+        raise InvalidInputError(f"overrides of {condition!r} must be among {sorted(names)}, got {unknown}")
+
+
+def artifact_bytes(artifact) -> int:
+    """Bytes the artifact occupies when saved (a file, or a pipeline directory for DreamBooth)."""
+    tmp = Path(tempfile.mkdtemp(prefix="hdb-eval-size-"))
+    try:
+        return int(artifact.save(tmp / "artifact.safetensors"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,275 @@
+"""`hdb eval`: the paper's Table 1 in miniature, on identities held out from every training step.
+
+For each held-out identity, its first photo is the one input and its other photos are the
+references. Each condition (`hypernet.eval.conditions`) personalises from the input, timed; then
+`images_per_id` images are generated with fixed seeds (the same seeds for every condition, so
+comparisons are paired) from "a photo of ohwx person", and scored with dlib's face embedding:
+
+    Face Rec.   mean cosine similarity of generated faces to the identity's reference photos
+    margin      Face Rec. minus the mean similarity to other identities' photos: a method that
+                only learned "a face" scores ~0
+    detection   share of generated images where dlib finds a face
+    loss        the diffusion loss on the reference photos (held out from personalisation) with
+                the artifact applied, at fixed timesteps and noise
+    time, size  wall seconds of personalisation; bytes of the saved artifact
+
+Every (condition, identity) cell is written to OUT/cells/ as it finishes, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hypernet.errors import InvalidInputError
+from hypernet.eval.conditions import CONDITIONS, EVAL_PROMPT_TEMPLATE, needs_hypernet, personalise
+from hypernet.eval.corpus import FaceCorpus, IdentitySplit, read_manifest
+from hypernet.eval.faces import FaceEmbedder, cosine
+from hypernet.files import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EvalConfig", "Evaluation", "run_evaluation"]
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how much; defaults give >= 64 samples per condition on 7 identities."""
+
+    base: Path = field(metadata={"help": "base pipeline directory (its split.json names the held-out ids)"})
+    corpus: Path = field(metadata={"help": "`file,identity` manifest"})
+    out: Path = field(metadata={"help": "output folder (REPORT.md, results.json, grids, cells/)"})
+    hypernet: Path | None = field(default=None, metadata={"help": "hypernetwork export for the HDB rows"})
+    identities: int | None = field(default=None, metadata={"help": "evaluate the first N held-out ids"})
+    images_per_id: int = field(default=10, metadata={"help": "generated images per identity and condition"})
+    conditions: tuple[str, ...] = field(default=CONDITIONS, metadata={"help": "conditions to run"})
+    overrides: dict = field(default_factory=dict, metadata={"help": "{condition: {config field: value}}"})
+    gen_steps: int = field(default=25, metadata={"help": "sampling steps (DPM-Solver++)"})
+    guidance: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
+    token: str = field(default="ohwx", metadata={"help": "identifier token"})
+    class_noun: str = field(default="person", metadata={"help": "class noun"})
+    loss_timesteps: int = field(default=10, metadata={"help": "fixed timesteps per reference photo (loss)"})
+    other_photos_per_id: int = field(default=3, metadata={"help": "photos per other identity (margin)"})
+    grid_images: int = field(default=6, metadata={"help": "samples per identity in each grid"})
+    seed: int = field(default=0, metadata={"help": "seed of training, sampling and the loss noise"})
+    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples"})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: auto)"})
+    num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
+    detector: str = field(default="auto", metadata={"help": "face crop of input/reference photos (auto/center)"})
+
+    def __post_init__(self) -> None:
+        self.base, self.corpus, self.out = Path(self.base), Path(self.corpus), Path(self.out)
+        self.hypernet = Path(self.hypernet) if self.hypernet else None
+        self.conditions = tuple(self.conditions)
+        bad = [c for c in self.conditions if c not in CONDITIONS]
+        if bad or not self.conditions:
+            raise InvalidInputError(f"`conditions` must be a non-empty subset of {list(CONDITIONS)}, got {bad or '[]'}")
+        if needs_hypernet(self.conditions) and self.hypernet is None:
+            raise InvalidInputError(
+                "`hypernet` must be given for the hyperdreambooth/hypernetwork/fast-finetune conditions, got None"
+            )
+        for name in ("images_per_id", "gen_steps", "loss_timesteps", "n_boot"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.identities is not None and self.identities < 1:
+            raise InvalidInputError(f"`identities` must be >= 1, got {self.identities}")
+
+    @property
+    def prompt(self) -> str:
+        return EVAL_PROMPT_TEMPLATE.format(token=self.token, class_noun=self.class_noun)
+
+    def cell_key(self, condition: str) -> str:
+        """What a cached cell depends on: a changed setting reruns it."""
+        d = dict(base=str(self.base.resolve()), hypernet=str(self.hypernet), n=self.images_per_id, det=self.detector,
+                 steps=self.gen_steps, guidance=self.guidance, prompt=self.prompt, seed=self.seed,
+                 loss_t=self.loss_timesteps, overrides=self.overrides.get(condition, {}))
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Cell:
+    """One condition on one identity."""
+
+    condition: str
+    identity: str
+    face_rec: float
+    other_sim: float
+    margin: float
+    detection: float
+    heldout_loss: float
+    seconds: float
+    nbytes: int
+    key: str = ""
+
+
+class Evaluation:
+    """setup -> run (cells, resumable) -> report."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        self.cfg = cfg
+        self.cells: list[Cell] = []
+
+    # 1. Setup -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from hypernet.base.loading import load_pipeline
+
+        cfg = self.cfg
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.corpus: FaceCorpus = read_manifest(cfg.corpus)
+        self.eval_ids, self.train_ids = self._choose_identities()
+        self.pipe = load_pipeline(cfg.base, device=cfg.device)
+        self.resolution = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        self.runtime = None
+        if needs_hypernet(cfg.conditions):
+            from hypernet.personalize import load_runtime
+
+            self.runtime = load_runtime(str(cfg.hypernet))
+        self.embedder = FaceEmbedder()
+        self._setup_references()
+
+    def _choose_identities(self) -> tuple[list[str], list[str]]:
+        split_file = self.cfg.base / "split.json"
+        if split_file.is_file():
+            split = IdentitySplit.load(split_file)
+            missing = [i for i in split.holdout if i not in self.corpus.photos]
+            if missing:
+                raise InvalidInputError(f"`corpus` must contain the base's held-out identities, missing {missing}")
+            held, train = list(split.holdout), list(split.train)
+        else:
+            log.warning("%s has no split.json: evaluating every identity with >= 3 photos; none is "
+                        "known to be held out from the base's training", self.cfg.base)
+            held, train = [i for i in self.corpus.identities if len(self.corpus.photos[i]) >= 3], []
+        held = [i for i in held if len(self.corpus.photos[i]) >= 2]
+        if self.cfg.identities is not None:
+            held = held[: self.cfg.identities]
+        if not held:
+            raise InvalidInputError("`corpus` must have at least one held-out identity with >= 2 photos, got none")
+        return held, train
+
+    @torch.no_grad()
+    def _setup_references(self) -> None:
+        """Embed every identity's reference photos (eval ids: all but the input; others: a few)."""
+        from hypernet.photos import decode_image, preprocess
+
+        cache_file = self.cfg.out / "reference_embeddings.npz"
+        cache = dict(np.load(cache_file)) if cache_file.is_file() else {}
+        self.ref_emb: dict[str, np.ndarray] = {}
+        self.ref_pixels: dict[str, torch.Tensor] = {}
+        others = [i for i in self.corpus.identities if i not in self.eval_ids]
+        for ident in self.eval_ids + others:
+            photos = self.corpus.photos[ident]
+            refs = photos[1:] if ident in self.eval_ids else photos[: self.cfg.other_photos_per_id]
+            embs = []
+            pix = []
+            for p in refs:
+                x = preprocess(decode_image(p), self.resolution, detector=self.cfg.detector)  # (3, R, R)
+                key = f"{p}|{self.resolution}"
+                if key not in cache:
+                    cache[key] = self.embedder(to_pil(x)).embedding
+                embs.append(cache[key])
+                pix.append(x)
+            self.ref_emb[ident] = np.stack(embs)  # (n_ref, 128)
+            if ident in self.eval_ids:
+                self.ref_pixels[ident] = torch.stack(pix)  # (n_ref, 3, R, R)
+        self.cfg.out.mkdir(parents=True, exist_ok=True)
+        np.savez(cache_file, **cache)
+
+    # 2. Run -------------------------------------------------------------------------------------
+    def run(self) -> list[Cell]:
+        for condition in self.cfg.conditions:
+            for ident in self.eval_ids:
+                self.cells.append(self._cell(condition, ident))
+        return self.cells
+
+    def _cell(self, condition: str, ident: str) -> Cell:
+        cfg = self.cfg
+        folder = cfg.out / "cells" / condition
+        cell_file = folder / f"{ident}.json"
+        key = cfg.cell_key(condition)
+        if cell_file.is_file():
+            cached = json.loads(cell_file.read_text())
+            if cached.get("key") == key:
+                return Cell(**cached)
+        t0 = time.perf_counter()
+        photo = self.corpus.photos[ident][0]
+        done = personalise(self.pipe, condition, photo, runtime=self.runtime, token=cfg.token,
+                           class_noun=cfg.class_noun, overrides=cfg.overrides.get(condition), seed=cfg.seed,
+                           detector=cfg.detector)
+        images = self._generate(done.artifact)
+        loss = self._heldout_loss(done.artifact, ident)
+        emb, detected = self.embedder.embed_many(images)  # (K, 128), (K,)
+        others = np.concatenate([e for i, e in self.ref_emb.items() if i != ident])
+        own = float(cosine(emb, self.ref_emb[ident]).mean())
+        other = float(cosine(emb, others).mean())
+        cell = Cell(condition, ident, own, other, own - other, float(detected.mean()), loss,
+                    done.seconds, done.nbytes, key)
+        (folder / ident).mkdir(parents=True, exist_ok=True)
+        for i, im in enumerate(images):
+            im.save(folder / ident / f"seed{cfg.seed + i:04d}.png")
+        atomic_write_bytes(cell_file, json.dumps(asdict(cell), indent=1).encode())
+        log.info("%s / identity %s: face rec %.3f margin %+.3f detect %.2f loss %.4f (%.0f s train, %.0f s total)",
+                 condition, ident, own, own - other, cell.detection, loss, done.seconds, time.perf_counter() - t0)
+        return cell
+
+    def _generate(self, artifact) -> list[Image.Image]:
+        from hypernet.generate import MAX_IMAGES, generate
+
+        cfg, images = self.cfg, []
+        for start in range(0, cfg.images_per_id, MAX_IMAGES // 2):
+            n = min(MAX_IMAGES // 2, cfg.images_per_id - start)
+            images += generate(self.pipe, cfg.prompt, artifact=artifact, steps=cfg.gen_steps,
+                               guidance=cfg.guidance, seed=cfg.seed + start, height=self.resolution,
+                               width=self.resolution, num_images=n)
+        return images
+
+    @torch.no_grad()
+    def _heldout_loss(self, artifact, ident: str) -> float:
+        """Plain (unweighted) diffusion loss on the reference photos at fixed timesteps and noise."""
+        from hypernet.training import diffusion_loss, encode_images, encode_prompts, make_noise_scheduler
+
+        cfg, pipe = self.cfg, self.pipe
+        if artifact is not None:
+            artifact.apply(pipe)
+        try:
+            latents = encode_images(pipe, self.ref_pixels[ident].to(pipe.vae.device, pipe.vae.dtype))  # (n, C, h, w)
+            sched = make_noise_scheduler(pipe)
+            n_t = sched.config.num_train_timesteps
+            t = torch.linspace(0, n_t - 1, cfg.loss_timesteps + 2)[1:-1].round().long()  # (T,) interior
+            lat = latents.repeat_interleave(len(t), 0)  # (n*T, C, h, w)
+            ts = t.repeat(len(latents))  # (n*T,)
+            emb = encode_prompts(pipe, cfg.prompt).expand(len(lat), -1, -1)  # (n*T, 77, D)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            losses = [
+                diffusion_loss(pipe.unet, sched, lat[i : i + 16], emb[i : i + 16], gen,
+                               reduction="none", timesteps=ts[i : i + 16])
+                for i in range(0, len(lat), 16)
+            ]
+            return float(torch.cat(losses).mean())
+        finally:
+            if artifact is not None:
+                artifact.remove(pipe)
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> an RGB image."""
+    arr = ((x.detach().float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
+def run_evaluation(cfg: EvalConfig) -> Path:
+    """Run every cell (resuming finished ones) and write the report; returns REPORT.md's path."""
+    from hypernet.eval.report import write_report
+
+    ev = Evaluation(cfg)
+    ev.setup()
+    ev.run()
+    return write_report(ev)

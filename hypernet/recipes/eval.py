@@ -1,0 +1,59 @@
+"""`hdb eval`: measure identity quality of every method on held-out identities (REPORT.md).
+
+    hdb eval --base runs/face_world --hypernet runs/face_world_hypernet/export \
+        --corpus ../shared/data/faces/caltech/identities.csv --out runs/eval
+    hdb eval ... --conditions lora,base --identities 2 --images-per-id 4 --override lora.steps=50
+
+Reruns resume: finished (condition, identity) cells in OUT/cells/ are reused when their settings match.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from hypernet.eval.conditions import CONDITIONS
+
+    p = sub.add_parser(
+        "eval", help="compare personalisation methods on held-out identities (Face Rec., margin, time, size)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--base", type=Path, required=True, help="base pipeline dir (its split.json names held-out ids)")
+    p.add_argument("--hypernet", type=Path, default=None,
+                   help="hypernetwork export (needed for hyperdreambooth/hypernetwork/fast-finetune)")
+    p.add_argument("--corpus", type=Path, required=True, help="`file,identity` CSV of labelled faces")
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
+    p.add_argument("--identities", type=int, default=None, help="evaluate the first N held-out identities")
+    p.add_argument("--images-per-id", type=int, default=10, help="images per identity and method (default 10)")
+    p.add_argument("--conditions", default=",".join(CONDITIONS),
+                   help=f"comma-separated subset of {','.join(CONDITIONS)} (default all)")
+    p.add_argument("--override", action="append", default=[], metavar="COND.KEY=VALUE",
+                   help="method config override, e.g. lora.steps=100 (repeatable)")
+    p.add_argument("--gen-steps", type=int, default=25, help="sampling steps (default 25)")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default auto)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's; use 1 on a busy machine)")
+    p.add_argument("--detector", default="auto", choices=("auto", "mtcnn", "center"),
+                   help="face crop of the input and reference photos (default auto: MTCNN)")
+    p.set_defaults(func=_eval)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from hypernet.eval.conditions import parse_overrides
+    from hypernet.eval.runner import EvalConfig, run_evaluation
+
+    cfg = EvalConfig(
+        base=args.base, corpus=args.corpus, out=args.out, hypernet=args.hypernet, identities=args.identities,
+        images_per_id=args.images_per_id, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
+        overrides=parse_overrides(args.override), gen_steps=args.gen_steps, guidance=args.guidance,
+        seed=args.seed, device=args.device, num_threads=args.threads,
+        detector=args.detector,
+    )
+    report = run_evaluation(cfg)
+    print(report.read_text())
+    print(f"report: {report}")
+    return 0

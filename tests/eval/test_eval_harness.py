@@ -1,0 +1,99 @@
+"""`hdb eval` smoke mode: every condition, two identities, a few steps, on the tiny base."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hypernet.eval.conditions import CONDITIONS
+from hypernet.recipes.cli import main
+
+
+def _random_hypernet(pipe, path):
+    """An untrained hypernetwork export for the tiny base (what pretraining would write)."""
+    from hypernet.adapters import default_spec_for, lidb_layers
+    from hypernet.hypernetwork.config import HypernetConfig
+    from hypernet.hypernetwork.export import HypernetInfo, save_hypernet
+    from hypernet.hypernetwork.model import HyperNetwork
+    from hypernet.identity import cached_fingerprint
+
+    spec = default_spec_for(pipe)
+    layers = lidb_layers(pipe, spec)
+    cfg = HypernetConfig(num_layers=len(layers), a=spec.a, b=spec.b, r=spec.r, dim=32, depth=1, heads=2,
+                         iterations=2, head_init_std=0.05, encoder_kwargs={"patch_size": 16, "depth": 1})
+    torch.manual_seed(0)
+    info = HypernetInfo(config=cfg, spec=spec, layers=layers, base_fingerprint=cached_fingerprint(pipe),
+                        resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    path.mkdir(parents=True, exist_ok=True)
+    save_hypernet(path / "hypernet.safetensors", HyperNetwork(cfg), info)
+    return path
+
+
+@pytest.fixture()
+def three_identities(faces_dir, tmp_path):
+    from hypernet.eval.corpus import read_manifest
+
+    corpus = read_manifest(faces_dir / "identities.csv")
+    lines = ["file,identity"] + [f"{p},{i}" for i in corpus.identities[:3] for p in corpus.photos[i][:3]]
+    path = tmp_path / "faces.csv"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+SMOKE_OVERRIDES = [
+    "hyperdreambooth.steps=1", "fast-finetune.steps=1", "lidb.steps=1", "lora.steps=1",
+    "dreambooth.steps=1", "dreambooth.num_class_images=1", "dreambooth.class_image_steps=1",
+    "textual-inversion.steps=1",
+]
+
+
+@pytest.fixture()
+def one_thread():
+    """--threads 1 changes the process's torch threads: restore them for the tests after us."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pipe, tiny_base_dir, three_identities,
+                                                                     tmp_path, one_thread):
+    hyper = _random_hypernet(tiny_pipe, tmp_path / "hypernet")
+    out = tmp_path / "eval"
+    argv = ["eval", "--base", str(tiny_base_dir), "--hypernet", str(hyper), "--corpus", str(three_identities),
+            "--out", str(out), "--identities", "2", "--images-per-id", "2", "--gen-steps", "2", "--device", "cpu",
+            "--threads", "1", "--detector", "center"]
+    for o in SMOKE_OVERRIDES:
+        argv += ["--override", o]
+    assert main(argv) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    conds = results["conditions"]
+    assert list(conds) == list(CONDITIONS)
+    assert results["samples_per_condition"] == 4
+    for name, e in conds.items():
+        assert set(e["per_identity"]) == set(results["identities"]) and len(results["identities"]) == 2
+        for m in ("face_rec", "margin", "detection", "heldout_loss"):
+            assert np.isfinite(e[m]["mean"]) and e[m]["lo"] <= e[m]["mean"] <= e[m]["hi"], (name, m)
+        assert (out / f"grid_{name}.png").is_file()
+    assert conds["base"]["bytes"] == 0 and conds["lora"]["bytes"] > 0
+    assert conds["lora"]["seconds_median"] > 0
+    # the hypernetwork-only row is exactly the prediction: no fine-tune, smaller than HDB's file
+    assert conds["hypernetwork"]["bytes"] < conds["hyperdreambooth"]["bytes"]
+    assert "margin_gain_vs_base" in conds["lora"] and "margin_gain_vs_base" not in conds["base"]
+    report = (out / "REPORT.md").read_text()
+    for label in ("HyperDreamBooth", "Hypernetwork only", "Fast fine-tune", "LiDB", "LoRA", "DreamBooth",
+                  "Textual Inversion", "Base"):
+        assert label in report
+
+    # a rerun reuses matching cells (the base's, untouched) and reruns changed ones (lora's)
+    lora_cell = out / "cells" / "lora" / f"{results['identities'][0]}.json"
+    base_cell = out / "cells" / "base" / f"{results['identities'][0]}.json"
+    lora_before, base_before = lora_cell.stat().st_mtime_ns, base_cell.stat().st_mtime_ns
+    old_key = json.loads(lora_cell.read_text())["key"]
+    assert main([*argv, "--conditions", "lora,base", "--identities", "1", "--override", "lora.steps=2"]) == 0
+    assert base_cell.stat().st_mtime_ns == base_before
+    assert lora_cell.stat().st_mtime_ns != lora_before and json.loads(lora_cell.read_text())["key"] != old_key
+    assert list(json.loads((out / "results.json").read_text())["conditions"]) == ["lora", "base"]
