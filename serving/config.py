@@ -44,6 +44,8 @@ class ServeConfig:
     no_auth: bool = _f(False, "dev mode: no API keys, every caller is tenant `dev`")
     # --- models
     base: str = _f("", "base model dir or .safetensors (default: the embedded tiny base)")
+    base_config_dir: str = _f("", "for a single-file base: a local diffusers dir of its "
+                                  "architecture's configs")
     hypernet: str = _f("", "hypernetwork path (default: the embedded tiny hypernetwork)")
     device: str = _f("", "cpu, cuda, cuda:1 ... (default: CUDA when present)")
     dtype: str = _f("", "fp32, fp16, bf16 (default: fp16 on CUDA, fp32 on CPU)")
@@ -55,6 +57,9 @@ class ServeConfig:
     s3_region: str = _f("", "S3 region (default from the AWS environment, else us-east-1)")
     identity_ttl_s: float = _f(0.0, "delete identities this many seconds after creation (0: never)")
     sweep_interval_s: float = _f(60.0, "how often expired identities and orphans are deleted")
+    rate_limit_rps: float = _f(0.0, "requests per second per tenant (0: no limit); over it -> "
+                                    "RESOURCE_EXHAUSTED with retry-after-ms")
+    rate_limit_burst: int = _f(20, "requests a tenant may send at once before the rate applies")
     # --- work scheduling
     queue_size: int = _f(32, "bounded work queue (images + personalisations); full -> "
                              "RESOURCE_EXHAUSTED at once")
@@ -97,6 +102,9 @@ class ServeConfig:
                      "max_images", "max_prompts", "max_generate_steps", "max_personalize_steps",
                      "default_generate_steps", "retry_after_ms"):
             need(getattr(self, name) >= 1, name, ">= 1")
+        need(self.rate_limit_rps >= 0 and math.isfinite(self.rate_limit_rps), "rate_limit_rps",
+             "a finite number >= 0")
+        need(self.rate_limit_burst >= 1, "rate_limit_burst", ">= 1")
         need(self.max_message_bytes >= 1024, "max_message_bytes", ">= 1024")
         need(self.max_wait_ms >= 0, "max_wait_ms", ">= 0")
         need(self.grace_s >= 0, "grace_s", ">= 0")

@@ -52,6 +52,11 @@ METHODS: dict[str, MethodSpec] = {
 }
 #: Longest side a decoded photo keeps while it waits in the queue (see `decode_photo`).
 MAX_QUEUED_PHOTO_SIDE = 2048
+#: Smallest short side and most elongated aspect of a photo: slivers such as 1x100000 (or any
+#: side under ~20 px once scaled for detection) crash the face detector's image pyramid (an
+#: INTERNAL error before this check); no face photo looks like that (found by the reliability fuzz).
+MIN_PHOTO_SIDE = 32
+MAX_PHOTO_ASPECT = 8.0
 #: Warm-up personalisation: a flat grey photo, one fine-tune step.
 _WARMUP_STEPS = 1
 
@@ -97,8 +102,10 @@ def _has_module(name: str) -> bool:
 class Engine:
     """The loaded base pipeline (and hypernetwork) plus the operations the service runs on it."""
 
-    def __init__(self, base: str = "", hypernet: str = "", device: str = "", dtype: str = ""):
+    def __init__(self, base: str = "", hypernet: str = "", device: str = "", dtype: str = "",
+                 base_config_dir: str = ""):
         self.base_spec = base
+        self.base_config_dir = base_config_dir or None
         self.hypernet_spec = hypernet
         self.device_spec = device or None
         self.dtype_spec = dtype or None
@@ -123,7 +130,8 @@ class Engine:
 
             path = default_base_dir()
         self.base_name = str(path) if self.base_spec else "embedded tiny base"
-        self.pipe = load_pipeline(path, device=self.device_spec, dtype=self.dtype_spec)
+        self.pipe = load_pipeline(path, device=self.device_spec, dtype=self.dtype_spec,
+                                  config_dir=self.base_config_dir)
         self.fingerprint = base_fingerprint(self.pipe)
         self.native_size = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
         self._hypernet = self._load_hypernet()
@@ -227,6 +235,11 @@ class Engine:
         from hypernet.photos import decode_image
 
         img = decode_image(data, max_pixels=max_pixels, source="`photo`")
+        w, h = img.size
+        if min(w, h) < MIN_PHOTO_SIDE or max(w, h) > MAX_PHOTO_ASPECT * min(w, h):
+            raise InvalidInputError(
+                f"`photo` must be at least {MIN_PHOTO_SIDE} px on its short side and at most "
+                f"{MAX_PHOTO_ASPECT:g}:1, got {w}x{h}")
         if max(img.size) > MAX_QUEUED_PHOTO_SIDE:
             # A queued photo waits in memory: bound it (queue_size x 12 MB at most). The model
             # sees at most 512 px of it anyway (face crop, then resize to the base's size).

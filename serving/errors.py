@@ -24,6 +24,10 @@ class QueueFull(ServiceError):
         self.retry_after_ms = retry_after_ms
 
 
+class RateLimited(QueueFull):
+    """The tenant's request rate is over its limit. -> RESOURCE_EXHAUSTED + retry hint."""
+
+
 class Cancelled(ServiceError):
     """The call or job was cancelled; work stopped at its next step. -> CANCELLED."""
 

@@ -44,6 +44,7 @@ from serving.errors import (
 )
 from serving.logs import request_id_var, tenant_var
 from serving.metrics import Metrics
+from serving.ratelimit import TenantRateLimiter
 
 log = logging.getLogger("serving.rpc")
 
@@ -86,6 +87,7 @@ class ServerState:
     """What the interceptor needs to know about the server, updated by `serving.server`."""
 
     keyring: KeyRing | None  # None: dev mode, every caller is tenant `dev`
+    limiter: TenantRateLimiter | None = None
     ready: bool = False
     draining: bool = False
     inflight: int = 0
@@ -156,6 +158,8 @@ class ServiceInterceptor(aio.ServerInterceptor):
             tenant_var.set(DEV_TENANT)
         else:
             tenant_var.set(self.state.keyring.tenant_for(md.get("authorization")))
+        if self.state.limiter is not None:
+            self.state.limiter.acquire(tenant_var.get())
 
     async def _fail(self, exc: BaseException, context) -> grpc.StatusCode:
         code, message = status_for(exc)

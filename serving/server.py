@@ -28,6 +28,7 @@ from serving.engine import Engine
 from serving.identities import IdentityRepository
 from serving.interceptors import ServerState, ServiceInterceptor
 from serving.metrics import Metrics
+from serving.ratelimit import TenantRateLimiter
 from serving.servicer import PersonalizationServicer
 from serving.store import Store, open_store
 from serving.stubs import SERVICE_NAME, pb_grpc
@@ -108,10 +109,12 @@ class HdbServer:
                                           endpoint_url=cfg.s3_endpoint_url, region=cfg.s3_region)
         self.metrics = Metrics()
         self.repo = IdentityRepository(store, cfg.identity_ttl_s)
-        self.core = ServiceCore(cfg, self._engine or Engine(cfg.base, cfg.hypernet, cfg.device,
-                                                            cfg.dtype),
+        engine = self._engine or Engine(cfg.base, cfg.hypernet, cfg.device, cfg.dtype,
+                                        cfg.base_config_dir)
+        self.core = ServiceCore(cfg, engine,
                                 self.repo, self.metrics, auth_required=keyring is not None)
-        self.state = ServerState(keyring)
+        self.state = ServerState(keyring, TenantRateLimiter(cfg.rate_limit_rps,
+                                                            cfg.rate_limit_burst))
         self.health = health.aio.HealthServicer()
         self.server = aio.server(
             interceptors=[ServiceInterceptor(self.state, self.metrics)],

@@ -162,3 +162,34 @@ def test_tls(make_server, client_for, tmp_path):
     assert client_for(bg, api_key=ALICE, root_certificates=pem).server_info().auth_required
     plain = client_for(bg, api_key=ALICE)  # a plaintext client cannot talk to a TLS server
     assert rpc_code(plain.server_info, timeout=5).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_rate_limit_is_per_tenant(make_server, client_for):
+    from serving.client import retry_after_ms
+
+    bg = make_server(no_auth=False, api_keys=f"alice:{ALICE},bob:{BOB}", rate_limit_rps=0.01,
+                     rate_limit_burst=2)
+    alice, bob = client_for(bg, api_key=ALICE), client_for(bg, api_key=BOB)
+    alice.server_info()
+    alice.server_info()
+    err = rpc_code(alice.server_info)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in err.details()
+    assert retry_after_ms(err) > 1000
+    assert bob.server_info()  # another tenant is unaffected
+    assert alice.health() == "SERVING"  # probes are never limited
+
+
+def test_token_bucket_refills():
+    from serving.errors import RateLimited
+    from serving.ratelimit import TenantRateLimiter
+
+    now = [0.0]
+    limiter = TenantRateLimiter(2.0, 3, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.acquire("t")
+    with pytest.raises(RateLimited) as info:
+        limiter.acquire("t")
+    assert info.value.retry_after_ms == 500
+    now[0] += 0.5
+    limiter.acquire("t")
+    TenantRateLimiter(0, 1).acquire("t")  # 0 disables
