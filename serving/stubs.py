@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from serving import proto_build
 
-if not proto_build.is_current():
+# Without proto/ (an installed wheel carries only the generated package) there is nothing to
+# compare against: use the stubs as built.
+if proto_build.proto_files() and not proto_build.is_current():
     proto_build.build()
 
 from serving._proto.hyperdreambooth.v1 import service_pb2 as pb  # noqa: E402
