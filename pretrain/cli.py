@@ -91,6 +91,7 @@ def run_stages(config: str | Path | None, output_dir: str | Path, stages, overri
     from pretrain.distributed import DistInfo, cleanup, init_distributed
 
     cfg = load_config(config, overrides)
+    threads_before = torch.get_num_threads()  # restored: a library caller keeps its own setting
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if distributed:
@@ -111,6 +112,7 @@ def run_stages(config: str | Path | None, output_dir: str | Path, stages, overri
             if dist.is_main:
                 log.info("=== %s finished in %.1f s ===", stage, time.monotonic() - t0)
     finally:
+        torch.set_num_threads(threads_before)
         if distributed:
             cleanup()
     return ctx.out
