@@ -154,9 +154,16 @@ def _check_fields(cls, kw: dict, condition: str) -> None:
 
 
 def artifact_bytes(artifact) -> int:
-    """Bytes the artifact occupies when saved (a file, or a pipeline directory for DreamBooth)."""
+    """Bytes a user must store for the artifact: its file; for DreamBooth (a whole pipeline
+    directory) only the fine-tuned models (UNet, plus the text encoder when it trained), since the
+    VAE, tokenizer and scheduler it copies are the base's."""
     tmp = Path(tempfile.mkdtemp(prefix="hdb-eval-size-"))
     try:
-        return int(artifact.save(tmp / "artifact.safetensors"))
+        path = tmp / "artifact.safetensors"
+        total = int(artifact.save(path))
+        if path.is_dir():
+            parts = ["unet"] + (["text_encoder"] if getattr(artifact, "text_encoder", None) is not None else [])
+            total = sum(f.stat().st_size for part in parts for f in (path / part).rglob("*") if f.is_file())
+        return total
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,6 +25,7 @@ _LABELS = {
     "dreambooth": "DreamBooth",
     "textual-inversion": "Textual Inversion",
     "base": "Base, no personalisation",
+    "real-photo": "*Real input photo (ceiling)*",
 }
 _METRICS = ("face_rec", "margin", "detection", "heldout_loss")
 
@@ -39,7 +40,7 @@ def summarise(cells, conditions, identities, n_boot: int = 2000, seed: int = 0) 
         if not rows:
             continue
         entry = {m: bootstrap_mean([getattr(r, m) for r in rows], n_boot=n_boot, seed=seed).as_dict() for m in _METRICS}
-        if "base" in conditions and cond != "base":
+        if "base" in conditions and cond not in ("base", "real-photo"):
             paired = [(by[(cond, i)].margin, by[("base", i)].margin) for i in identities
                       if (cond, i) in by and ("base", i) in by]
             if paired:
@@ -96,8 +97,10 @@ def _grid(ev, cond: str) -> Path | None:
 def write_report(ev) -> Path:
     """Write results.json, grid_<condition>.png and REPORT.md into the evaluation's `out`."""
     cfg = ev.cfg
-    summary = summarise(ev.cells, cfg.conditions, ev.eval_ids, n_boot=cfg.n_boot, seed=cfg.seed)
-    grids = {c: _grid(ev, c) for c in summary}
+    from hypernet.eval.runner import REAL_PHOTO
+
+    summary = summarise(ev.cells, (*cfg.conditions, REAL_PHOTO), ev.eval_ids, n_boot=cfg.n_boot, seed=cfg.seed)
+    grids = {c: _grid(ev, c) for c in summary if c != REAL_PHOTO}
     results = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "identities": ev.eval_ids,
@@ -124,7 +127,7 @@ def write_report(ev) -> Path:
         lines.append(
             f"| {_LABELS.get(cond, cond)} | {_fmt(e['face_rec'])} | {_fmt(e['margin'])} | "
             f"{_fmt(e.get('margin_gain_vs_base'))} | {_fmt(e['detection'], 2)} | {_fmt(e['heldout_loss'], 4)} | "
-            f"{e['seconds_median']:.1f} | {_size(e['bytes'])} |"
+            f"{e['seconds_median']:.1f} | {_size(e['bytes'])} |".replace("| 0.0 | 0 |", "| - | - |")
         )
     lines += [
         "",

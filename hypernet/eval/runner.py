@@ -37,7 +37,10 @@ from hypernet.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EvalConfig", "Evaluation", "run_evaluation"]
+__all__ = ["REAL_PHOTO", "EvalConfig", "Evaluation", "run_evaluation"]
+
+#: The pseudo-condition scoring the real input photo itself (the ceiling of every metric).
+REAL_PHOTO = "real-photo"
 
 
 @dataclass
@@ -119,6 +122,7 @@ class Evaluation:
 
     # 1. Setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
+        import hypernet.base.taef2  # noqa: F401  (registers TAEF2: face-world bases load through diffusers)
         from hypernet.base.loading import load_pipeline
 
         cfg = self.cfg
@@ -188,7 +192,19 @@ class Evaluation:
         for condition in self.cfg.conditions:
             for ident in self.eval_ids:
                 self.cells.append(self._cell(condition, ident))
+        self.cells += [self._real_photo_cell(ident) for ident in self.eval_ids]
         return self.cells
+
+    def _real_photo_cell(self, ident: str) -> Cell:
+        """The upper bound: the real input photo itself scored like a generated image."""
+        from hypernet.photos import decode_image, preprocess
+
+        x = preprocess(decode_image(self.corpus.photos[ident][0]), self.resolution, detector=self.cfg.detector)
+        res = self.embedder(to_pil(x))
+        others = np.concatenate([e for i, e in self.ref_emb.items() if i != ident])
+        own = float(cosine(res.embedding[None], self.ref_emb[ident]).mean())
+        other = float(cosine(res.embedding[None], others).mean())
+        return Cell(REAL_PHOTO, ident, own, other, own - other, float(res.detected), float("nan"), 0.0, 0)
 
     def _cell(self, condition: str, ident: str) -> Cell:
         cfg = self.cfg

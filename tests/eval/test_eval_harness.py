@@ -71,13 +71,15 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
 
     results = json.loads((out / "results.json").read_text())
     conds = results["conditions"]
-    assert list(conds) == list(CONDITIONS)
+    assert list(conds) == [*CONDITIONS, "real-photo"]
     assert results["samples_per_condition"] == 4
     for name, e in conds.items():
         assert set(e["per_identity"]) == set(results["identities"]) and len(results["identities"]) == 2
-        for m in ("face_rec", "margin", "detection", "heldout_loss"):
+        for m in ("face_rec", "margin", "detection") + (("heldout_loss",) if name != "real-photo" else ()):
             assert np.isfinite(e[m]["mean"]) and e[m]["lo"] <= e[m]["mean"] <= e[m]["hi"], (name, m)
-        assert (out / f"grid_{name}.png").is_file()
+        assert (out / f"grid_{name}.png").is_file() == (name != "real-photo")
+    # the real photos are real faces of the identity: detected, and closer to it than to the others
+    assert conds["real-photo"]["detection"]["mean"] == 1.0 and conds["real-photo"]["margin"]["mean"] > 0
     assert conds["base"]["bytes"] == 0 and conds["lora"]["bytes"] > 0
     assert conds["lora"]["seconds_median"] > 0
     # the hypernetwork-only row is exactly the prediction: no fine-tune, smaller than HDB's file
@@ -96,4 +98,4 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     assert main([*argv, "--conditions", "lora,base", "--identities", "1", "--override", "lora.steps=2"]) == 0
     assert base_cell.stat().st_mtime_ns == base_before
     assert lora_cell.stat().st_mtime_ns != lora_before and json.loads(lora_cell.read_text())["key"] != old_key
-    assert list(json.loads((out / "results.json").read_text())["conditions"]) == ["lora", "base"]
+    assert list(json.loads((out / "results.json").read_text())["conditions"]) == ["lora", "base", "real-photo"]
