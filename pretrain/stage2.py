@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from hypernet.adapters.lidb.model import LiDB
+from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
 from hypernet.hypernetwork.export import HypernetInfo, save_hypernet
 from hypernet.hypernetwork.losses import hypernet_loss, weight_mse
@@ -98,7 +99,10 @@ class Stage2Recipe:
             self.targets[split] = s1.targets(ids)  # (n_ids, L, r, a) / (n_ids, L, b, r)
             self.samples[split] = [(j, row) for j, ident in enumerate(ids) for row in self.data.rows(ident)]
         if not self.samples["train"]:
-            raise RuntimeError("stage2: no training samples with stage-1 targets; run stage1 first")
+            raise InvalidInputError(
+                f"stage2 must have training identities with stage-1 targets, got none in "
+                f"{self.ctx.stage1_dir}: run `stage1` first"
+            )
         self.stream = SampleStream(len(self.samples["train"]), self.cfg.seed, self.ctx.cfg.data.flip)
         self.text_emb = self.data.text_emb().to(self.dist.device)  # (1, 77, D)
         if self.dist.is_main:
