@@ -217,6 +217,20 @@ class ModelWorker:
         else:
             item.future.set_result(result)
 
+    def _run_alone(self, item: WorkItem) -> None:
+        """One already-started image in a batch of its own (after its batch failed)."""
+        if item.token.stopped:
+            item.future.set_exception(item.token.error())
+            return
+        t0 = time.monotonic()
+        try:
+            (image,) = self._generate([item.gen], lambda: item.token.stopped)
+        except BaseException as e:
+            item.future.set_exception(item.token.error() if item.token.stopped else e)
+            return
+        self._on_batch(1, time.monotonic() - t0)
+        item.future.set_result(image)
+
     def _run_batch(self, first: WorkItem) -> None:
         assert first.gen is not None
         more = self.queue.take_compatible(first.gen.batch_key, self.policy.max_batch - 1,
@@ -231,6 +245,14 @@ class ModelWorker:
             if len(images) != len(batch):
                 raise RuntimeError(f"generate must return {len(batch)} images, got {len(images)}")
         except BaseException as e:
+            if len(batch) > 1 and isinstance(e, Exception) and not all(i.token.stopped for i in batch):
+                # One image may have caused it (its identity, its prompt): rerun the batch one
+                # image at a time so the failure stays with the request that caused it.
+                log.warning("a batch of %d images failed (%s); retrying them one by one",
+                            len(batch), type(e).__name__)
+                for i in batch:
+                    self._run_alone(i)
+                return
             for i in batch:
                 i.future.set_exception(i.token.error() if i.token.stopped else e)
             return
