@@ -76,6 +76,16 @@ def test_training_lowers_the_loss_and_leaves_the_pipeline_unchanged(trained, sha
     finally:
         artifact.remove(shared_pipe)
     assert tuned_loss < base_loss, f"{name}: loss {base_loss:.4f} -> {tuned_loss:.4f}"
+    if name == "textual-inversion":  # the token alone changes the prompt: beat the untrained init too
+        from hypernet.methods.textual_inversion import TIArtifact
+        from hypernet.methods.textual_inversion.method import _class_init
+
+        untrained = TIArtifact(artifact.token, _class_init(shared_pipe, "person", 1))
+        untrained.apply(shared_pipe)
+        try:
+            assert tuned_loss < _eval_loss(shared_pipe, identity_pixels)
+        finally:
+            untrained.remove(shared_pipe)
 
 
 def test_round_trip_changes_the_image_and_removal_restores_it(trained, shared_pipe, tmp_path):
