@@ -189,7 +189,8 @@ class IdentityRepository:
 
     # ------------------------------------------------------------------ housekeeping
     def sweep(self) -> int:
-        """Delete expired identities and old orphan blobs. Returns how many identities remain."""
+        """Delete expired identities, old orphan blobs and (local store) old temp files of
+        interrupted writes. Returns how many identities remain."""
         now = self.clock()
         alive: set[tuple[str, str]] = set()
         for o in self.store.list("meta/"):
@@ -207,4 +208,7 @@ class IdentityRepository:
             _, tenant, name = o.key.split("/", 2)
             if (tenant, name.removesuffix(".bin")) not in alive and now - o.modified > ORPHAN_AGE_S:
                 self.store.delete(o.key)
+        remove_temp = getattr(self.store, "remove_stale_temp_files", None)  # local dirs only
+        if remove_temp is not None:
+            remove_temp(ORPHAN_AGE_S, now)
         return len(alive)

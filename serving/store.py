@@ -124,6 +124,22 @@ class LocalDirStore:
     def describe(self) -> str:
         return f"dir:{self.root}"
 
+    def remove_stale_temp_files(self, older_than_s: float, now: float) -> int:
+        """Delete temp files of writes interrupted by a crash (kill -9 between the temp write
+        and the rename): invisible to `list`, they would otherwise hold partial identity
+        weights on disk forever. Returns how many were removed."""
+        removed = 0
+        if not self.root.is_dir():
+            return 0
+        for path in self.root.rglob(".*.tmp"):
+            try:
+                if path.is_file() and now - path.stat().st_mtime > older_than_s:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # finished (renamed) or removed meanwhile
+                continue
+        return removed
+
 
 class S3Store:
     """Keys are objects under `prefix` in `bucket` of any S3-compatible endpoint (via boto3).

@@ -234,6 +234,11 @@ def kill_during_writes(rig: Rig, photo: bytes, store: str, *, rounds: int, seed:
             rows.append({"round": k, "acked_total": len(acked), "codes": r["codes"], **audit.to_json()})
         if proxy is not None:
             proxy.set("pass")
+        # an hour later the sweeper has removed what the crashes left (orphans, temp files)
+        from serving.identities import ORPHAN_AGE_S, IdentityRepository
+
+        IdentityRepository(store_obj, clock=lambda: time.time() + ORPHAN_AGE_S + 1).sweep()
+        rows.append({"after_sweep": True, **audit_store(store_obj, acked, root=root).to_json()})
         with rig.serving(store_obj=store_obj) as bg, client(bg.target) as c:
             listed = {i.id for i in c.list_identities()}
             codes = [code_of(lambda i=i: c.generate("ohwx", i, steps=1))[0] for i in sorted(listed)[:8]]
@@ -253,7 +258,10 @@ def kill_during_writes(rig: Rig, photo: bytes, store: str, *, rounds: int, seed:
             finally:
                 proxy.close()
     kills = [r for r in rows if "round" in r]
+    swept = next(r for r in rows if "after_sweep" in r)
     return {"store": store, "kills": len(kills), "acked": len(acked), "rounds": rows,
+            "left_after_sweep": {"orphan_blobs": swept["orphan_blobs"], "temp_files": swept["temp_files"],
+                                 "complete": swept["complete"]},
             "identities_lost": len({i for r in kills for i in r["lost"]} | set(rows[-1]["missing_acked"])),
             "half_written": len({i for r in kills for i in r["half_written"]}),
             "orphan_blobs_max": max((r["orphan_blobs"] for r in kills), default=0),
