@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` via a temp file in the same folder, fsync, rename, fsync the folder."""
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Stream `write(f)` into a temp file beside `path`, fsync, rename over `path`, fsync the folder.
+
+    Streaming (rather than building bytes first) keeps multi-GB checkpoints out of memory.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -27,3 +32,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """`atomic_write` of a bytes object."""
+    return atomic_write(path, lambda f: f.write(data))

@@ -7,14 +7,13 @@ config's resume key so a checkpoint is never continued under different settings.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hypernet.errors import IncompatibleAdapterError
+from hypernet.files import atomic_write
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -24,23 +23,11 @@ def checkpoint_path(checkpoint_dir: str | Path) -> Path:
 
 
 def save_checkpoint(checkpoint_dir: str | Path, state: dict[str, Any]) -> Path:
-    """Atomically write `state` (torch.save to a temp file in the same folder, then rename).
+    """Atomically write `state` (torch.save streamed to a temp file in the same folder, then rename).
 
     Streams to disk rather than through a bytes buffer: a full UNet's AdamW state is gigabytes.
     """
-    path = checkpoint_path(checkpoint_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(checkpoint_path(checkpoint_dir), lambda f: torch.save(state, f))
 
 
 def load_checkpoint(checkpoint_dir: str | Path, resume_key: str) -> dict[str, Any] | None:
