@@ -70,6 +70,9 @@ def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tmp
     assert index["vae"] == ["hypernet.base.taef2", "TAEF2"]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     assert (out / "samples" / "step000002.png").is_file()
+    info = json.loads((out / "face_world.json").read_text())
+    assert info["detections"] == [{"step": 2, "detected": info["detections"][0]["detected"], "samples": 1}]
+    assert info["unet_parameters"] > 0
     ema = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert ema["conv_in.weight"].shape[1] == 32  # 32-channel TAEF2 latents
 

@@ -34,7 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from hypernet.base.taef2 import TAEF2, load_taef2  # noqa: F401  (registers TAEF2 for loading)
 from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
-from hypernet.errors import InvalidInputError, ModelNotFoundError
+from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
 from hypernet.files import atomic_write_bytes
 from hypernet.photos import _get_detector, _to_rgb, decode_image, detect_face
@@ -49,7 +49,10 @@ __all__ = [
     "default_taef2_dir",
     "face_world_scheduler_config",
     "face_world_text_config",
+    "face_detection_rate",
     "face_world_unet_config",
+    "sample_images",
+    "tile",
     "train_face_world",
 ]
 
@@ -207,6 +210,7 @@ class FaceWorldTrainer:
         self.ckpt = self.out / "checkpoint"
         self.step = 0
         self.history: list[dict] = []
+        self.detections: list[dict] = []  # dlib face-detection rate of each export's samples
 
     # 1. Setup ----------------------------------------------------------------------------------
     def setup(self, resume: bool) -> None:
@@ -329,7 +333,7 @@ class FaceWorldTrainer:
         save_file({k: v.contiguous() for k, v in self.unet.state_dict().items()}, str(self.ckpt / "unet.safetensors"))
         save_file({k: v.contiguous() for k, v in self.ema.items()}, str(self.ckpt / "ema.safetensors"))
         torch.save({"opt": self.opt.state_dict(), "gen": self.gen.get_state()}, self.ckpt / "optim.pt")
-        state = dict(step=self.step, config=asdict(self.cfg), history=self.history)
+        state = dict(step=self.step, config=asdict(self.cfg), history=self.history, detections=self.detections)
         atomic_write_bytes(self.ckpt / "state.json", json.dumps(state, indent=1).encode())
 
     def _load_checkpoint(self) -> None:
@@ -340,6 +344,7 @@ class FaceWorldTrainer:
         self.opt.load_state_dict(extra["opt"])
         self.gen.set_state(extra["gen"])
         self.step, self.history = int(state["step"]), list(state["history"])
+        self.detections = list(state.get("detections", []))
         log.info("resumed face world at step %d", self.step)
 
     def pipeline(self) -> StableDiffusionPipeline:
@@ -358,10 +363,15 @@ class FaceWorldTrainer:
         pipe.save_pretrained(str(self.out), safe_serialization=True)
         pipe.set_progress_bar_config(disable=True)
         if self.cfg.grid_samples:
-            grid = sample_grid(pipe, n=self.cfg.grid_samples, seed=0, steps=self.cfg.grid_steps)
+            images = sample_images(pipe, n=self.cfg.grid_samples, seed=0, steps=self.cfg.grid_steps)
             (self.out / "samples").mkdir(exist_ok=True)
-            grid.save(self.out / "samples" / f"step{self.step:06d}.png")
+            tile(images).save(self.out / "samples" / f"step{self.step:06d}.png")
+            rate = face_detection_rate(images)
+            if rate is not None:
+                self.detections.append(dict(step=self.step, detected=rate, samples=len(images)))
+                log.info("dlib found a face in %.0f%% of %d samples at step %d", 100 * rate, len(images), self.step)
         info = dict(step=self.step, config=asdict(self.cfg), split=asdict(self.split), history=self.history,
+                    detections=self.detections,
                     unet_parameters=sum(p.numel() for p in pipe.unet.parameters()))
         atomic_write_bytes(self.out / "face_world.json", json.dumps(info, indent=1).encode())
         log.info("exported face world at step %d to %s", self.step, self.out)
@@ -372,18 +382,29 @@ class FaceWorldTrainer:
 
 
 @torch.no_grad()
-def sample_grid(
+def sample_images(
     pipe: StableDiffusionPipeline, *, n: int = 16, seed: int = 0, prompt: str = CAPTION,
     steps: int = 25, guidance_scale: float = 3.0,
-) -> Image.Image:
-    """`n` samples with seeds seed..seed+n-1, tiled into a square-ish grid (one image)."""
-    images = []
+) -> list[Image.Image]:
+    """`n` samples with seeds seed..seed+n-1 (batches of 8)."""
+    images: list[Image.Image] = []
     for i in range(0, n, 8):
         k = min(8, n - i)
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(k)]
         images += pipe([prompt] * k, num_inference_steps=steps, guidance_scale=guidance_scale,
                        generator=gens, height=FACE_WORLD_RESOLUTION, width=FACE_WORLD_RESOLUTION).images
-    return tile(images)
+    return images
+
+
+def face_detection_rate(images: list[Image.Image]) -> float | None:
+    """Share of `images` where dlib finds a face; None without the `eval` extra (dlib)."""
+    try:
+        from hypernet.eval.faces import FaceEmbedder
+
+        embedder = FaceEmbedder()
+    except EnvironmentProblem:
+        return None
+    return float(np.mean([embedder.detect(im) for im in images]))
 
 
 def tile(images: list[Image.Image], cols: int | None = None) -> Image.Image:
