@@ -11,12 +11,17 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import time
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 tenant_var: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="")
 
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+#: Libraries that install their own stderr handler (bypassing ours) and whose per-call warnings
+#: echo prompt text (diffusers: "The following part of your input was truncated because CLIP
+#: ..."; found by the reliability log scan): routed through our handler, errors only.
+QUIET_LIBRARIES = ("diffusers", "transformers")
 
 
 class ContextFilter(logging.Filter):
@@ -69,3 +74,12 @@ def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in QUIET_LIBRARIES:
+        # Not imported yet (the usual case: models load after the port is bound): the library
+        # reads its default level from the environment when it first logs.
+        os.environ.setdefault(f"{name.upper()}_VERBOSITY", "error")
+        lib = logging.getLogger(name)
+        for h in list(lib.handlers):
+            lib.removeHandler(h)
+        lib.propagate = True
+        lib.setLevel(logging.ERROR)
