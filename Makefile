@@ -48,5 +48,10 @@ eval: setup
 	nice -n 19 $(PY) -m hypernet.recipes.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
 		--corpus $(FACES) --out $(EVAL_OUT) --threads 1 $(EVAL_ARGS)
 
+# Fuzzing, fault injection, a 10-minute soak, security and privacy checks of the gRPC service
+# (< 30 min on 2 cores) -> benchmarks/results/reliability.md (+ .json, soak PNG).
+reliability: setup
+	$(PY) -m benchmarks.reliability
+
 clean:
 	rm -rf .venv .cache
