@@ -99,3 +99,24 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     assert base_cell.stat().st_mtime_ns == base_before
     assert lora_cell.stat().st_mtime_ns != lora_before and json.loads(lora_cell.read_text())["key"] != old_key
     assert list(json.loads((out / "results.json").read_text())["conditions"]) == ["lora", "base", "real-photo"]
+
+
+def test_hypernet_rows_differ_as_documented(tiny_pipe, faces_dir, tmp_path, one_thread):
+    """hypernetwork = the prediction alone; fast-finetune = the same fine-tune from a zero prediction."""
+    from hypernet.errors import InvalidInputError
+    from hypernet.eval.conditions import personalise
+    from hypernet.hypernetwork.runtime import HypernetRuntime
+
+    torch.set_num_threads(1)
+    runtime = HypernetRuntime.load(_random_hypernet(tiny_pipe, tmp_path / "hypernet"))
+    photo = faces_dir / "image_0001.jpg"
+    hn = personalise(tiny_pipe, "hypernetwork", photo, runtime=runtime, detector="center")
+    ff = personalise(tiny_pipe, "fast-finetune", photo, runtime=runtime, detector="center", overrides={"steps": 1})
+    assert not hn.artifact.relaxed and any(v.abs().sum() > 0 for v in hn.artifact.lidb.values())
+    assert ff.artifact.relaxed and all(v.abs().sum() == 0 for v in ff.artifact.lidb.values())
+    assert 0 < hn.nbytes < ff.nbytes and hn.seconds > 0
+    with pytest.raises(InvalidInputError, match="overrides of 'lora' must be among"):
+        personalise(tiny_pipe, "lora", photo, overrides={"nope": 1})
+    with pytest.raises(InvalidInputError, match="must be given a hypernetwork"):
+        personalise(tiny_pipe, "hyperdreambooth", photo)
+    assert personalise(tiny_pipe, "base", photo).artifact is None
