@@ -2,13 +2,15 @@
 
 It owns the engine, the work queue and model worker, the identity repository and the jobs, and
 exposes async operations the servicer calls. Model work goes to the worker thread through the
-bounded queue; store I/O and image codecs run in `asyncio.to_thread`; the event loop only
-coordinates.
+bounded queue; store I/O runs on its own threads (`store_call`), image codecs in
+`asyncio.to_thread`; the event loop only coordinates.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +33,10 @@ log = logging.getLogger(__name__)
 
 #: Concurrent photo decodes (each may hold up to max_pixels * 3 bytes): bounded memory.
 MAX_CONCURRENT_DECODES = 2
+#: Threads for identity-store I/O, apart from asyncio's default pool (photo decode, image
+#: encode): a hung S3 endpoint then stalls store calls only. Sharing the default pool, 10 hung
+#: GetIdentity calls stalled even Generate on the bare base (found by reliability fault injection).
+STORE_THREADS = 8
 
 
 @dataclass
@@ -61,6 +67,13 @@ class ServiceCore:
         )
         self.jobs = JobManager(cfg.job_retention_s, cfg.max_jobs, on_change=self._job_counts)
         self._decodes = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
+        self._store_io = concurrent.futures.ThreadPoolExecutor(STORE_THREADS,
+                                                               thread_name_prefix="hdb-store")
+
+    async def store_call(self, fn, *args):
+        """`fn(*args)` (a blocking store/repository call) on the store's own threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._store_io,
+                                                                functools.partial(fn, *args))
 
     def _job_counts(self, counts: dict[str, int]) -> None:
         for state, n in counts.items():
@@ -93,6 +106,7 @@ class ServiceCore:
         idle = await self.jobs.wait_idle(timeout)
         left = max(0.0, timeout - (time.monotonic() - t0))
         stopped = await asyncio.to_thread(self.worker.stop, left)
+        self._store_io.shutdown(wait=False, cancel_futures=True)
         return idle and stopped
 
     # ------------------------------------------------------------------ personalise
@@ -162,7 +176,7 @@ class ServiceCore:
                 created_at=time.time(), timings=timings, base_fingerprint=self.engine.fingerprint,
                 token=spec.options.token, class_noun=spec.options.class_noun,
             )
-            await asyncio.to_thread(self.repo.save, record, result.blob)
+            await self.store_call(self.repo.save, record, result.blob)
             self.metrics.identities.inc()
             for stage, seconds in timings.items():
                 self.metrics.stage.labels(f"personalize.{stage}").observe(seconds)
@@ -179,7 +193,7 @@ class ServiceCore:
 
     # ------------------------------------------------------------------ identities
     async def load_identity(self, tenant: str, identity_id: str) -> tuple[IdentityRecord, Loaded]:
-        record, loaded = await asyncio.to_thread(
+        record, loaded = await self.store_call(
             self.repo.load, tenant, identity_id,
             lambda rec, blob: self.engine.load_identity(blob, rec.method),
         )
@@ -192,7 +206,7 @@ class ServiceCore:
         return record, loaded
 
     async def delete_identity(self, tenant: str, identity_id: str) -> IdentityRecord:
-        record = await asyncio.to_thread(self.repo.delete, tenant, identity_id)
+        record = await self.store_call(self.repo.delete, tenant, identity_id)
         self.jobs.scrub_identity(tenant, identity_id)
         self.metrics.identities.dec()
         log.info("identity deleted", extra={"identity_id": identity_id})

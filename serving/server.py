@@ -170,7 +170,7 @@ class HdbServer:
     async def _sweep_loop(self) -> None:
         while True:
             try:
-                n = await asyncio.to_thread(self.repo.sweep)
+                n = await self.core.store_call(self.repo.sweep)
                 self.metrics.identities.set(n)
                 self.core.jobs.prune()
             except Exception as e:  # a store outage must not end the loop

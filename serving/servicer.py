@@ -165,12 +165,13 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
 
     # ------------------------------------------------------------------ identities
     async def GetIdentity(self, request: pb.GetIdentityRequest, context) -> pb.Identity:
-        record = await asyncio.to_thread(self.core.repo.get, tenant_var.get(), request.identity_id)
+        record = await self.core.store_call(self.core.repo.get, tenant_var.get(),
+                                           request.identity_id)
         return identity_pb(record)
 
     async def ListIdentities(self, request: pb.ListIdentitiesRequest, context
                              ) -> pb.ListIdentitiesResponse:
-        records, token = await asyncio.to_thread(
+        records, token = await self.core.store_call(
             self.core.repo.list, tenant_var.get(), v.page_size(request.page_size),
             request.page_token)
         return pb.ListIdentitiesResponse(identities=[identity_pb(r) for r in records],

@@ -180,10 +180,21 @@ def s3_outage(rig: Rig, photo: bytes, *, short: bool = True) -> dict[str, Any]:
                     "retry_codes": [a[0] for a in retry.get("attempts", [])],
                     "retry_waits_s": [a[1] for a in retry.get("attempts", [])],
                     "retry_final": retry.get("code"), "health": c.health()}
-                if not short:  # 4. a hung endpoint: callers' deadlines hold, the server stays up
-                    proxy.set("blackhole")
-                    phase("blackhole", {"get_deadline_3s": lambda: c.get_identity(next(iter(acked)), timeout=3)})
-                    proxy.set("pass")
+                # 4. a hung endpoint: callers' deadlines hold, and work that needs no store goes on
+                proxy.set("blackhole")
+                some = next(iter(acked))
+                hung: list[str] = []
+                getters = [threading.Thread(target=lambda: hung.append(code_of(
+                    lambda: c.get_identity(some, timeout=2))[0])) for _ in range(10)]
+                for t in getters:
+                    t.start()
+                for t in getters:
+                    t.join(60)
+                out["phases"]["hung"] = {"get_2s_deadline": ",".join(sorted(set(hung))),
+                                         "generate_base": code_of(lambda: c.generate("a photo", steps=1,
+                                                                                     timeout=60))[0],
+                                         "health": c.health()}
+                proxy.set("pass")  # drops the hung connections: the store calls fail over and finish
                 # the identities that exist must all work end to end
                 ids = [i.id for i in c.list_identities()]
                 gen_codes = [code_of(lambda i=i: c.generate("ohwx", i, steps=1))[0] for i in ids[:5]]

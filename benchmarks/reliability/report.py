@@ -23,6 +23,10 @@ FIXES = [
     ("kill -9 mid-write left hidden temp files with partial identity weights forever (local store)",
      "serving/store.py + identities.py: the sweeper deletes temp files older than an hour",
      "tests/reliability/test_faults.py::test_sweep_removes_temp_files_of_interrupted_writes"),
+    ("a hung S3 endpoint: 10 stuck GetIdentity calls filled asyncio's default pool; Generate on the "
+     "bare base and photo decoding stalled too (DEADLINE_EXCEEDED)",
+     "serving/core.py (+ servicer.py, server.py): store I/O on its own 8 threads (`store_call`)",
+     "tests/reliability/test_faults.py::test_s3_outage_is_unavailable_and_loses_nothing (phase `hung`)"),
     ("`hdb serve` wrote prompt text to stderr (diffusers' CLIP-truncation warning, own handler)",
      "serving/logs.py: diffusers/transformers logs go through the JSON handler, errors only",
      "tests/reliability/test_privacy.py::test_logs_never_hold_images_keys_or_prompts"),

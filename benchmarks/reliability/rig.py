@@ -291,7 +291,10 @@ class MotoS3:
             kw = {"Bucket": self.bucket, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
             resp = s3.list_objects_v2(**kw)
             for o in resp.get("Contents", []):
-                out[o["Key"]] = s3.get_object(Bucket=self.bucket, Key=o["Key"])["Body"].read()
+                try:
+                    out[o["Key"]] = s3.get_object(Bucket=self.bucket, Key=o["Key"])["Body"].read()
+                except s3.exceptions.NoSuchKey:  # deleted between the listing and the read
+                    continue
             if not resp.get("IsTruncated"):
                 return out
             token = resp["NextContinuationToken"]

@@ -40,6 +40,8 @@ def test_s3_outage_is_unavailable_and_loses_nothing(rig, photo_bytes):
     assert set(refused.values()) == {"UNAVAILABLE"}, refused
     assert ph["refused_more"]["generate_base"] == "OK"  # the base model needs no store
     assert ph["refused_more"]["health"] == "SERVING"
+    # regression: hung store calls used to fill asyncio's default pool and stall even this
+    assert ph["hung"] == {"get_2s_deadline": "DEADLINE_EXCEEDED", "generate_base": "OK", "health": "SERVING"}
     moto = ph["moto_stopped"]
     assert moto["retry_final"] == "OK" and "UNAVAILABLE" in moto["retry_codes"]
     assert set(moto["writer_codes"]) <= {"OK", "UNAVAILABLE"}
