@@ -25,7 +25,7 @@ log = logging.getLogger("benchmarks.reliability")
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 #: Full mode: soak length (the issue asks for 10+ minutes) and hypothesis examples per RPC group.
 FULL_SOAK_S, SHORT_SOAK_S = 600.0, 30.0
-FULL_EXAMPLES, SHORT_EXAMPLES = 150, 25
+FULL_EXAMPLES, SHORT_EXAMPLES = 100, 25
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
