@@ -214,11 +214,17 @@ def _service(doc: dict, out: Path) -> list[str]:
         rows = []
         for users, r in points.items():
             lat = r["latency_s"]
-            rows.append([users, r["ok"], r["calls"], f"{r['throughput_rps']:.2f}", fs(lat["p50"]), fs(lat["p95"]),
+            rows.append([users, fs(r["duration_s"]), r["ok"], r["calls"], f"{r['throughput_rps']:.2f}",
+                         fs(lat["p50"]), fs(lat["p95"]),
                          fs(lat["p99"]), r["rejected"], r["failures"],
                          ", ".join(f"{k}: {v}" for k, v in r["status_counts"].items())])
-        lines += [f"**{scenario}**", "", table(["users", "ok", "calls", "ok calls/s", "p50", "p95", "p99",
+        lines += [f"**{scenario}**", "", table(["users", "measured", "ok", "calls", "ok calls/s", "p50", "p95", "p99",
                                                  "RESOURCE_EXHAUSTED", "failures", "statuses"], rows), ""]
+    if res.get("sweep"):
+        lines += ["Calls are counted when they start inside the load window; after it, no call starts and the run "
+                  "waits for the calls in flight (\"measured\" = window + that drain), so slow calls at high "
+                  "concurrency are measured rather than cut off. RESOURCE_EXHAUSTED is the bounded queue pushing "
+                  "back (clients wait the server's retry-after-ms hint); any other non-OK status is a failure.", ""]
     for cfg, rpcs in res.get("overhead", {}).items():
         rows = [[rpc, fs(med(r["direct_s"])), fs(med(r["grpc_s"])), fs(r["extra_s"]), fpct(r["overhead"]),
                  "yes" if r["meets_target"] else "no"] for rpc, r in rpcs.items()]

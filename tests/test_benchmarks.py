@@ -105,7 +105,7 @@ def test_loadtest_config_rejects_bad_values(kw):
 
 
 def test_summarize_calls_separates_backpressure_from_failures():
-    from hypernet.recipes.loadtest import summarize_calls
+    from hypernet.recipes.loadtest import format_summary, summarize_calls
 
     calls = [("OK", 0.1), ("OK", 0.3), ("OK", 0.2), ("RESOURCE_EXHAUSTED", 0.001), ("INTERNAL", 0.5),
              ("UNAVAILABLE", 0.01)]
@@ -114,3 +114,5 @@ def test_summarize_calls_separates_backpressure_from_failures():
     assert s["status_counts"] == {"INTERNAL": 1, "OK": 3, "RESOURCE_EXHAUSTED": 1, "UNAVAILABLE": 1}
     assert s["latency_s"]["p50"] == pytest.approx(0.2) and s["latency_s"]["max"] == pytest.approx(0.3)
     assert s["throughput_rps"] == pytest.approx(1.5) and s["images_per_s"] == pytest.approx(3.0)
+    text = format_summary({**s, "scenario": "generate", "users": 4, "target": "h:1", "window_s": 2.0, "drain_s": 0.5})
+    assert "failures 2" in text and "RESOURCE_EXHAUSTED 1" in text and "p50 200 ms" in text

@@ -149,29 +149,68 @@ def _stand_in_photo() -> bytes:
 
 # ---------------------------------------------------------------------------- child process
 def _locust_main(cfg: LoadTestConfig) -> dict[str, Any]:
-    """The locust run itself (gevent-patched: call only in a dedicated process)."""
+    """The locust run itself (gevent-patched: call only in a dedicated process).
+
+    Calls started while the measuring window is open are recorded. When it closes, users start
+    no new call and the run waits (at most `timeout`) for the calls in flight to finish, so a
+    call slower than the window - PersonalizeAndGenerate at 64 users - is measured, not dropped.
+    Throughput is over the window plus that drain.
+    """
     import gevent
     import grpc.experimental.gevent as grpc_gevent
-    from locust import User, constant, events, task
+    from locust import events
     from locust.env import Environment
 
     grpc_gevent.init_gevent()  # after gevent's monkey-patching (`_child` imports locust first), before any channel
+    # gRPC's gevent mode waits for call events in gevent's hub threadpool (10 threads by default):
+    # with more calls in flight than threads, finished calls queue behind slow ones and a sweep at
+    # 64 users saw no call complete at all. One thread per user (+ slack) keeps every call live.
+    gevent.get_hub().threadpool.maxsize = max(gevent.get_hub().threadpool.maxsize, cfg.users + 8)
+
+    state = {"open": False, "accepting": True, "inflight": 0, "users": 0}
+    calls: list[tuple[str, float]] = []
+    env = Environment(user_classes=[_user_class(cfg, state, calls)], events=events)
+    runner = env.create_local_runner()
+    runner.start(cfg.users, spawn_rate=cfg.spawn_rate or cfg.users)
+    while runner.user_count < cfg.users:  # the window opens once every user runs
+        gevent.sleep(0.05)
+    state["open"] = True
+    t0 = time.perf_counter()
+    gevent.sleep(cfg.duration)
+    state["open"] = state["accepting"] = False
+    window = time.perf_counter() - t0
+    deadline = time.perf_counter() + cfg.timeout
+    while state["inflight"] and time.perf_counter() < deadline:
+        gevent.sleep(0.05)
+    duration = time.perf_counter() - t0
+    runner.quit()
+    runner.greenlet.join(timeout=30)
+    out = summarize_calls(calls, duration, images_per_call=1)
+    total = env.stats.total
+    out.update({"scenario": cfg.scenario, "users": cfg.users, "target": cfg.target, "window_s": window,
+                "drain_s": duration - window, "unfinished": state["inflight"],
+                "locust": {"requests": total.num_requests, "failures": total.num_failures,
+                           "median_ms": total.median_response_time, "avg_ms": total.avg_response_time}})
+    return out
+
+
+def _user_class(cfg: LoadTestConfig, state: dict, calls: list[tuple[str, float]]):
+    """The locust User: one HdbClient (one channel) per user, one call at a time."""
+    import gevent
     import grpc
+    from locust import User, constant, events, task
 
     from serving.client import HdbClient, retry_after_ms
 
     photo = Path(cfg.photo).read_bytes() if cfg.photo else _stand_in_photo()
     root_certs = Path(cfg.ca_cert).read_bytes() if cfg.ca_cert else None
-    calls: list[tuple[str, float]] = []
-    window = {"open": False}
-    counter = {"n": 0}
 
     class HdbUser(User):
         wait_time = constant(0)
 
         def on_start(self) -> None:
-            self.index = counter["n"]
-            counter["n"] += 1
+            self.index = state["users"]
+            state["users"] += 1
             self.client = HdbClient(cfg.target, api_key=cfg.api_key, tls=cfg.tls, root_certificates=root_certs,
                                     timeout=cfg.timeout)
             self.identity = cfg.identities[self.index % len(cfg.identities)] if cfg.identities else ""
@@ -180,8 +219,9 @@ def _locust_main(cfg: LoadTestConfig) -> dict[str, Any]:
             self.client.close()
 
         def _call(self, name: str, fn) -> None:
+            recorded, exc, code, wait_s = state["open"], None, "OK", 0.0
+            state["inflight"] += 1
             t0 = time.perf_counter()
-            exc, code, wait_s = None, "OK", 0.0
             try:
                 fn()
             except grpc.RpcError as e:
@@ -190,8 +230,10 @@ def _locust_main(cfg: LoadTestConfig) -> dict[str, Any]:
                     wait_s = (retry_after_ms(e) or 0) / 1000.0
             except Exception as e:  # noqa: BLE001 - a broken stream is a failure, not a crash
                 exc, code = e, f"CLIENT_{type(e).__name__}"
+            finally:
+                state["inflight"] -= 1
             latency = time.perf_counter() - t0
-            if window["open"]:
+            if recorded:
                 calls.append((code, latency))
             events.request.fire(request_type="grpc", name=name, response_time=latency * 1000, response_length=0,
                                 exception=exc, context={})
@@ -200,8 +242,10 @@ def _locust_main(cfg: LoadTestConfig) -> dict[str, Any]:
 
         @task
         def work(self) -> None:
-            gen = HdbClient.generation(n=1, steps=cfg.gen_steps, width=cfg.size, height=cfg.size,
-                                       seed=self.index)
+            if not state["accepting"]:  # the window closed: no new calls while the others drain
+                gevent.sleep(0.1)
+                return
+            gen = HdbClient.generation(n=1, steps=cfg.gen_steps, width=cfg.size, height=cfg.size, seed=self.index)
             if cfg.scenario == "generate":
                 self._call("Generate", lambda: list(self.client.generate_stream(cfg.prompt, self.identity, gen)))
             else:
@@ -209,24 +253,7 @@ def _locust_main(cfg: LoadTestConfig) -> dict[str, Any]:
                 self._call("PersonalizeAndGenerate", lambda: self.client.personalize_and_generate(
                     photo, [cfg.prompt], options=opts, generation=gen))
 
-    env = Environment(user_classes=[HdbUser], events=events)
-    runner = env.create_local_runner()
-    runner.start(cfg.users, spawn_rate=cfg.spawn_rate or cfg.users)
-    while runner.user_count < cfg.users:  # the window opens once every user runs
-        gevent.sleep(0.05)
-    window["open"] = True
-    t0 = time.perf_counter()
-    gevent.sleep(cfg.duration)
-    window["open"] = False
-    duration = time.perf_counter() - t0
-    runner.quit()
-    runner.greenlet.join(timeout=30)
-    out = summarize_calls(calls, duration, images_per_call=1)
-    total = env.stats.total
-    out.update({"scenario": cfg.scenario, "users": cfg.users, "target": cfg.target,
-                "locust": {"requests": total.num_requests, "failures": total.num_failures,
-                           "median_ms": total.median_response_time, "avg_ms": total.avg_response_time}})
-    return out
+    return HdbUser
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -275,7 +302,8 @@ def format_summary(res: dict[str, Any]) -> str:
 
     codes = ", ".join(f"{k} {v}" for k, v in res["status_counts"].items()) or "none"
     return (
-        f"{res['scenario']} x {res['users']} users for {res['duration_s']:.1f} s against {res['target']}\n"
+        f"{res['scenario']} x {res['users']} users for {res.get('window_s', res['duration_s']):.1f} s "
+        f"(+ {res.get('drain_s', 0.0):.1f} s for calls in flight to finish) against {res['target']}\n"
         f"  ok {res['ok']} / {res['calls']} calls, {res['throughput_rps']:.2f} calls/s, "
         f"{res['images_per_s']:.2f} images/s\n"
         f"  latency p50 {ms(lat['p50'])}, p95 {ms(lat['p95'])}, p99 {ms(lat['p99'])}\n"
