@@ -253,7 +253,8 @@ def _soak_md(so: dict[str, Any], png: bool) -> list[str]:
     md = ["## 3. Soak", "",
           f"{so['users']} locust users (two tenants, a weighted mix of every RPC incl. deliberate bad "
           f"prompts and keys) for {so['duration_s']:.0f} s against `hdb serve` "
-          f"({'in-process' if so['in_process'] else 'subprocess'}; TTL 60 s, sweeper every 5 s): "
+          f"({'in-process' if so['in_process'] else 'subprocess'}; identity TTL {so.get('ttl_s')} s, swept while "
+          "the load runs; each user renews its identity before it expires): "
           f"{so['calls']} calls, **{so['unexpected_errors']} unexpected errors**, {so['backpressure']} "
           "RESOURCE_EXHAUSTED (back-pressure, honoured).", "",
           f"Memory: RSS {mem.get('rss_after_warmup_mb')} MB after warm-up -> {mem.get('rss_end_mb')} MB at the end "

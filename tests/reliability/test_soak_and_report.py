@@ -10,8 +10,10 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def test_short_soak_has_no_unexpected_errors_and_writes_the_report(rig, photo_bytes, tmp_path):
-    res = soak.run(rig, photo_bytes, duration=8.0, users=3, in_process=True, sample_every=0.5)
+    res = soak.run(rig, photo_bytes, duration=8.0, users=3, in_process=True, sample_every=0.5, ttl_s=4.5)
     assert res["calls"] > 5 and res["unexpected_errors"] == 0, res["by_task"]
+    # identities expire (TTL 4.5 s) during the run: users renew theirs, so no NOT_FOUND anywhere
+    assert res["by_task"]["personalize_renew"]["OK"] >= 3 + 1
     assert res["health_at_end"] == "SERVING"
     assert res["memory"]["samples"] >= 10 and res["memory"]["within_bound"]
     assert "bad_prompt" in soak.TASKS and "bad_key" in soak.TASKS
