@@ -89,9 +89,14 @@ class EvalConfig:
     def prompt(self) -> str:
         return EVAL_PROMPT_TEMPLATE.format(token=self.token, class_noun=self.class_noun)
 
-    def cell_key(self, condition: str) -> str:
-        """What a cached cell depends on: a changed setting reruns it."""
-        d = dict(base=str(self.base.resolve()), hypernet=str(self.hypernet), n=self.images_per_id, det=self.detector,
+    def cell_key(self, condition: str, models: str = "") -> str:
+        """What a cached cell depends on (settings + `models`, the weights' identity): a change reruns it.
+
+        The hypernetwork is part of the key only for the conditions that use it, so the baselines'
+        cells survive a retrained hypernetwork (and can be computed before it exists).
+        """
+        hypernet = str(self.hypernet) if needs_hypernet((condition,)) else None
+        d = dict(models=models, hypernet=hypernet, n=self.images_per_id, det=self.detector,
                  steps=self.gen_steps, guidance=self.guidance, prompt=self.prompt, seed=self.seed,
                  loss_t=self.loss_timesteps, overrides=self.overrides.get(condition, {}))
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -138,7 +143,22 @@ class Evaluation:
 
             self.runtime = load_runtime(str(cfg.hypernet))
         self.embedder = FaceEmbedder()
+        from hypernet.base.loading import base_fingerprint
+
+        self.base_id = base_fingerprint(self.pipe)
+        self.hypernet_id = self._hypernet_id()
         self._setup_references()
+
+    def _hypernet_id(self) -> str:
+        """The hypernetwork files' names, sizes and mtimes ("" without one): a retrained one reruns its cells."""
+        if self.cfg.hypernet is None or not self.cfg.hypernet.exists():
+            return ""
+        files = [self.cfg.hypernet] if self.cfg.hypernet.is_file() else sorted(self.cfg.hypernet.iterdir())
+        return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+
+    def _models_id(self, condition: str) -> str:
+        """The weights a cell depends on: the base's fingerprint, plus the hypernetwork's if it uses one."""
+        return self.base_id + ("|" + self.hypernet_id if needs_hypernet((condition,)) else "")
 
     def _choose_identities(self) -> tuple[list[str], list[str]]:
         split_file = self.cfg.base / "split.json"
@@ -210,7 +230,7 @@ class Evaluation:
         cfg = self.cfg
         folder = cfg.out / "cells" / condition
         cell_file = folder / f"{ident}.json"
-        key = cfg.cell_key(condition)
+        key = cfg.cell_key(condition, self._models_id(condition))
         if cell_file.is_file():
             cached = json.loads(cell_file.read_text())
             if cached.get("key") == key:
