@@ -1,6 +1,29 @@
-"""Base models: the tiny SD pipeline, offline loading, fingerprints."""
+"""Base models: the tiny SD pipeline, offline loading, fingerprints.
 
-from hypernet.base.loading import base_fingerprint, load_pipeline
-from hypernet.base.tiny import TINY_RESOLUTION, make_tiny_pipeline
+The names below load lazily (PEP 562): importing a light submodule such as
+`hypernet.base.face_world_config` (as `hdb --help` does) must not pull in torch and diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names, for type checkers and linters
+    from hypernet.base.loading import base_fingerprint, load_pipeline
+    from hypernet.base.tiny import TINY_RESOLUTION, make_tiny_pipeline
 
 __all__ = ["TINY_RESOLUTION", "base_fingerprint", "load_pipeline", "make_tiny_pipeline"]
+
+_HOME = {
+    "base_fingerprint": "hypernet.base.loading",
+    "load_pipeline": "hypernet.base.loading",
+    "TINY_RESOLUTION": "hypernet.base.tiny",
+    "make_tiny_pipeline": "hypernet.base.tiny",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'hypernet.base' has no attribute {name!r}")

@@ -24,8 +24,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from hypernet.errors import InvalidInputError
 
 __all__ = ["CONDITIONS", "EVAL_PROMPT_TEMPLATE", "Personalised", "parse_overrides", "personalise"]
@@ -122,6 +120,8 @@ def _personalise_hypernet(pipe, condition, photo, runtime, token, class_noun, ov
 
 def _zero_prediction(runtime):
     """The runtime with its prediction replaced by zeros: LiDB's delta is then exactly 0."""
+    import torch
+
     zero = copy.copy(runtime)
 
     def predict(pixels):

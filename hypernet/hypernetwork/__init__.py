@@ -1,15 +1,48 @@
-"""The hypernetwork: photo -> LiDB weights; its export (safetensors, ONNX) and inference runtime."""
+"""The hypernetwork: photo -> LiDB weights; its export (safetensors, ONNX) and inference runtime.
 
-from hypernet.hypernetwork.config import HypernetConfig
-from hypernet.hypernetwork.export import (
-    HypernetInfo,
-    export_onnx,
-    load_hypernet,
-    read_info,
-    save_hypernet,
-)
-from hypernet.hypernetwork.model import HyperNetwork, pack_theta, unpack_theta
-from hypernet.hypernetwork.runtime import HypernetRuntime
+The names below load lazily (PEP 562): the CLI reads `hypernet.hypernetwork.config` defaults to
+build `--help`, which must not import torch.
+"""
 
-__all__ = ["HyperNetwork", "HypernetConfig", "HypernetInfo", "HypernetRuntime", "export_onnx", "load_hypernet",
-           "pack_theta", "read_info", "save_hypernet", "unpack_theta"]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names, for type checkers and linters
+    from hypernet.hypernetwork.config import HypernetConfig
+    from hypernet.hypernetwork.export import HypernetInfo, export_onnx, load_hypernet, read_info, save_hypernet
+    from hypernet.hypernetwork.model import HyperNetwork, pack_theta, unpack_theta
+    from hypernet.hypernetwork.runtime import HypernetRuntime
+
+__all__ = [
+    "HyperNetwork",
+    "HypernetConfig",
+    "HypernetInfo",
+    "HypernetRuntime",
+    "export_onnx",
+    "load_hypernet",
+    "pack_theta",
+    "read_info",
+    "save_hypernet",
+    "unpack_theta",
+]
+
+_HOME = {
+    "HypernetConfig": "hypernet.hypernetwork.config",
+    "HypernetInfo": "hypernet.hypernetwork.export",
+    "export_onnx": "hypernet.hypernetwork.export",
+    "load_hypernet": "hypernet.hypernetwork.export",
+    "read_info": "hypernet.hypernetwork.export",
+    "save_hypernet": "hypernet.hypernetwork.export",
+    "HyperNetwork": "hypernet.hypernetwork.model",
+    "pack_theta": "hypernet.hypernetwork.model",
+    "unpack_theta": "hypernet.hypernetwork.model",
+    "HypernetRuntime": "hypernet.hypernetwork.runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'hypernet.hypernetwork' has no attribute {name!r}")

@@ -12,7 +12,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from hypernet.base.face_world import FaceWorldConfig, train_face_world
+from hypernet.base.face_world_config import FaceWorldConfig
 
 
 def register_base_action(bsub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,8 @@ def register_base_action(bsub: argparse._SubParsersAction) -> None:
 
 
 def _train_face_world(args: argparse.Namespace) -> int:
+    from hypernet.base.face_world import train_face_world  # torch/diffusers: only when it runs
+
     cfg = FaceWorldConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, holdout_identities=args.holdout,
         width=args.width, export_every=args.export_every, grid_samples=args.grid_samples,
