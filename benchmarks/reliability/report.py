@@ -260,8 +260,8 @@ def _soak_md(so: dict[str, Any], png: bool) -> list[str]:
           f"Memory: RSS {mem.get('rss_after_warmup_mb')} MB after warm-up -> {mem.get('rss_end_mb')} MB at the end "
           f"(peak {mem.get('rss_peak_mb')} MB); bound: +10% + 64 MB = {mem.get('bound_mb')} MB -> "
           f"{'within' if mem.get('within_bound') else '**EXCEEDED**'}.", "",
-          f"Generate latency over the run: p50 {lat['p50']}, p95 {lat['p95']}, p99 {lat['p99']} s; "
-          f"p95 last window / first window = {so.get('p95_last_over_first_window')}.", ""]
+          f"Generate latency over the run: p50 {_num(lat['p50'])}, p95 {_num(lat['p95'])}, p99 {_num(lat['p99'])} s; "
+          f"p95 last window / first window = {_num(so.get('p95_last_over_first_window'))}.", ""]
     if png:
         md += ["![soak](reliability_soak.png)", ""]
     md += [_table(["window start (s)", "calls", "Generate p50 (s)", "p95 (s)", "p99 (s)"],
@@ -301,3 +301,8 @@ def _privacy_md(pr: dict[str, Any]) -> list[str]:
     for key, val in pr.items():
         md += [f"{key}:", "", "```", json.dumps(val, indent=1, default=str)[:3000], "```", ""]
     return md
+
+
+def _num(x, digits: int = 3) -> str:
+    """A float for the report (0.28207500000000013 -> 0.282); anything else as it is."""
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
