@@ -212,6 +212,14 @@ def face_crop(img: Image.Image, *, detector: Detector = "auto", margin: float = 
         box = detect_face(img)
         if box is None:
             log.info("no face found; using a centre crop")
+    return square_crop(img, box, margin)
+
+
+def square_crop(img: Image.Image, box: tuple[float, float, float, float] | None, margin: float) -> Image.Image:
+    """The square around face `box` grown by `margin` of its size on each side, kept inside the
+    image (None: the centred largest square). The face world's training crops use this too, so
+    that it learns faces framed exactly as users' photos will be."""
+    w, h = img.size
     if box is None:
         side = min(w, h)
         cx, cy = w / 2, h / 2
@@ -306,4 +314,5 @@ __all__ = [
     "list_photos",
     "load_photos",
     "preprocess",
+    "square_crop",
 ]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -138,7 +137,7 @@ _STAGE_FNS = {
 def main(argv: list[str] | None = None) -> int:
     """`python -m pretrain ...` (what torchrun starts): only this parser, so a worker does not
     import every other `hdb` subcommand; errors map to the same exit codes as `hdb`."""
-    from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError, NotFoundError
+    from hypernet.recipes.cli import run_with_exit_codes
 
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,18 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Copied from hypernet.recipes.cli.main: the exit codes of `hdb`.
-    try:
-        return _run_args(args)
-    except InvalidInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ModelNotFoundError, NotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except EnvironmentProblem as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+    return run_with_exit_codes(lambda: _run_args(args))
 
 
 __all__ = ["STAGES", "main", "register", "run_stages"]

@@ -6,8 +6,9 @@ The names below load lazily (PEP 562): importing a light submodule such as
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hypernet.lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names, for type checkers and linters
     from hypernet.base.loading import base_fingerprint, load_pipeline
@@ -23,7 +24,4 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(_HOME[name]), name)
-    raise AttributeError(f"module 'hypernet.base' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOME)

@@ -38,7 +38,7 @@ from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write
 from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
 from hypernet.files import atomic_write_bytes
-from hypernet.photos import _get_detector, _to_rgb, decode_image, detect_face
+from hypernet.photos import _get_detector, _to_rgb, decode_image, detect_face, square_crop
 from hypernet.training.losses import diffusion_loss
 
 log = logging.getLogger(__name__)
@@ -137,25 +137,10 @@ def _load_crops(path: Path, margins: tuple[float, ...], detector: str) -> torch.
         box = detect_face(img)
     out = []
     for m in margins:
-        crop = _square_crop(img, box, m).resize((FACE_WORLD_RESOLUTION,) * 2, Image.Resampling.LANCZOS)
+        crop = square_crop(img, box, m).resize((FACE_WORLD_RESOLUTION,) * 2, Image.Resampling.LANCZOS)
         arr = np.asarray(crop, dtype=np.uint8).copy()  # (H, W, 3)
         out.append(torch.from_numpy(arr).permute(2, 0, 1).float() / 127.5 - 1.0)
     return torch.stack(out)
-
-
-# Copied from hypernet.photos.face_crop (the crop geometry after detection): keep in sync.
-def _square_crop(img: Image.Image, box: tuple[float, float, float, float] | None, margin: float) -> Image.Image:
-    w, h = img.size
-    if box is None:
-        side, cx, cy = min(w, h), w / 2, h / 2
-    else:
-        x0, y0, x1, y1 = box
-        side = min(max(x1 - x0, y1 - y0) * (1 + 2 * margin), w, h)
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    side = max(1, int(round(side)))
-    left = int(round(min(max(cx - side / 2, 0), w - side)))
-    top = int(round(min(max(cy - side / 2, 0), h - side)))
-    return img.crop((left, top, left + side, top + side))
 
 
 class FaceWorldTrainer:

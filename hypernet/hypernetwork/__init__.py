@@ -6,8 +6,9 @@ build `--help`, which must not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hypernet.lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names, for type checkers and linters
     from hypernet.hypernetwork.config import HypernetConfig
@@ -42,7 +43,4 @@ _HOME = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(_HOME[name]), name)
-    raise AttributeError(f"module 'hypernet.hypernetwork' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOME)

@@ -14,6 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError, NotFoundError
 
@@ -51,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    return run_with_exit_codes(lambda: args.func(args))
+
+
+def run_with_exit_codes(fn: Callable[[], int | None]) -> int:
+    """Run a command; our library errors become one `error: ...` line and the exit codes of
+    every `hdb` entry point: 2 bad input, 3 not found, 4 environment, 130 interrupted."""
     try:
-        return int(args.func(args) or 0)
+        return int(fn() or 0)
     except InvalidInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -6,8 +6,9 @@ must start without importing torch and diffusers.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from hypernet.lazy import lazy_exports
 
 if TYPE_CHECKING:  # the names, for type checkers and linters
     from hypernet.training.config import TrainConfig
@@ -40,16 +41,14 @@ __all__ = [
 ]
 
 _HOME = {
-    "TrainConfig": "config",
+    "TrainConfig": "hypernet.training.config",
     **dict.fromkeys(
-        ("TrainData", "build_train_data", "embed_ids", "encode_images", "encode_prompts", "tokenize"), "data"
+        ("TrainData", "build_train_data", "embed_ids", "encode_images", "encode_prompts", "tokenize"),
+        "hypernet.training.data",
     ),
-    **dict.fromkeys(("ProgressEvent", "TrainingCancelled", "TrainResult", "train"), "loop"),
-    **dict.fromkeys(("diffusion_loss", "make_noise_scheduler", "snr"), "losses"),
+    **dict.fromkeys(("ProgressEvent", "TrainingCancelled", "TrainResult", "train"), "hypernet.training.loop"),
+    **dict.fromkeys(("diffusion_loss", "make_noise_scheduler", "snr"), "hypernet.training.losses"),
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(f"hypernet.training.{_HOME[name]}"), name)
-    raise AttributeError(f"module 'hypernet.training' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _HOME)
