@@ -87,3 +87,17 @@ def test_pipeline_with_taef2_saves_loads_through_load_pipeline_and_generates(tmp
     out = loaded("a photo of a person", num_inference_steps=2, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images
     assert out.shape == (1, 64, 64, 3) and 0 <= out.min() and out.max() <= 1
+
+    # a fresh process that never imported hypernet.base.taef2 (pretraining, serving, a user's
+    # script): load_pipeline imports our own component module itself (this broke pretraining)
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from hypernet.base.loading import load_pipeline\n"
+        "assert 'hypernet.base.taef2' not in sys.modules\n"
+        f"p = load_pipeline({str(tmp_path)!r}, device='cpu', dtype='fp32')\n"
+        "print(type(p.vae).__name__)"
+    )
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip().endswith("TAEF2"), res.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -21,6 +22,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 _NO_SAFETY = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+#: This project's own diffusers components that a pipeline directory may name (the face world's
+#: TAEF2 VAE). Diffusers only loads a class whose module is already imported; these are ours,
+#: so importing them is safe, unlike arbitrary modules a downloaded model_index.json might name.
+OWN_COMPONENT_MODULES = ("hypernet.base.taef2",)
+
+
+def _import_own_components(path: Path) -> None:
+    """Import the modules of `OWN_COMPONENT_MODULES` that `path/model_index.json` names."""
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelNotFoundError(f"`base` must hold a readable model_index.json, got {str(path)!r}: {e}") from e
+    for entry in index.values():
+        if isinstance(entry, list) and entry and entry[0] in OWN_COMPONENT_MODULES:
+            importlib.import_module(entry[0])
 
 
 def load_pipeline(
@@ -56,6 +74,7 @@ def load_pipeline(
             raise ModelNotFoundError(
                 f"`base` must be a diffusers pipeline directory containing model_index.json, got {str(path)!r}"
             )
+        _import_own_components(path)
         pipe = StableDiffusionPipeline.from_pretrained(
             str(path), dtype=dt, local_files_only=True, **_NO_SAFETY
         )
