@@ -211,6 +211,21 @@ def test_runtime_rejects_bad_input_and_paths(exported, tmp_path):
         HypernetRuntime.load(tmp_path / "only", backend="onnx")
 
 
+def test_runtime_falls_back_to_torch_when_the_onnx_file_is_broken(exported, tmp_path):
+    out, _ = exported
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "hypernet.safetensors").write_bytes((out / "hypernet.safetensors").read_bytes())
+    (broken / "hypernet.onnx").write_bytes((out / "hypernet.onnx").read_bytes()[:500])  # truncated copy
+    rt = HypernetRuntime.load(broken, device="cpu")  # auto: the weights are there, so torch serves
+    assert rt.backend == "torch"
+    good = HypernetRuntime.load(out / "hypernet.safetensors", backend="torch", device="cpu")
+    x = pixels(2)
+    assert torch.equal(rt.predict(x)["A_train"], good.predict(x)["A_train"])
+    with pytest.raises(InvalidInputError, match="onnxruntime can load"):  # asked for ONNX: say so
+        HypernetRuntime.load(broken, backend="onnx", device="cpu")
+
+
 def test_runtime_checks_the_base(tiny_pipe, tmp_path):
     from hypernet.base import base_fingerprint
 

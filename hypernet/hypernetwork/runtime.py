@@ -75,7 +75,8 @@ class HypernetRuntime:
         if backend not in ("auto", "onnx", "torch"):
             raise InvalidInputError(f"`backend` must be 'auto', 'onnx' or 'torch', got {backend!r}")
         onnx_path, st_path = _locate(Path(path))
-        if backend == "auto":
+        auto = backend == "auto"
+        if auto:
             backend = "onnx" if onnx_path is not None else "torch"
         dev = resolve_device(device)
         if backend == "onnx":
@@ -83,7 +84,17 @@ class HypernetRuntime:
                 raise ModelNotFoundError(
                     f"`path` must hold an .onnx hypernetwork for backend 'onnx', got {str(path)!r}"
                 )
-            return cls._load_onnx(onnx_path, dev)
+            try:
+                return cls._load_onnx(onnx_path, dev)
+            except Exception as e:  # onnxruntime raises its own (pybind) types for corrupt files, bad opsets
+                if not (auto and st_path is not None):
+                    raise InvalidInputError(
+                        f"`path` must hold an ONNX hypernetwork onnxruntime can load, got {str(onnx_path)!r}: "
+                        f"{type(e).__name__}: {e}; re-export it (hdb pretrain export) or use backend='torch'"
+                    ) from e
+                # a service must not refuse to start over a broken optional file: the weights are there
+                log.warning("hypernetwork %s failed to load in onnxruntime (%s: %s); using torch with %s",
+                            onnx_path, type(e).__name__, e, st_path)
         if st_path is None:
             raise ModelNotFoundError(
                 f"`path` must hold a .safetensors hypernetwork for backend 'torch', got {str(path)!r}"
