@@ -119,6 +119,10 @@ def write_report(ev) -> Path:
         f"(seeds {cfg.seed}..{cfg.seed + cfg.images_per_id - 1}, {cfg.gen_steps} DPM-Solver++ steps, "
         f"guidance {cfg.guidance}). Mean [95% bootstrap CI over identities].",
         "",
+        "Method settings: each method's library defaults"
+        + (", except " + ", ".join(f"`{c}.{k}={v}`" for c, kv in cfg.overrides.items() for k, v in kv.items())
+           if cfg.overrides else "") + ".",
+        "",
         "| Method | Face Rec. ↑ | Identity margin ↑ | Margin gain vs base | Face detected ↑ | "
         "Held-out loss ↓ | Time (s, median) | Size |",
         "|---|---|---|---|---|---|---|---|",

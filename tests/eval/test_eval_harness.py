@@ -86,6 +86,7 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     assert conds["hypernetwork"]["bytes"] < conds["hyperdreambooth"]["bytes"]
     assert "margin_gain_vs_base" in conds["lora"] and "margin_gain_vs_base" not in conds["base"]
     report = (out / "REPORT.md").read_text()
+    assert f"`{SMOKE_OVERRIDES[0]}`" in report  # settings that differ from the defaults are stated
     for label in ("HyperDreamBooth", "Hypernetwork only", "Fast fine-tune", "LiDB", "LoRA", "DreamBooth",
                   "Textual Inversion", "Base"):
         assert label in report
