@@ -10,15 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 from hypernet.errors import InvalidInputError
 from hypernet.generate import generate, make_scheduler
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP's
-    spin-waiting makes them ~10x slower (measured: 850 ms vs 67 ms CPU per training step)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _arr(img) -> np.ndarray:

@@ -15,15 +15,7 @@ from PIL import Image
 from hypernet.errors import ImageDecodeError, ImageTooLargeError, InvalidInputError
 from hypernet.photos import decode_image, face_crop, load_photos, preprocess
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP's
-    spin-waiting makes them ~10x slower (measured: 850 ms vs 67 ms CPU per training step)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -10,13 +10,9 @@ import torch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP's
-    spin-waiting makes them ~10x slower (measured: 850 ms vs 67 ms CPU per training step)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    """Every methods test trains tiny models: one torch thread (see tests/conftest.py)."""
     yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")
