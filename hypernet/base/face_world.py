@@ -13,7 +13,7 @@ exported, caption dropout 10% so classifier-free guidance works, photos preproce
 user photos (`hypernet.photos.face_crop`) plus flips and crop-margin jitter, all encoded once.
 
     nice -n 19 hdb base train-face-world --corpus ../shared/data/faces/caltech/identities.csv \
-        --out runs/face_world --steps 4000            # resumable: rerun with --resume
+        --out runs/face_world --steps 1500 --threads 2  # resumable: rerun with --resume
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ __all__ = ["FaceWorldConfig"]
 
 @dataclass
 class FaceWorldConfig:
-    """Training settings; defaults are what produced the committed face world."""
+    """Training settings. The committed face world (benchmarks/results/face_world/) used these
+    defaults except `steps=1500` and `num_threads=2` (`make eval`'s FACE_WORLD_STEPS); the default 4000 is a
+    longer run for sharper eyes and mouths, not yet run here."""
 
     steps: int = field(default=4000, metadata={"help": "optimizer steps in total (resume counts on)"})
     batch_size: int = field(default=32, metadata={"help": "latents per step (probe: 32)"})
