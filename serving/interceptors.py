@@ -141,19 +141,24 @@ class ServiceInterceptor(aio.ServerInterceptor):
         rid = md.get("x-request-id", "")
         request_id_var.set(rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex[:16])
         tenant_var.set("")
-        await context.send_initial_metadata((("x-request-id", request_id_var.get()),))
         if isinstance(request, _BadRequest):
             raise InvalidInputError(
                 f"request must be a valid {method.rsplit('/', 1)[-1]} message (strings must be "
                 f"UTF-8), got unparseable bytes ({type(request.exc).__name__})"
             )
+        if not open_:
+            # Checked before the initial metadata goes out, with no await in between: a client
+            # that has the metadata knows its call was admitted, and a drain (counting it in
+            # flight since _begin) lets it finish. Checked after, a SIGTERM landing during the
+            # send refused a call the client already saw as accepted.
+            if self.state.draining:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            if not self.state.ready:
+                raise Unavailable("the server is still loading its models; retry shortly "
+                                  "(grpc.health.v1 reports SERVING when ready)")
+        await context.send_initial_metadata((("x-request-id", request_id_var.get()),))
         if open_:
             return
-        if self.state.draining:
-            raise Unavailable("the server is shutting down; retry on another replica")
-        if not self.state.ready:
-            raise Unavailable("the server is still loading its models; retry shortly "
-                              "(grpc.health.v1 reports SERVING when ready)")
         if self.state.keyring is None:
             tenant_var.set(DEV_TENANT)
         else:
