@@ -220,14 +220,15 @@ class FaceWorldTrainer:
             if saved.get("key") == key:
                 self.latents = saved["latents"]
         if not hasattr(self, "latents"):
-            chunks = []
-            for i, path in enumerate(self.files):
-                pix = _load_crops(path, self.cfg.margins, self.cfg.detector)  # (M, 3, 128, 128)
-                pix = torch.cat([pix, pix.flip(-1)])  # (2M, 3, 128, 128): mirrored copies
+            chunks, group = [], 16  # photos per encoder call: fewer, larger calls on a CPU
+            for i in range(0, len(self.files), group):
+                pix = torch.cat([_load_crops(p, self.cfg.margins, self.cfg.detector)
+                                 for p in self.files[i:i + group]])  # (G*M, 3, 128, 128)
+                pix = torch.cat([pix, pix.flip(-1)])  # (2*G*M, 3, 128, 128): mirrored copies
                 chunks.append(self.vae.encode(pix).latent_dist.mode() * self.vae.config.scaling_factor)
-                if i % 25 == 0:
-                    log.info("encoded %d/%d photos", i + 1, len(self.files))
-            self.latents = torch.cat(chunks)  # (N * 2M, 32, 16, 16)
+                if i % (group * 25) == 0:
+                    log.info("encoded %d/%d photos", min(i + group, len(self.files)), len(self.files))
+            self.latents = torch.cat(chunks)  # (N * 2M, 32, 16, 16), in an order no step depends on
             torch.save({"key": key, "latents": self.latents}, cache)
         ids = self.tokenizer(
             [CAPTION, ""], padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True, return_tensors="pt"

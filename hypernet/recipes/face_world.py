@@ -42,6 +42,10 @@ def register_base_action(bsub: argparse._SubParsersAction) -> None:
     opt("--export-every", "export_every", int)
     opt("--grid-samples", "grid_samples", int)
     opt("--threads", "num_threads", int)
+    opt("--detector", "detector", str)
+    p.add_argument("--margins", type=float, nargs="+", default=list(d.margins),
+                   help=f"{helps['margins']} (default {' '.join(map(str, d.margins))}; with --detector center "
+                   "every margin gives the same crop, so pass one)")
     p.add_argument("--taef2", type=Path, default=None, help="TAEF2 weights (default ../shared/data/models/taef2)")
     p.add_argument("--split", type=Path, default=None,
                    help="split.json to use (e.g. from `hdb base make-corpus`) instead of drawing --holdout")
@@ -110,7 +114,7 @@ def _train_face_world(args: argparse.Namespace) -> int:
     cfg = FaceWorldConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, holdout_identities=args.holdout,
         width=args.width, export_every=args.export_every, grid_samples=args.grid_samples,
-        num_threads=args.threads,
+        num_threads=args.threads, detector=args.detector, margins=tuple(args.margins),
     )
     out = train_face_world(args.corpus, args.out, cfg, taef2_dir=args.taef2, resume=args.resume, split=args.split)
     print(f"face world at {out} (use it as --base {out})")
