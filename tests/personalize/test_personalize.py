@@ -82,7 +82,7 @@ def test_bad_inputs_are_clear_errors(tiny_pipe, tiny_hypernet):
 @pytest.fixture(scope="session")
 def default_hypernet():
     """The embedded tiny-cpu hypernetwork (built once per session: the pretraining pipeline)."""
-    from hypernet.defaults import default_hypernet_path
+    from hdb.defaults import default_hypernet_path
 
     return default_hypernet_path()
 

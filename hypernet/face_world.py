@@ -32,11 +32,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from hypernet.base.face_world_config import FaceWorldConfig
 from hypernet.base.taef2 import TAEF2, load_taef2  # noqa: F401  (registers TAEF2 for loading)
 from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
 from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
+from hypernet.face_world_config import FaceWorldConfig
 from hypernet.files import atomic_write_bytes
 from hypernet.photos import _get_detector, _to_rgb, decode_image, detect_face, square_crop
 from hypernet.training.losses import diffusion_loss
