@@ -67,7 +67,7 @@ def default_taef2_dir() -> Path:
     import os
 
     env = os.environ.get("HDB_TAEF2_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "models" / "taef2"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "taef2"
 
 
 def face_world_unet_config(width: int = 64) -> dict:
