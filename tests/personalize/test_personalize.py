@@ -76,6 +76,8 @@ def test_bad_inputs_are_clear_errors(tiny_pipe, tiny_hypernet):
         PersonalizeConfig(rank=0)
     with pytest.raises(InvalidInputError, match="`steps`"):
         personalize(tiny_pipe, _photo_bytes(), hypernet=tiny_hypernet, steps=-1)
+    with pytest.raises(InvalidInputError, match="`hypernet` must be"):  # the library builds no default
+        personalize(tiny_pipe, _photo_bytes(), hypernet=None, detector="center")
     assert _clean(tiny_pipe)
 
 
