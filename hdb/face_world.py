@@ -1,6 +1,6 @@
-"""`hdb base train-face-world`: train the CPU-scale face world (see hypernet.base.face_world).
+"""`hdb base train-face-world`: train the CPU-scale face world (see hypernet.face_world).
 
-Registered as an action of `hdb base` (hypernet/recipes/base.py calls `register_base_action`).
+Registered as an action of `hdb base` (hdb/base.py calls `register_base_action`).
 
     nice -n 19 hdb base train-face-world --corpus ../shared/data/faces/caltech/identities.csv \
         --out runs/face_world [--steps 6000 --batch-size 32] [--resume]
@@ -12,7 +12,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from hypernet.base.face_world_config import FaceWorldConfig
+from hypernet.face_world_config import FaceWorldConfig
 
 
 def register_base_action(bsub: argparse._SubParsersAction) -> None:
@@ -109,7 +109,7 @@ def _make_corpus(args: argparse.Namespace) -> int:
 
 
 def _train_face_world(args: argparse.Namespace) -> int:
-    from hypernet.base.face_world import train_face_world  # torch/diffusers: only when it runs
+    from hypernet.face_world import train_face_world  # torch/diffusers: only when it runs
 
     cfg = FaceWorldConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, holdout_identities=args.holdout,

@@ -32,11 +32,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from hypernet.base.face_world_config import FaceWorldConfig
 from hypernet.base.taef2 import TAEF2, load_taef2  # noqa: F401  (registers TAEF2 for loading)
 from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
 from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
+from hypernet.face_world_config import FaceWorldConfig
 from hypernet.files import atomic_write_bytes
 from hypernet.photos import _get_detector, _to_rgb, decode_image, detect_face, square_crop
 from hypernet.training.losses import diffusion_loss
@@ -67,7 +67,7 @@ def default_taef2_dir() -> Path:
     import os
 
     env = os.environ.get("HDB_TAEF2_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "models" / "taef2"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "taef2"
 
 
 def face_world_unet_config(width: int = 64) -> dict:
