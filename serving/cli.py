@@ -70,7 +70,7 @@ def register(subparsers) -> None:
     ls = sub.add_parser("list", parents=[conn], help="list this key's identities")
     ls.set_defaults(func=_list)
 
-    e = sub.add_parser("export", parents=[conn], help="export an identity as a LoRA .safetensors")
+    e = sub.add_parser("export", parents=[conn], help="export an identity (a LoRA or an embedding file)")
     e.add_argument("identity")
     e.add_argument("--format", default="", choices=["", "lora_diffusers", "lora_kohya",
                                                     "textual_inversion", "diffusers", "kohya"],
