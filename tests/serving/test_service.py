@@ -49,8 +49,8 @@ def test_health_and_server_info(client):
     info = client.server_info()
     assert info.default_size == 64 and info.base_fingerprint
     methods = {pb.Method.Name(m.method): m for m in info.methods}
-    assert methods["HYPERDREAMBOOTH"].available and not methods["HYPERDREAMBOOTH"].background
-    assert methods["DREAMBOOTH"].background
+    assert methods["METHOD_HYPERDREAMBOOTH"].available and not methods["METHOD_HYPERDREAMBOOTH"].background
+    assert methods["METHOD_DREAMBOOTH"].background
     assert info.limits.max_message_bytes == 2 << 20 and info.limits.max_images == 4
     assert not info.auth_required and "grpcio" in info.versions
 
