@@ -187,6 +187,28 @@ def detect_face(img: Image.Image) -> tuple[float, float, float, float] | None:
     return x0, y0, x1, y1
 
 
+def detect_landmarks(img: Image.Image) -> np.ndarray | None:
+    """The 5 landmarks (left eye, right eye, nose, left and right mouth corner; (5, 2) x, y in
+    `img`'s pixels) of the most confident face, or None. Used to align faces for the face encoder
+    (`hypernet.face_alignment`).
+
+    Raises:
+        EnvironmentProblem: facenet-pytorch's MTCNN cannot be loaded.
+    """
+    det = _get_detector()
+    if det is None:
+        raise EnvironmentProblem(f"face detector must be available, got {_detector_failed}")
+    scale = min(1.0, _DETECT_MAX_SIDE / max(img.size))
+    small = img if scale == 1.0 else img.resize(
+        (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BILINEAR)
+    with torch.no_grad():
+        boxes, probs, points = det.detect(small, landmarks=True)
+    if boxes is None or len(boxes) == 0:
+        return None
+    best = int(np.argmax(np.asarray(probs, dtype=np.float64)))
+    return np.asarray(points[best], dtype=np.float64) / scale  # (5, 2)
+
+
 def face_crop(img: Image.Image, *, detector: Detector = "auto", margin: float = 0.5) -> Image.Image:
     """A square crop centred on the face, else on the image.
 
@@ -310,6 +332,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "decode_image",
     "detect_face",
+    "detect_landmarks",
     "face_crop",
     "list_photos",
     "load_photos",
