@@ -66,12 +66,12 @@ def default_face_encoder_dir() -> Path:
 
 def face_encoder_candidates() -> list[Path]:
     """Places searched, in order: $HDB_FACE_ENCODER, the project cache, the user cache."""
-    from hypernet.defaults import cache_dir
-
+    # Copied from hypernet.defaults.cache_dir (importing that module imports diffusers: ~10 s)
+    user_cache = Path(os.environ.get("HDB_CACHE_DIR") or Path.home() / ".cache" / "hyperdreambooth")
     out = []
     if os.environ.get(FACE_ENCODER_ENV):
         out.append(Path(os.environ[FACE_ENCODER_ENV]))
-    out += [default_face_encoder_dir() / FILE_NAME, cache_dir() / "face_encoders" / FILE_NAME]
+    out += [default_face_encoder_dir() / FILE_NAME, user_cache / "face_encoders" / FILE_NAME]
     return out
 
 
