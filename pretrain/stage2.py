@@ -28,6 +28,7 @@ from tqdm import tqdm
 from hypernet.adapters.lidb.model import LiDB
 from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
+from hypernet.hypernetwork.config import HypernetConfig
 from hypernet.hypernetwork.export import HypernetInfo, save_hypernet
 from hypernet.hypernetwork.losses import hypernet_loss, weight_mse
 from hypernet.hypernetwork.model import HyperNetwork
@@ -46,12 +47,19 @@ log = logging.getLogger(__name__)
 FINAL = "final.safetensors"
 #: stage-2 settings that do not change the trained weights (free to differ on resume).
 _FREE = ("val_every", "val_noise_draws", "ckpt_every", "keep_checkpoints", "log_every")
+_CONDITION_FIELDS = ("condition", "identity_tokens", "face_encoder", "identity_dim")
 
 
 def stage2_key(ctx: RunContext) -> str:
     d = dataclasses.asdict(ctx.cfg)
     for k in _FREE:
         d["stage2"].pop(k)
+    # Condition fields at their defaults (the pixel model) leave the key as it was before they
+    # existed, so finished pixel-conditioned runs are not redone.
+    defaults = dataclasses.asdict(HypernetConfig())
+    for k in _CONDITION_FIELDS:
+        if d["stage2"]["model"][k] == defaults[k]:
+            d["stage2"]["model"].pop(k)
     payload = {k: d[k] for k in ("base", "data", "stage1", "stage2")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

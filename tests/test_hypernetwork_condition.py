@@ -123,5 +123,9 @@ def test_onnx_graph_with_the_face_encoder_matches_torch(tmp_path, face_encoder_f
     assert (pack_theta(c) - pack_theta(a)).abs().max() > 1e-5
     fallback = onnx_rt.predict(pixels(2))  # no faces: aligned from the crops (centre crop here)
     assert fallback["A_train"].shape == (2, 3, 2, 4)
+    from hypernet.face_alignment import pixels_to_images
+
+    imgs = pixels_to_images(pixels(2))
+    torch.testing.assert_close(onnx_rt.predict(pixels(2), faces=onnx_rt.faces_for(imgs)), fallback)
     with pytest.raises(InvalidInputError, match=r"`faces` must have shape \(3, 3, 112, 112\)"):
         onnx_rt.predict(pixels(3), faces=faces[:2])

@@ -3,7 +3,7 @@
     rt = HypernetRuntime.load("runs/x/export")          # dir, .safetensors or .onnx
     rt.check_base(pipe)                                  # same base + layers as it was trained for?
     weights = rt.predict(pixels)                         # (N, 3, R, R) in [-1, 1]
-    weights = rt.predict(pixels, faces=align_faces(imgs))  # identity condition: faces from the photos
+    weights = rt.predict(pixels, faces=rt.faces_for(imgs))  # identity condition: faces of the photos
     lidb.use(weights)                                    # {"A_train": (N, L, r, a), "B_train": ...}
 
 An identity-conditioned hypernetwork (`config.condition` "identity"/"both") also needs the photo's
@@ -183,6 +183,16 @@ class HypernetRuntime:
             identity = self._face_encoder(fx.to(self.device)) if fx is not None else None  # (N, 512)
             out = self._model(x.to(self.device) if self.config.uses_pixels else None, identity)
         return {k: v.float() for k, v in out.items()}
+
+    def faces_for(self, images, detector: str = "auto") -> torch.Tensor | None:
+        """The aligned faces (N, 3, 112, 112) `predict` wants for these decoded photos (full
+        resolution: as pretraining's embedding cache saw them), or None when this hypernetwork is
+        not identity-conditioned (no detection is paid then)."""
+        if not self.needs_faces:
+            return None
+        from hypernet.face_alignment import align_faces
+
+        return align_faces(list(images), detector=detector)
 
     def _faces(self, x: torch.Tensor, faces) -> torch.Tensor:
         """Checked aligned faces (N, 3, 112, 112), or faces aligned from the pixels `x`."""
