@@ -45,9 +45,9 @@ def embeddings_key(ctx: RunContext) -> str:
     import hashlib
 
     from hypernet.face_encoder import ONNX_SHA256
-    from pretrain.prepare import prepare_key
 
-    payload = [prepare_key(ctx), ctx.cfg.stage2.model.face_encoder, ONNX_SHA256, _detector(ctx)]
+    # section_key("data") is pretrain.prepare.prepare_key (prepare imports this module: no circle)
+    payload = [ctx.cfg.section_key("data"), ctx.cfg.stage2.model.face_encoder, ONNX_SHA256, _detector(ctx)]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
