@@ -168,8 +168,9 @@ def _batch_free(model) -> None:
 class FaceEncoder(nn.Module):
     """Frozen MobileFaceNet: aligned faces (N, 3, 112, 112) in [-1, 1] -> unit embeddings (N, 512).
 
-    Always in eval mode (its BatchNorms keep their statistics) with no trainable parameters, so it
-    can sit inside a module that trains without being touched by its optimiser.
+    No trainable parameters, so it can sit inside a module that trains without being touched by
+    its optimiser. Its graph holds only Conv, PReLU and Add (BatchNorm was folded into the
+    convolutions when it was exported), so train and eval mode compute the same thing.
     """
 
     def __init__(self, net: nn.Module):
@@ -197,11 +198,6 @@ class FaceEncoder(nn.Module):
         model = onnx.load(str(p))
         _batch_free(model)
         return cls(convert(model))
-
-    def train(self, mode: bool = True) -> FaceEncoder:
-        super().train(mode)
-        self.net.eval()  # frozen: never switch BatchNorm to batch statistics
-        return self
 
     def forward(self, faces: torch.Tensor) -> torch.Tensor:
         """faces (N, 3, 112, 112) RGB in [-1, 1] -> (N, 512) L2-normalised embeddings."""
