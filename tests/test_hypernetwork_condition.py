@@ -4,6 +4,7 @@ path agrees with torch, and the runtime aligns faces itself when the caller give
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -54,7 +55,12 @@ def test_old_configs_and_files_without_the_new_fields_load_as_the_pixel_model(tm
     tensor names only. It loads strictly and predicts what it predicted before."""
     torch.manual_seed(0)
     model = HyperNetwork(small_cfg()).eval()
-    assert not any(k.startswith("identity_") for k in model.state_dict())  # names unchanged
+    # The tensors (names and shapes) the exporter wrote before `condition` existed, as pinned from
+    # that code: 39 tensors under these prefixes, hash of the sorted (name, shape) list.
+    names = sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())
+    assert {k.split(".")[0] for k, _ in names} == {"blocks", "encoder", "head_bias", "head_weight", "layer_pos",
+                                                 "norm", "proj", "theta_embed"}
+    assert len(names) == 39 and hashlib.sha256(repr(names).encode()).hexdigest()[:16] == "c02a644f245bba8c"
     path = save_hypernet(tmp_path / "new.safetensors", model, info_for(small_cfg()))
     import safetensors
 
