@@ -103,7 +103,9 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     # the hypernet conditions depend on), rescores them from their saved images with a metric added
     # later (FaceNet), and reruns changed ones (lora's)
     i = argv.index("--hypernet")
-    argv = argv[:i] + argv[i + 2:-2]  # and without "--metrics dlib": both metrics
+    argv = argv[:i] + argv[i + 2:]
+    j = argv.index("--metrics")
+    argv = argv[:j] + argv[j + 2:]  # and without "--metrics dlib": both metrics
     lora_cell = out / "cells" / "lora" / f"{results['identities'][0]}.json"
     base_cell = out / "cells" / "base" / f"{results['identities'][0]}.json"
     base_image = out / "cells" / "base" / results["identities"][0] / "seed0000.png"
@@ -138,15 +140,15 @@ def test_eval_on_a_merged_corpus_interleaves_parts_subsets_slow_methods_and_grid
                  "--images-per-id", "1", "--gen-steps", "1", "--device", "cpu", "--threads", "1",
                  "--detector", "center", "--metrics", "dlib"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["identities"] == ["lfw:a", "caltech:c", "lfw:b", "caltech:d"]  # round-robin over parts
+    assert results["identities"] == ["caltech:c", "lfw:a", "caltech:d", "lfw:b"]  # round-robin over parts
     conds = results["conditions"]
-    assert list(conds["lora"]["per_identity"]) == ["lfw:a", "caltech:c"] and conds["base"]["n"] == 4
+    assert list(conds["lora"]["per_identity"]) == ["caltech:c", "lfw:a"] and conds["base"]["n"] == 4
     gain = conds["lora"]["metrics"]["dlib"]["margin_gain_vs_base_by_part"]
     assert gain["lfw"]["n"] == 1 and gain["caltech"]["n"] == 1
     cell = conds["base"]["per_identity"]["lfw:a"]["scores"]["dlib"]
     assert cell["margin"] == pytest.approx(cell["face_rec"] - cell["other_sim"])
     report = (out / "REPORT.md").read_text()
-    assert "**Subset:** LoRA ran on the first 2" in report and "2 lfw, 2 caltech" in report
+    assert "**Subset:** LoRA ran on the first 2" in report and "2 caltech, 2 lfw" in report
     assert "by corpus part" in report
     # grids: Caltech's people only (one row each: lora ran on one of them, base on both)
     from PIL import Image
