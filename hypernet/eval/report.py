@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hypernet.eval.conditions import REAL_PHOTO, SLOW_CONDITIONS
+from hypernet.eval.corpus import part_of
 from hypernet.eval.stats import bootstrap_mean, paired_difference
 from hypernet.files import atomic_write_bytes
 
@@ -53,8 +55,6 @@ def summarise(cells, conditions, identities, metrics=("dlib",), n_boot: int = 20
     """Per condition: the number of people; per metric, bootstrap estimates of every score and the
     margin gain over the base (paired by identity), overall and per corpus part; the held-out loss,
     median seconds and bytes, total wall seconds; plus the per-identity values."""
-    from hypernet.eval.runner import part_of
-
     by = {(c.condition, c.identity): c for c in cells}
     parts = sorted({part_of(i) for i in identities})
     out: dict = {}
@@ -114,15 +114,12 @@ def _hours(s: float) -> str:
 
 def grid_people(identities, grid_parts) -> list[str]:
     """The identities a grid may show: those of `grid_parts` ('all' in it: everyone)."""
-    from hypernet.eval.runner import part_of
-
     return [i for i in identities if "all" in grid_parts or part_of(i) in grid_parts]
 
 
 def _grid(ev, cond: str) -> Path | None:
     """Rows = identities of the shown parts: the input photo, then the first `grid_images` samples."""
-    from hypernet.eval.runner import to_pil
-    from hypernet.photos import decode_image, preprocess
+    from hypernet.photos import decode_image, preprocess, to_pil
 
     cfg, rows = ev.cfg, []
     for ident in grid_people(ev.eval_ids, cfg.grid_parts):
@@ -147,8 +144,6 @@ def _grid(ev, cond: str) -> Path | None:
 
 
 def _header(ev, summary: dict) -> list[str]:
-    from hypernet.eval.runner import SLOW_CONDITIONS, part_of
-
     cfg = ev.cfg
     counts: dict[str, int] = {}
     for i in ev.eval_ids:
@@ -214,8 +209,6 @@ def _part_table(summary: dict, metrics, parts) -> list[str]:
 
 def write_report(ev) -> Path:
     """Write results.json, grid_<condition>.png and REPORT.md into the evaluation's `out`."""
-    from hypernet.eval.runner import REAL_PHOTO, part_of
-
     cfg = ev.cfg
     summary = summarise(ev.cells, (*cfg.conditions, REAL_PHOTO), ev.eval_ids, cfg.metrics, cfg.n_boot, cfg.seed)
     pairs = paired_rows(ev.cells, ev.eval_ids, cfg.metrics, cfg.n_boot, cfg.seed)

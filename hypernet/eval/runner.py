@@ -36,33 +36,22 @@ import torch
 from PIL import Image
 
 from hypernet.errors import InvalidInputError
-from hypernet.eval.conditions import CONDITIONS, EVAL_PROMPT_TEMPLATE, needs_hypernet, personalise
-from hypernet.eval.corpus import FaceCorpus, IdentitySplit, read_manifest
+from hypernet.eval.conditions import (
+    CONDITIONS,
+    EVAL_PROMPT_TEMPLATE,
+    REAL_PHOTO,
+    SLOW_CONDITIONS,
+    needs_hypernet,
+    personalise,
+)
+from hypernet.eval.corpus import FaceCorpus, IdentitySplit, interleave_parts, part_of, read_manifest
 from hypernet.eval.faces import FACE_METRICS, FaceMetric, cosine, load_face_metric
 from hypernet.files import atomic_write_bytes
+from hypernet.photos import to_pil
 
 log = logging.getLogger(__name__)
 
-__all__ = ["REAL_PHOTO", "SLOW_CONDITIONS", "EvalConfig", "Evaluation", "part_of", "run_evaluation"]
-
-#: The pseudo-condition scoring the real input photo itself (the ceiling of every metric).
-REAL_PHOTO = "real-photo"
-#: Conditions that take minutes per person on CPU; `slow_methods_people` limits them to a subset.
-SLOW_CONDITIONS = ("dreambooth", "lora", "textual-inversion")
-
-
-def part_of(identity: str) -> str:
-    """The corpus part of a merged label (`lfw:Tom_Hanks` -> `lfw`); "" for an unprefixed one."""
-    return identity.split(":", 1)[0] if ":" in identity else ""
-
-
-def interleave_parts(identities: list[str]) -> list[str]:
-    """Round-robin over parts (in order of first appearance), keeping each part's order."""
-    by: dict[str, list[str]] = {}
-    for i in identities:
-        by.setdefault(part_of(i), []).append(i)
-    queues = list(by.values())
-    return [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]
+__all__ = ["REAL_PHOTO", "EvalConfig", "Evaluation", "run_evaluation"]
 
 
 @dataclass
@@ -383,12 +372,6 @@ class Evaluation:
         finally:
             if artifact is not None:
                 artifact.remove(pipe)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> an RGB image."""
-    arr = ((x.detach().float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
-    return Image.fromarray(arr.astype(np.uint8))
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:

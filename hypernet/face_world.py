@@ -32,11 +32,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from hypernet.base.face_world_config import FaceWorldConfig
 from hypernet.base.taef2 import TAEF2, load_taef2  # noqa: F401  (registers TAEF2 for loading)
 from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
 from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
+from hypernet.face_world_config import FaceWorldConfig
 from hypernet.files import atomic_write_bytes
 from hypernet.photos import _get_detector, _to_rgb, decode_image, detect_face, square_crop
 from hypernet.training.losses import diffusion_loss
@@ -67,7 +67,7 @@ def default_taef2_dir() -> Path:
     import os
 
     env = os.environ.get("HDB_TAEF2_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "models" / "taef2"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "taef2"
 
 
 def face_world_unet_config(width: int = 64) -> dict:
@@ -220,14 +220,15 @@ class FaceWorldTrainer:
             if saved.get("key") == key:
                 self.latents = saved["latents"]
         if not hasattr(self, "latents"):
-            chunks = []
-            for i, path in enumerate(self.files):
-                pix = _load_crops(path, self.cfg.margins, self.cfg.detector)  # (M, 3, 128, 128)
-                pix = torch.cat([pix, pix.flip(-1)])  # (2M, 3, 128, 128): mirrored copies
+            chunks, group = [], 16  # photos per encoder call: fewer, larger calls on a CPU
+            for i in range(0, len(self.files), group):
+                pix = torch.cat([_load_crops(p, self.cfg.margins, self.cfg.detector)
+                                 for p in self.files[i:i + group]])  # (G*M, 3, 128, 128)
+                pix = torch.cat([pix, pix.flip(-1)])  # (2*G*M, 3, 128, 128): mirrored copies
                 chunks.append(self.vae.encode(pix).latent_dist.mode() * self.vae.config.scaling_factor)
-                if i % 25 == 0:
-                    log.info("encoded %d/%d photos", i + 1, len(self.files))
-            self.latents = torch.cat(chunks)  # (N * 2M, 32, 16, 16)
+                if i % (group * 25) == 0:
+                    log.info("encoded %d/%d photos", min(i + group, len(self.files)), len(self.files))
+            self.latents = torch.cat(chunks)  # (N * 2M, 32, 16, 16), in an order no step depends on
             torch.save({"key": key, "latents": self.latents}, cache)
         ids = self.tokenizer(
             [CAPTION, ""], padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True, return_tensors="pt"
