@@ -152,8 +152,10 @@ def _header(ev, summary: dict) -> list[str]:
         "# Identity quality on held-out identities",
         "",
         f"Base `{cfg.base}`, hypernetwork `{cfg.hypernet}`, corpus `{cfg.corpus}`.",
-        f"{len(ev.eval_ids)} held-out people ({', '.join(f'{n} {p}' for p, n in counts.items())}; none seen by "
-        f"the base or the hypernetwork: the base's split.json), one input photo each; {cfg.images_per_id} images "
+        f"{len(ev.eval_ids)} held-out people ({', '.join(f'{n} {p}' for p, n in counts.items())}; "
+        + ("held out by the base's split.json" if ev.train_ids else
+           "**the base has no split.json: they are not known to be held out**")
+        + f"), one input photo each; {cfg.images_per_id} images "
         f"per person and method from \"{cfg.prompt}\" (seeds {cfg.seed}..{cfg.seed + cfg.images_per_id - 1}, "
         f"{cfg.gen_steps} DPM-Solver++ steps, guidance {cfg.guidance}). Mean [95% bootstrap CI over people].",
         "",
