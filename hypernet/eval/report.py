@@ -199,14 +199,13 @@ def _part_table(summary: dict, metrics, parts) -> list[str]:
     if len(parts) < 2:
         return []
     cols = [(p, m) for p in parts for m in metrics]
-    lines = ["", "### Margin gain vs base, by corpus part", "",
-             "| Method | " + " | ".join(f"{p} ({m})" for p, m in cols) + " |", "|---|" + "---|" * len(cols)]
-    for cond, e in summary.items():
-        if "margin_gain_vs_base_by_part" not in e["metrics"][metrics[0]]:
-            continue
-        lines.append(f"| {_LABELS.get(cond, cond)} | " + " | ".join(
-            _fmt(e["metrics"][m]["margin_gain_vs_base_by_part"].get(p)) for p, m in cols) + " |")
-    return lines
+    rows = [f"| {_LABELS.get(cond, cond)} | " + " | ".join(
+        _fmt(e["metrics"][m]["margin_gain_vs_base_by_part"].get(p)) for p, m in cols) + " |"
+        for cond, e in summary.items() if "margin_gain_vs_base_by_part" in e["metrics"][metrics[0]]]
+    if not rows:
+        return []
+    return ["", "### Margin gain vs base, by corpus part", "",
+            "| Method | " + " | ".join(f"{p} ({m})" for p, m in cols) + " |", "|---|" + "---|" * len(cols), *rows]
 
 
 def write_report(ev) -> Path:
