@@ -60,13 +60,14 @@ def _class_init(pipe, class_noun: str, k: int) -> torch.Tensor:
 
 def _fit(pipe, call: TrainCall, config: TIMethodConfig) -> TIArtifact:
     """Learn `config.num_vectors` embeddings for `token`; the pipeline is left as it was."""
-    tokens = token_names(call.token, config.num_vectors)
+    token, class_noun = call.token, call.class_noun
+    tokens = token_names(token, config.num_vectors)
     tok, te = pipe.tokenizer, pipe.text_encoder
     if any(t in tok.get_added_vocab() for t in tokens):
-        raise InvalidInputError(f"`token` must not already be an added token of this pipeline, got {call.token!r}")
+        raise InvalidInputError(f"`token` must not already be an added token of this pipeline, got {token!r}")
     pixels = call.pixels(pipe)  # (N, 3, R, R)
     prompt = call.prompt(config.prompt)
-    init = _class_init(pipe, call.class_noun, config.num_vectors)  # (k, D)
+    init = _class_init(pipe, class_noun, config.num_vectors)  # (k, D)
     tok.add_tokens(tokens)
     try:
         te.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -87,7 +88,7 @@ def _fit(pipe, call: TrainCall, config: TIMethodConfig) -> TIArtifact:
         if isinstance(current, _TokenRows):
             te.set_input_embeddings(current.base)
         _drop_tokens(pipe, tokens)
-    return TIArtifact(call.token, vectors, call.metadata(KIND, prompt, result.losses[-1], config))
+    return TIArtifact(token, vectors, call.metadata(KIND, prompt, result.losses[-1], config))
 
 
 train = personaliser(TIMethodConfig, _fit)
