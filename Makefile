@@ -41,7 +41,8 @@ bench: setup
 # ~8 jobs on it, ran 3-4x slower):
 #   eval-corpus      LFW + Caltech merged, 48 + 7 people held out ............ seconds
 #   eval-face-world  face world v2, 4,000 steps of batch 32 (1.5 s/step idle, measured on v1;
-#                    ~5 s/step on the loaded machine) + encoding ~7,300 photos  ~2 h (loaded: 6 h+)
+#                    ~5 s/step on the loaded machine) + encoding 7,283 photos
+#                    (<= 2 per person, one crop, no mirror; resumable shards)  ~2 h (loaded: 6 h+)
 #   eval-pretrain    stage 1 on $(STAGE1_IDENTITIES) training identities, batched (issue 14's target:
 #                    ~1 h), stage 2 and the ONNX export (config face-world-cpu)  ~1.5 h
 #   eval-run         `hdb eval` on the 55 held-out people, both face metrics: ~4 min per person for
@@ -66,7 +67,7 @@ eval-corpus: setup
 eval-face-world: eval-corpus
 	nice -n 19 $(PY) -m hdb.cli base train-face-world --corpus $(CORPUS)/identities.csv \
 		--split $(CORPUS)/split.json --out $(FACE_WORLD) --steps $(FACE_WORLD_STEPS) --threads 2 \
-		--detector center --margins 0.5 --resume
+		--export-every 500 --detector center --margins 0.5 --max-photos 2 --no-mirror --resume
 # stage 1 reads only the face world's train_identities.csv: no held-out person reaches pretraining
 eval-pretrain: eval-face-world
 	nice -n 19 $(PY) -m hdb.cli pretrain all --config face-world-cpu --output-dir $(FACE_HYPERNET) \

@@ -238,6 +238,8 @@ class Evaluation:
 
         cache_file = self.cfg.out / "reference_embeddings.npz"
         cache = dict(np.load(cache_file)) if cache_file.is_file() else {}
+        self.cfg.out.mkdir(parents=True, exist_ok=True)
+        new = 0
         self.ref_emb: dict[str, dict[str, np.ndarray]] = {m: {} for m in self.cfg.metrics}  # metric -> id -> (n, D)
         self.ref_pixels: dict[str, torch.Tensor] = {}
         for ident in self._comparison_ids():
@@ -250,11 +252,13 @@ class Evaluation:
                     key = f"{m}|{p}|{self.resolution}"
                     if key not in cache:
                         cache[key] = embedder(to_pil(x)).embedding
+                        new += 1
+                        if new % 200 == 0:  # a merged corpus has ~1,000 references: keep them across a kill
+                            np.savez(cache_file, **cache)
                     embs.append(cache[key])
                 self.ref_emb[m][ident] = np.stack(embs)  # (n_ref, D)
             if ident in self.eval_ids:
                 self.ref_pixels[ident] = torch.stack(pix)  # (n_ref, 3, R, R)
-        self.cfg.out.mkdir(parents=True, exist_ok=True)
         np.savez(cache_file, **cache)
 
     def _others(self, metric: str, ident: str) -> np.ndarray:
