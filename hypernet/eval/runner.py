@@ -254,12 +254,12 @@ class Evaluation:
                         cache[key] = embedder(to_pil(x)).embedding
                         new += 1
                         if new % 200 == 0:  # a merged corpus has ~1,000 references: keep them across a kill
-                            np.savez(cache_file, **cache)
+                            _save_npz(cache_file, cache)
                     embs.append(cache[key])
                 self.ref_emb[m][ident] = np.stack(embs)  # (n_ref, D)
             if ident in self.eval_ids:
                 self.ref_pixels[ident] = torch.stack(pix)  # (n_ref, 3, R, R)
-        np.savez(cache_file, **cache)
+        _save_npz(cache_file, cache)
 
     def _others(self, metric: str, ident: str) -> np.ndarray:
         """(m, D) embeddings of the other people of `ident`'s corpus part."""
@@ -376,6 +376,13 @@ class Evaluation:
         finally:
             if artifact is not None:
                 artifact.remove(pipe)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez through a temporary file: a kill mid-write leaves the previous cache readable."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:
