@@ -1,7 +1,8 @@
 """`hdb eval`: the paper's Table 1 in miniature, on identities held out from every training step.
 
-For each held-out identity, its first photo is the one input and its other photos are the
-references. Each condition (`hypernet.eval.conditions`) personalises from the input, timed; then
+For each held-out identity, its first photo is the one input (its first 3 when a 3-photo variant
+is among the conditions; see `EvalConfig.inputs`) and its other photos are the references. Each
+condition (`hypernet.eval.conditions`) personalises from the input, timed; then
 `images_per_id` images are generated with fixed seeds (the same seeds for every condition, so
 comparisons are paired) from "a photo of ohwx person", and scored with dlib's face embedding:
 
@@ -30,7 +31,14 @@ import torch
 from PIL import Image
 
 from hypernet.errors import InvalidInputError
-from hypernet.eval.conditions import CONDITIONS, EVAL_PROMPT_TEMPLATE, needs_hypernet, personalise
+from hypernet.eval.conditions import (
+    ALL_CONDITIONS,
+    CONDITIONS,
+    EVAL_PROMPT_TEMPLATE,
+    input_photos,
+    needs_hypernet,
+    personalise,
+)
 from hypernet.eval.corpus import FaceCorpus, IdentitySplit, read_manifest
 from hypernet.eval.faces import FaceEmbedder, cosine
 from hypernet.files import atomic_write_bytes
@@ -72,9 +80,10 @@ class EvalConfig:
         self.base, self.corpus, self.out = Path(self.base), Path(self.corpus), Path(self.out)
         self.hypernet = Path(self.hypernet) if self.hypernet else None
         self.conditions = tuple(self.conditions)
-        bad = [c for c in self.conditions if c not in CONDITIONS]
+        bad = [c for c in self.conditions if c not in ALL_CONDITIONS]
         if bad or not self.conditions:
-            raise InvalidInputError(f"`conditions` must be a non-empty subset of {list(CONDITIONS)}, got {bad or '[]'}")
+            raise InvalidInputError(
+                f"`conditions` must be a non-empty subset of {list(ALL_CONDITIONS)}, got {bad or '[]'}")
         if needs_hypernet(self.conditions) and self.hypernet is None:
             raise InvalidInputError(
                 "`hypernet` must be given for the hyperdreambooth/hypernetwork/fast-finetune conditions, got None"
@@ -89,6 +98,12 @@ class EvalConfig:
     def prompt(self) -> str:
         return EVAL_PROMPT_TEMPLATE.format(token=self.token, class_noun=self.class_noun)
 
+    @property
+    def inputs(self) -> int:
+        """Photos held back as inputs per identity: the most any condition takes (the rest are
+        references, the same for every condition so that comparisons stay paired)."""
+        return max(input_photos(c) for c in self.conditions)
+
     def cell_key(self, condition: str, models: str = "") -> str:
         """What a cached cell depends on (settings + `models`, the weights' identity): a change reruns it.
 
@@ -99,6 +114,8 @@ class EvalConfig:
         d = dict(models=models, hypernet=hypernet, n=self.images_per_id, det=self.detector,
                  steps=self.gen_steps, guidance=self.guidance, prompt=self.prompt, seed=self.seed,
                  loss_t=self.loss_timesteps, overrides=self.overrides.get(condition, {}))
+        if self.inputs > 1:  # other references: other cells (1 keeps the keys of earlier runs)
+            d["inputs"] = self.inputs
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -172,11 +189,12 @@ class Evaluation:
             log.warning("%s has no split.json: evaluating every identity with >= 3 photos; none is "
                         "known to be held out from the base's training", self.cfg.base)
             held, train = [i for i in self.corpus.identities if len(self.corpus.photos[i]) >= 3], []
-        held = [i for i in held if len(self.corpus.photos[i]) >= 2]
+        held = [i for i in held if len(self.corpus.photos[i]) >= self.cfg.inputs + 1]
         if self.cfg.identities is not None:
             held = held[: self.cfg.identities]
         if not held:
-            raise InvalidInputError("`corpus` must have at least one held-out identity with >= 2 photos, got none")
+            raise InvalidInputError(f"`corpus` must have at least one held-out identity with >= "
+                                    f"{self.cfg.inputs + 1} photos, got none")
         return held, train
 
     @torch.no_grad()
@@ -191,7 +209,7 @@ class Evaluation:
         others = [i for i in self.corpus.identities if i not in self.eval_ids]
         for ident in self.eval_ids + others:
             photos = self.corpus.photos[ident]
-            refs = photos[1:] if ident in self.eval_ids else photos[: self.cfg.other_photos_per_id]
+            refs = photos[self.cfg.inputs:] if ident in self.eval_ids else photos[: self.cfg.other_photos_per_id]
             embs = []
             pix = []
             for p in refs:
@@ -236,8 +254,8 @@ class Evaluation:
             if cached.get("key") == key:
                 return Cell(**cached)
         t0 = time.perf_counter()
-        photo = self.corpus.photos[ident][0]
-        done = personalise(self.pipe, condition, photo, runtime=self.runtime, token=cfg.token,
+        photos = self.corpus.photos[ident][: input_photos(condition)]
+        done = personalise(self.pipe, condition, photos, runtime=self.runtime, token=cfg.token,
                            class_noun=cfg.class_noun, overrides=cfg.overrides.get(condition), seed=cfg.seed,
                            detector=cfg.detector)
         images = self._generate(done.artifact)

@@ -120,8 +120,14 @@ class HyperNetwork(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """pixels (N, 3, H, W) in [-1, 1] -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}."""
+        return self.decode(self.encode(pixels))
+
+    def decode(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Image tokens (N, T, d) -> packed LiDB weights: the s refinement iterations from theta_0 = 0.
+
+        Separate from `encode` so that tokens of several photos can be averaged before decoding.
+        """
         cfg = self.cfg
-        f = self.encode(pixels)  # (N, T, d)
         theta = f.new_zeros(f.shape[0], cfg.num_layers, cfg.params_per_layer)  # theta_0 = 0
         for _ in range(cfg.iterations):
             theta = theta + self.refine(f, theta)

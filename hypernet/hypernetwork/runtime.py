@@ -4,6 +4,10 @@
     rt.check_base(pipe)                                  # same base + layers as it was trained for?
     weights = rt.predict(pixels)                         # (N, 3, R, R) in [-1, 1]
     lidb.use(weights)                                    # {"A_train": (N, L, r, a), "B_train": ...}
+    weights = rt.decode(rt.encode(pixels).mean(0, keepdim=True))  # several photos: mean of tokens
+
+`encode`/`decode` run the torch model: the ONNX graph is one piece (photo -> weights), so an ONNX
+runtime loads the torch weights beside it (hypernet.safetensors) the first time they are asked for.
 
 onnxruntime gets the CUDA provider only when torch sees a GPU (asking for it without CUDA logs an
 error), else the CPU provider; thread spinning is off because it slows torch running in the same
@@ -33,12 +37,14 @@ Backend = Literal["auto", "onnx", "torch"]
 class HypernetRuntime:
     """A loaded hypernetwork; build it with `HypernetRuntime.load`."""
 
-    def __init__(self, info: HypernetInfo, backend: str, device: torch.device, session=None, model=None):
+    def __init__(self, info: HypernetInfo, backend: str, device: torch.device, session=None, model=None,
+                 torch_path: Path | None = None):
         self.info = info
         self.backend = backend
         self.device = device
         self._session = session
         self._model = model
+        self._torch_path = torch_path  # ONNX backend: the safetensors beside it, loaded on demand
 
     # --- what a caller checks against its base -------------------------------------------------
     @property
@@ -85,7 +91,7 @@ class HypernetRuntime:
                     f"`path` must hold an .onnx hypernetwork for backend 'onnx', got {str(path)!r}"
                 )
             try:
-                return cls._load_onnx(onnx_path, dev)
+                return cls._load_onnx(onnx_path, dev, st_path)
             except Exception as e:  # onnxruntime raises its own (pybind) types for corrupt files, bad opsets
                 if not (auto and st_path is not None):
                     raise InvalidInputError(
@@ -104,7 +110,7 @@ class HypernetRuntime:
         return cls(info, "torch", dev, model=model)
 
     @classmethod
-    def _load_onnx(cls, path: Path, dev: torch.device) -> HypernetRuntime:
+    def _load_onnx(cls, path: Path, dev: torch.device, torch_path: Path | None = None) -> HypernetRuntime:
         import onnxruntime as ort
 
         info = read_info(path)
@@ -116,7 +122,7 @@ class HypernetRuntime:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), so, providers=providers)
         log.info("hypernetwork %s on onnxruntime (%s)", path, session.get_providers()[0])
-        return cls(info, "onnx", dev, session=session)
+        return cls(info, "onnx", dev, session=session, torch_path=torch_path)
 
     def check_base(self, pipe) -> None:
         """Raise `IncompatibleAdapterError` unless `pipe` is the base this was trained for."""
@@ -134,13 +140,7 @@ class HypernetRuntime:
                 f"hypernetwork must match the base's {len(self.layers)} LiDB layers, got a different layer set"
             )
 
-    def predict(self, pixels: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """pixels (N, 3, R, R) in [-1, 1] -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}
-        as fp32 tensors on this runtime's device.
-
-        Raises:
-            InvalidInputError: wrong shape (R must be the base's resolution) or non-finite values.
-        """
+    def _check_pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
         x = torch.as_tensor(pixels)
         R = self.resolution
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, R, R) or x.shape[0] < 1:
@@ -148,6 +148,16 @@ class HypernetRuntime:
         x = x.float()
         if not torch.isfinite(x).all():
             raise InvalidInputError("`pixels` must be finite, got NaN/inf")
+        return x
+
+    def predict(self, pixels: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """pixels (N, 3, R, R) in [-1, 1] -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}
+        as fp32 tensors on this runtime's device.
+
+        Raises:
+            InvalidInputError: wrong shape (R must be the base's resolution) or non-finite values.
+        """
+        x = self._check_pixels(pixels)
         if self._session is not None:
             A, B = self._session.run(["A_train", "B_train"], {"pixels": x.cpu().numpy()})
             return {"A_train": torch.from_numpy(A).to(self.device),
@@ -155,6 +165,43 @@ class HypernetRuntime:
         with torch.no_grad():
             out = self._model(x.to(self.device))
         return {k: v.float() for k, v in out.items()}
+
+
+    def encode(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """pixels (N, 3, R, R) in [-1, 1] -> the decoder's image tokens (N, T, d), fp32.
+
+        Raises:
+            InvalidInputError: as `predict`.
+            ModelNotFoundError: an ONNX-only export (the split needs the torch weights).
+        """
+        x = self._check_pixels(pixels)
+        with torch.no_grad():
+            return self._torch_model().encode(x.to(self.device)).float()
+
+    def decode(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Image tokens (N, T, d) -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}, fp32.
+
+        Raises:
+            InvalidInputError: tokens not (N, T, d) with this hypernetwork's d.
+            ModelNotFoundError: an ONNX-only export.
+        """
+        d = self.config.dim
+        if tokens.dim() != 3 or tokens.shape[0] < 1 or tokens.shape[-1] != d:
+            raise InvalidInputError(f"`tokens` must have shape (N, T, {d}), got {tuple(tokens.shape)}")
+        with torch.no_grad():
+            out = self._torch_model().decode(tokens.to(self.device).float())
+        return {k: v.float() for k, v in out.items()}
+
+    def _torch_model(self):
+        if self._model is None:
+            if self._torch_path is None:
+                raise ModelNotFoundError(
+                    "hypernetwork must have its torch weights (hypernet.safetensors) beside the ONNX file "
+                    "to encode and decode separately (combining photos in embedding space), got ONNX only"
+                )
+            self._model, _ = load_hypernet(self._torch_path, device=self.device)
+            log.info("hypernetwork %s on torch for encode/decode", self._torch_path)
+        return self._model
 
 
 def _locate(path: Path) -> tuple[Path | None, Path | None]:
