@@ -260,32 +260,31 @@ def _subspace_finetune(pipe, runtime, pred, pixels, cfg, progress, should_stop):
     spec_r = dataclasses.replace(spec, r=cfg.rank)  # same seed, a, b: the same aux bases
     core = LiDB(pipe, spec_r, name=RELAXED_ADAPTER, layers=list(runtime.layers))
     try:
-        core.load_state_dict(subspace_init(pred, cfg.rank, cfg.seed, from_prediction=cfg.init != "zero"))
+        core.load_state_dict(subspace_init(pred, cfg.rank, cfg.seed))
         result = _train(pipe, list(core.parameters()), pixels, cfg, progress, should_stop)
         return spec_r, {k: v.cpu().float() for k, v in core.state_dict().items()}, result.losses
     finally:
         delete_adapter(pipe, RELAXED_ADAPTER)
 
 
-def subspace_init(pred: dict[str, torch.Tensor], rank: int, seed: int,
-                  from_prediction: bool = True) -> dict[str, torch.Tensor]:
-    """The start of a subspace-relaxed fine-tune: A (L, R, a), B (L, b, R).
+def subspace_init(pred: dict[str, torch.Tensor], rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """The start of a subspace-relaxed fine-tune: A (L, R, a), B (L, b, R), whose delta is exactly
+    the prediction's.
 
     Components [0, r) are the prediction; components [r, R) have A ~ N(0, 1/a) (LiDB's own init)
-    and B = 0, so the start's delta is exactly the prediction's, and B of the extra components
-    gets gradient at once (A's follows once B moves). Without `from_prediction` (the fine-tune-only
-    ablation, whose prediction is zero) every component starts that way, as none would train from
-    A = B = 0.
+    and B = 0, so B of the extra components gets gradient at once (A's follows once B moves). A
+    predicted component that is all zero (the fine-tune-only ablation's zero prediction) starts
+    like an extra one: with A = B = 0 it would never train.
     """
     A0, B0 = pred["A_train"].float().cpu(), pred["B_train"].float().cpu()  # (L, r, a), (L, b, r)
     L, r, a = A0.shape
     b = B0.shape[1]
-    keep = r if from_prediction else 0
     gen = torch.Generator(device="cpu").manual_seed(seed)
     A = torch.randn(L, rank, a, generator=gen) / a**0.5  # (L, R, a)
     B = torch.zeros(L, b, rank)  # (L, b, R)
-    A[:, :keep] = A0[:, :keep]
-    B[:, :, :keep] = B0[:, :, :keep]
+    live = (A0.abs().amax(-1) > 0) | (B0.abs().amax(-2) > 0)  # (L, r)
+    A[:, :r] = torch.where(live[..., None], A0, A[:, :r])
+    B[:, :, :r] = B0
     return {"A_train": A, "B_train": B}
 
 

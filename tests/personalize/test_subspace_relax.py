@@ -55,8 +55,8 @@ def test_init_is_the_prediction_plus_components_that_get_gradient():
     assert torch.equal(A[:, :1], pred["A_train"]) and torch.equal(B[:, :, :1], pred["B_train"])
     assert torch.equal(B @ A, pred["B_train"] @ pred["A_train"])  # the start's delta is the prediction's
     assert (A[:, 1:].abs() > 0).all() and (B[:, :, 1:] == 0).all()  # B of extras gets gradient through A
-    zero = subspace_init({k: torch.zeros_like(v) for k, v in pred.items()}, 3, 1, from_prediction=False)
-    assert (zero["A_train"].abs() > 0).all()  # the ablation: no dead (A = B = 0) component
+    zero = subspace_init({k: torch.zeros_like(v) for k, v in pred.items()}, 3, 1)
+    assert (zero["A_train"].abs() > 0).all()  # the ablation's zero prediction: no dead (A = B = 0) component
 
 
 def test_subspace_fine_tune_trains_the_core_and_makes_a_small_identity(tiny_pipe, tiny_hypernet):
