@@ -160,7 +160,10 @@ def _zero_prediction(runtime):
     def predict(pixels):
         return {k: torch.zeros_like(v) for k, v in runtime.predict(pixels).items()}
 
-    zero.predict = predict
+    def decode(tokens):  # several photos combined in embedding space
+        return {k: torch.zeros_like(v) for k, v in runtime.decode(tokens).items()}
+
+    zero.predict, zero.decode = predict, decode
     return zero
 
 
