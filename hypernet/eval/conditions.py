@@ -32,8 +32,11 @@ from typing import Any
 
 from hypernet.errors import InvalidInputError
 
-__all__ = ["ALL_CONDITIONS", "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "VARIANTS", "Personalised", "input_photos",
-           "parse_overrides", "personalise"]
+#: The pseudo-condition scoring the real input photo itself (the ceiling of every metric).
+REAL_PHOTO = "real-photo"
+
+__all__ = ["ALL_CONDITIONS", "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "VARIANTS", "Personalised",
+           "input_photos", "parse_overrides", "personalise"]
 
 CONDITIONS = (
     "hyperdreambooth", "hypernetwork", "fast-finetune", "lidb", "lora", "dreambooth", "textual-inversion", "base",

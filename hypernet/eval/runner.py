@@ -35,6 +35,7 @@ from hypernet.eval.conditions import (
     ALL_CONDITIONS,
     CONDITIONS,
     EVAL_PROMPT_TEMPLATE,
+    REAL_PHOTO,
     input_photos,
     needs_hypernet,
     personalise,
@@ -42,14 +43,11 @@ from hypernet.eval.conditions import (
 from hypernet.eval.corpus import FaceCorpus, IdentitySplit, read_manifest
 from hypernet.eval.faces import FaceEmbedder, cosine
 from hypernet.files import atomic_write_bytes
+from hypernet.photos import to_pil
 
 log = logging.getLogger(__name__)
 
 __all__ = ["REAL_PHOTO", "EvalConfig", "Evaluation", "run_evaluation"]
-
-#: The pseudo-condition scoring the real input photo itself (the ceiling of every metric).
-REAL_PHOTO = "real-photo"
-
 
 @dataclass
 class EvalConfig:
@@ -311,12 +309,6 @@ class Evaluation:
         finally:
             if artifact is not None:
                 artifact.remove(pipe)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> an RGB image."""
-    arr = ((x.detach().float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
-    return Image.fromarray(arr.astype(np.uint8))
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:

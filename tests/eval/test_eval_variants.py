@@ -67,8 +67,8 @@ def test_eval_with_a_three_photo_variant_holds_back_three_inputs(tiny_pipe, tiny
                                                                  faces_dir, tmp_path):
     """Every condition is scored against the photos after the first 3, so 1 vs 3 stays paired;
     identities without a 4th photo drop out."""
+    from hdb.cli import main
     from hypernet.eval.corpus import read_manifest
-    from hypernet.recipes.cli import main
 
     corpus = read_manifest(faces_dir / "identities.csv")
     ids = corpus.identities[:3]

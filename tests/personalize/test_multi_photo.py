@@ -103,7 +103,7 @@ def test_errors_name_the_photo_at_fault(tiny_pipe, tiny_hypernet, tmp_path):
 
 
 def test_cli_takes_several_photos(tiny_pipe, tiny_base_dir, tiny_hypernet, tmp_path, capsys):
-    from hypernet.recipes.cli import main
+    from hdb.cli import main
 
     paths = []
     for i in range(3):

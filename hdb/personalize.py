@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hypernet", type=Path, help="exported hypernetwork folder or file (default: tiny-cpu)")
     p.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto", help="hypernetwork runtime")
     p.add_argument("--steps", type=int, default=40, help="fast fine-tune steps; 0 = hypernetwork only (40)")
-    p.add_argument("--rank", type=int, default=4, help="rank of the relaxed LoRA (4)")
+    p.add_argument("--rank", type=int, default=4,
+                   help="rank of the relaxed LoRA, or of the subspace core with --relax subspace (4)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate (1e-3)")
     p.add_argument("--combine", choices=("weights", "embedding"), default="weights",
                    help="several photos: mean of the predicted weights, or of the encoder tokens (weights)")
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     personalize_photos = photos if len(photos) > 1 else photos[0]
     pipe = load_pipeline(args.base or default_base_dir(), device=args.device, dtype=args.dtype)
     if args.hypernet is None:
-        from hypernet.defaults import default_hypernet_path
+        from hdb.defaults import default_hypernet_path
 
         args.hypernet = default_hypernet_path()
     runtime = load_runtime(str(args.hypernet), args.backend, args.device)
