@@ -56,7 +56,9 @@ class PersonalizeConfig:
     """The fast fine-tune's knobs; defaults follow the paper (40 steps, rank > 1)."""
 
     steps: int = field(default=40, metadata={"help": "fine-tune steps; 0 = hypernetwork only (paper: 40)"})
-    rank: int = field(default=4, metadata={"help": "rank of the relaxed LoRA (must be > 1 to relax rank-1 LiDB)"})
+    rank: int = field(default=4, metadata={
+        "help": "rank of the relaxed LoRA (relax='lora'), or of the trained LiDB core (relax='subspace'); "
+                "must be > 1 to relax rank-1 LiDB"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the relaxed LoRA"})
     token: str = field(default="ohwx", metadata={"help": "the rare identifier token"})
     class_noun: str = field(default="person", metadata={"help": "the class the subject belongs to"})
