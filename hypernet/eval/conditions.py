@@ -35,13 +35,17 @@ from hypernet.errors import InvalidInputError
 #: The pseudo-condition scoring the real input photo itself (the ceiling of every metric).
 REAL_PHOTO = "real-photo"
 
-__all__ = ["ALL_CONDITIONS", "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "VARIANTS", "Personalised",
-           "input_photos", "parse_overrides", "personalise"]
+__all__ = [
+    "ALL_CONDITIONS", "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS", "VARIANTS",
+    "Personalised", "input_photos", "parse_overrides", "personalise",
+]
 
 CONDITIONS = (
     "hyperdreambooth", "hypernetwork", "fast-finetune", "lidb", "lora", "dreambooth", "textual-inversion", "base",
 )
 _HYPERNET_CONDITIONS = ("hyperdreambooth", "hypernetwork", "fast-finetune")
+#: Conditions that take minutes per person on CPU: `hdb eval --slow-methods-people N` runs them on a subset.
+SLOW_CONDITIONS = ("dreambooth", "lora", "textual-inversion")
 #: name -> (the condition it varies, PersonalizeConfig settings it fixes, input photos it takes).
 VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hypernetwork-3photos": ("hypernetwork", {"combine": "weights"}, 3),
