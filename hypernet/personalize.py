@@ -156,13 +156,16 @@ def personalize(
         preprocess(face_crop(img.convert("RGB"), detector=cfg.detector), resolution, detector="center")
         for img in imgs
     ])  # (K, 3, R, R) in [-1, 1]
+    # An identity-conditioned hypernetwork gets faces aligned on the full-resolution photos, as
+    # pretraining's embedding cache aligned them (None for a pixel-conditioned one).
+    faces = runtime.faces_for(imgs)  # (K, 3, 112, 112) | None
     timings["preprocess"] = time.perf_counter() - t
     _check_stop(should_stop)
 
     # 2. Hypernetwork prediction, combined over the photos.
     t = time.perf_counter()
     report(ProgressEvent("hypernetwork", 0, 1))
-    pred = _predict(runtime, pixels, cfg.combine)  # (L, r, a), (L, b, r)
+    pred = _predict(runtime, pixels, faces, cfg.combine)  # (L, r, a), (L, b, r)
     if cfg.init == "zero":
         pred = {k: torch.zeros_like(v) for k, v in pred.items()}
     timings["hypernetwork"] = time.perf_counter() - t
@@ -212,8 +215,10 @@ def _decode(photo, source: str | None, max_pixels: int) -> Image.Image:
     return decode_image(photo, max_pixels=max_pixels, source=source)
 
 
-def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, combine: str) -> dict[str, torch.Tensor]:
-    """pixels (K, 3, R, R) -> one identity's LiDB weights (L, r, a), (L, b, r).
+def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, faces: torch.Tensor | None,
+             combine: str) -> dict[str, torch.Tensor]:
+    """pixels (K, 3, R, R) (+ aligned faces (K, 3, 112, 112) for an identity-conditioned
+    hypernetwork, else None) -> one identity's LiDB weights (L, r, a), (L, b, r).
 
     K = 1 is the plain prediction whatever `combine` says, so one photo in a list equals one photo.
     "weights" averages the K packed predictions: rank-1 factors have a sign ambiguity ((A, B) and
@@ -221,8 +226,9 @@ def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, combine: str) -> di
     so their signs agree. "embedding" averages the encoder's tokens and decodes once.
     """
     if len(pixels) == 1 or combine == "weights":
-        return {k: v.mean(0) if len(pixels) > 1 else v[0] for k, v in runtime.predict(pixels).items()}
-    tokens = runtime.encode(pixels)  # (K, T, d)
+        return {k: v.mean(0) if len(pixels) > 1 else v[0]
+                for k, v in runtime.predict(pixels, faces=faces).items()}
+    tokens = runtime.encode(pixels, faces=faces)  # (K, T, d)
     return {k: v[0] for k, v in runtime.decode(tokens.mean(0, keepdim=True)).items()}
 
 
