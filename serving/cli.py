@@ -2,7 +2,7 @@
 
     hdb serve                                   # embedded tiny base on localhost:50051 (dev)
     hdb serve --host 0.0.0.0 --keys-file keys.txt --store s3://bucket/ids --tls-cert c --tls-key k
-    hdb client personalize me.jpg --target localhost:50051 --prompt "a photo of ohwx person" --out out/
+    hdb client personalize me.jpg [me2.jpg ...] --target localhost:50051 --prompt "a photo of ohwx person" --out out/
     hdb client generate --identity ID --prompt "ohwx person as a knight" --n 2 --out out/
     hdb client delete ID
 
@@ -41,8 +41,9 @@ def register(subparsers) -> None:
     _connection_args(conn, s, s, s, s, s)
     sub = client.add_subparsers(dest="client_command", metavar="CALL", required=True)
 
-    p = sub.add_parser("personalize", parents=[conn], help="personalise from a photo (and generate)")
-    p.add_argument("photo", type=Path)
+    p = sub.add_parser("personalize", parents=[conn],
+                       help="personalise from 1 to 8 photos of one person (and generate)")
+    p.add_argument("photo", type=Path, nargs="+", help="photos of the same person (at most 8)")
     p.add_argument("--method", default="hyperdreambooth",
                    choices=["hyperdreambooth", "lidb", "lora", "textual_inversion", "dreambooth"])
     p.add_argument("--steps", type=int, default=None, help="personalisation steps")
@@ -171,7 +172,8 @@ def _personalize(client, args) -> int:
         loss = f" loss {p.loss:.4f}" if p.HasField("loss") else ""
         print(f"  {p.stage} {p.step}/{p.total}{loss}", file=sys.stderr)
 
-    photo = args.photo.read_bytes()
+    # One file goes in the single `photo` field (old servers take it too); several in `photos`.
+    photo = args.photo[0].read_bytes() if len(args.photo) == 1 else [p.read_bytes() for p in args.photo]
     if args.prompt:
         ident, images = client.personalize_and_generate(
             photo, args.prompt, args.method, opts, _generation(client, args), on_progress=progress)

@@ -25,6 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serving.stubs import SERVICE_NAME, pb, pb_grpc
 from serving.validation import EXPORT_ENUMS, IMAGE_FORMATS, METHOD_ENUMS
 
+#: One photo (its bytes or a path), or a list/tuple of 1..8 photos of one person.
+Photos = bytes | str | Path | list | tuple
 _IMAGE_ENUM = {name: value for value, name in IMAGE_FORMATS.items() if value}
 #: The largest message this client sends or receives by default: 4x the server's default
 #: max_message_bytes (16 MiB), so that a too-large request reaches the server and comes back as
@@ -107,6 +109,14 @@ class HdbClient:
     def _photo(photo: bytes | str | Path) -> bytes:
         return photo if isinstance(photo, bytes) else Path(photo).read_bytes()
 
+    @classmethod
+    def _photo_fields(cls, photo: Photos) -> dict:
+        """One photo -> `photo` (what every server, old ones included, takes); a list or tuple
+        of 1..8 photos of one person -> `photos`."""
+        if isinstance(photo, (list, tuple)):
+            return {"photos": [cls._photo(p) for p in photo]}
+        return {"photo": cls._photo(photo)}
+
     @staticmethod
     def options(steps: int | None = None, rank: int | None = None, seed: int | None = None,
                 learning_rate: float | None = None, token: str = "", class_noun: str = "",
@@ -118,15 +128,16 @@ class HdbClient:
                 setattr(o, name, value)
         return o
 
-    def personalize_events(self, photo: bytes | str | Path, method: str = "hyperdreambooth",
+    def personalize_events(self, photo: Photos, method: str = "hyperdreambooth",
                            options: pb.PersonalizeOptions | None = None,
                            timeout: float | None = None) -> Iterator[pb.PersonalizeResponse]:
-        """The raw event stream (accepted, progress..., identity); cancel() it to stop."""
-        req = pb.PersonalizeRequest(photo=self._photo(photo), method=METHOD_ENUMS[method],
+        """The raw event stream (accepted, progress..., identity); cancel() it to stop. `photo`:
+        one photo (bytes or a path) or a list of 1..8 photos of one person."""
+        req = pb.PersonalizeRequest(**self._photo_fields(photo), method=METHOD_ENUMS[method],
                                     options=options)
         return self.stub.Personalize(req, **self._kw(timeout))
 
-    def personalize(self, photo: bytes | str | Path, method: str = "hyperdreambooth",
+    def personalize(self, photo: Photos, method: str = "hyperdreambooth",
                     options: pb.PersonalizeOptions | None = None,
                     on_progress: Callable[[pb.Progress], None] | None = None,
                     timeout: float | None = None) -> pb.Identity:
@@ -141,12 +152,12 @@ class HdbClient:
         return identity
 
     def personalize_and_generate(
-        self, photo: bytes | str | Path, prompts: list[str], method: str = "hyperdreambooth",
+        self, photo: Photos, prompts: list[str], method: str = "hyperdreambooth",
         options: pb.PersonalizeOptions | None = None,
         generation: pb.GenerationOptions | None = None,
         on_progress: Callable[[pb.Progress], None] | None = None, timeout: float | None = None,
     ) -> tuple[pb.Identity, list[pb.GeneratedImage]]:
-        req = pb.PersonalizeAndGenerateRequest(photo=self._photo(photo),
+        req = pb.PersonalizeAndGenerateRequest(**self._photo_fields(photo),
                                                method=METHOD_ENUMS[method], options=options,
                                                prompts=prompts, generation=generation)
         identity, images = None, []

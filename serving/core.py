@@ -136,10 +136,12 @@ class ServiceCore:
         return idle and stopped
 
     # ------------------------------------------------------------------ personalise
-    async def decode(self, photo: bytes):
+    async def decode(self, photo: bytes, field: str = "photo"):
+        """One photo -> a decoded image; `field` ("photos[2]") names it in errors."""
         async with self._decodes:
             t0 = time.perf_counter()
-            img = await asyncio.to_thread(self.engine.decode_photo, photo, self.cfg.max_pixels)
+            img = await asyncio.to_thread(self.engine.decode_photo, photo, self.cfg.max_pixels,
+                                          field)
             self.metrics.stage.labels("decode").observe(time.perf_counter() - t0)
             return img
 
@@ -158,7 +160,9 @@ class ServiceCore:
         """
         t_start = time.perf_counter()
         self.queue.check_room(1)  # before paying for the decode
-        image = await self.decode(spec.photo)
+        # One after another: the decode semaphore bounds memory per photo, and the first bad
+        # photo is the one the error names.
+        images = [await self.decode(p, spec.photo_name(k)) for k, p in enumerate(spec.photos)]
         t_decoded = time.perf_counter()
         token = CancelToken(None if spec.background else deadline)
         job = self.jobs.create(tenant, spec.method, spec.background, token,
@@ -171,7 +175,7 @@ class ServiceCore:
                 token.check()  # raising inside the library's loop stops it at this step
                 self.jobs.report_progress(job, ProgressInfo(stage, step, total, loss))
 
-            result = self.engine.personalize(image, spec.method, spec.options, progress,
+            result = self.engine.personalize(images, spec.method, spec.options, progress,
                                              lambda: token.stopped)
             if follow_up is not None and not token.stopped:
                 follow_up.items = [self._image_items(s, result.loaded, follow_up.token)

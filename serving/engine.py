@@ -274,19 +274,20 @@ class Engine:
 
     # ------------------------------------------------------------------ photos
     @staticmethod
-    def decode_photo(data: bytes, max_pixels: int):
-        """JPEG/PNG/WebP bytes -> RGB PIL image, in memory only (photos never touch disk).
+    def decode_photo(data: bytes, max_pixels: int, field: str = "photo"):
+        """JPEG/PNG/WebP bytes -> RGB PIL image, in memory only (photos never touch disk);
+        `field` names the photo in errors ("photos[2]").
 
         Raises:
             ImageDecodeError, ImageTooLargeError (InvalidInputError subclasses).
         """
         from hypernet.photos import decode_image
 
-        img = decode_image(data, max_pixels=max_pixels, source="`photo`")
+        img = decode_image(data, max_pixels=max_pixels, source=f"`{field}`")
         w, h = img.size
         if min(w, h) < MIN_PHOTO_SIDE or max(w, h) > MAX_PHOTO_ASPECT * min(w, h):
             raise InvalidInputError(
-                f"`photo` must be at least {MIN_PHOTO_SIDE} px on its short side and at most "
+                f"`{field}` must be at least {MIN_PHOTO_SIDE} px on its short side and at most "
                 f"{MAX_PHOTO_ASPECT:g}:1, got {w}x{h}")
         if max(img.size) > MAX_QUEUED_PHOTO_SIDE:
             # A queued photo waits in memory: bound it (queue_size x 12 MB at most). The model
@@ -297,20 +298,22 @@ class Engine:
     # ------------------------------------------------------------------ personalise
     def personalize(
         self,
-        photo,
+        photos,
         method: str,
         opts: PersonalizeOptions,
         progress: ProgressFn,
         should_stop: Callable[[], bool],
     ) -> Personalized:
-        """Personalise to `photo` (a decoded image). `progress` may raise to stop the work."""
+        """Personalise to `photos` (a list of 1..MAX_PHOTOS decoded images of one person; one
+        bare image is taken as a list of one). `progress` may raise to stop the work."""
         if method not in METHODS:
             raise InvalidInputError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+        photos = [photos] if isinstance(photos, Image.Image) else list(photos)
         if method == "hyperdreambooth":
-            return self._personalize_hdb(photo, opts, progress, should_stop)
-        return self._train_method(photo, method, opts, progress, should_stop)
+            return self._personalize_hdb(photos, opts, progress, should_stop)
+        return self._train_method(photos, method, opts, progress, should_stop)
 
-    def _personalize_hdb(self, photo, opts, progress, should_stop) -> Personalized:
+    def _personalize_hdb(self, photos: list, opts, progress, should_stop) -> Personalized:
         from hypernet.personalize import personalize
 
         if self._hypernet is None:
@@ -325,7 +328,7 @@ class Engine:
         def on_progress(ev) -> None:
             progress(ev.stage, int(ev.step), int(ev.total), ev.loss)
 
-        identity = personalize(self.pipe, photo, hypernet=self._hypernet, progress=on_progress,
+        identity = personalize(self.pipe, photos, hypernet=self._hypernet, progress=on_progress,
                                should_stop=should_stop, **kw)
         t0 = time.perf_counter()
         blob = identity.to_bytes()
@@ -333,7 +336,7 @@ class Engine:
         timings["serialize"] = time.perf_counter() - t0
         return Personalized(Loaded("hyperdreambooth", identity, True), blob, timings)
 
-    def _train_method(self, photo, method: str, opts, progress, should_stop) -> Personalized:
+    def _train_method(self, photos: list, method: str, opts, progress, should_stop) -> Personalized:
         from hypernet.methods import get_method
 
         m = get_method(method)
@@ -349,7 +352,7 @@ class Engine:
 
         t0 = time.perf_counter()
         with wrappers_detached(self.pipe):  # peft needs plain layers; DreamBooth saves a plain UNet
-            artifact = m.train(self.pipe, [photo], token=opts.token, class_noun=opts.class_noun,
+            artifact = m.train(self.pipe, photos, token=opts.token, class_noun=opts.class_noun,
                                config=config, progress=on_progress, should_stop=should_stop)
         t1 = time.perf_counter()
         blob = _artifact_to_bytes(artifact)

@@ -111,8 +111,13 @@ def check_size(request, limit: int) -> None:
     size = request.ByteSize()
     if not limit or size <= limit:
         return
-    fields = [(len(v) if isinstance(v, (bytes, str)) else getattr(v, "ByteSize", lambda: 0)(),
-               f.name) for f, v in request.ListFields()]
+    fields = []
+    for f, v in request.ListFields():
+        if f.type == f.TYPE_BYTES and not isinstance(v, bytes):  # repeated: name the item, `photos[2]`
+            fields += [(len(item), f"{f.name}[{k}]") for k, item in enumerate(v)]
+        else:
+            fields.append((len(v) if isinstance(v, (bytes, str))
+                           else getattr(v, "ByteSize", lambda: 0)(), f.name))
     name = max(fields)[1] if fields else "request"
     raise InvalidInputError(f"`{name}` must keep the request within max_message_bytes={limit} "
                             f"bytes, got a request of {size} bytes")

@@ -104,7 +104,8 @@ class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
 
     async def Personalize(self, request: pb.PersonalizeRequest, context
                           ) -> AsyncIterator[pb.PersonalizeResponse]:
-        spec = v.personalization(request.photo, request.method, request.options, self.cfg)
+        spec = v.personalization(request.photo, request.photos, request.method, request.options,
+                                 self.cfg)
         job = await self.core.start_personalize(tenant_var.get(), spec, _deadline(context))
         try:
             async for ev in self._watch(job, pb.PersonalizeResponse):
@@ -152,8 +153,8 @@ class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
         specs = [v.generation(p, request.generation, self.cfg, self.core.engine.native_size,
                               prefix="generation", prompt_field=f"prompts[{k}]")
                  for k, p in enumerate(request.prompts)]
-        p_spec = v.fast_method(v.personalization(request.photo, request.method, request.options,
-                                                 self.cfg))
+        p_spec = v.fast_method(v.personalization(request.photo, request.photos, request.method,
+                                                 request.options, self.cfg))
         follow_up = FollowUp(specs, CancelToken(_deadline(context)))
         try:
             job = await self.core.start_personalize(tenant_var.get(), p_spec, _deadline(context),

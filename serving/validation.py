@@ -6,6 +6,7 @@ what is allowed and what was received ("`options.steps` must be 1..150, got 0").
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import secrets
@@ -59,10 +60,15 @@ class GenerateSpec:
 
 @dataclass(frozen=True)
 class PersonalizeSpec:
-    photo: bytes
+    photos: tuple[bytes, ...]  # 1..MAX_PHOTOS encoded photos of one person
     method: str
     options: PersonalizeOptions
     background: bool
+    legacy: bool = False  # the photo came in the old single `photo` field (messages name it so)
+
+    def photo_name(self, k: int) -> str:
+        """How messages name photo `k`: `photo` (an old client's one photo), else `photos[k]`."""
+        return "photo" if self.legacy else f"photos[{k}]"
 
 
 def method_name(value: int, field: str = "method") -> str:
@@ -116,11 +122,36 @@ def generation(req_prompt: str, o, cfg: ServeConfig, native_size: int,
                         IMAGE_FORMATS[o.format])
 
 
-def personalization(photo: bytes, method: int, o, cfg: ServeConfig) -> PersonalizeSpec:
-    """Validate a photo + method + `PersonalizeOptions` (the photo is decoded later)."""
-    if not photo:
-        raise InvalidInputError("`photo` must be the bytes of one JPEG, PNG or WebP image, got "
-                                "0 bytes")
+def photo_list(photo: bytes, photos) -> tuple[bytes, ...]:
+    """An old client's one `photo` or a new one's `photos` (1..MAX_PHOTOS) -> the photos. Every
+    method trains on all of them (`hypernet.methods` and `hypernet.personalize` take a list).
+    Empty photos are refused by name here, undecodable ones when decoded
+    (`PersonalizeSpec.photo_name`)."""
+    from hypernet.personalize import MAX_PHOTOS  # lazily: the client CLI imports this module
+
+    if photo and photos:
+        raise InvalidInputError(f"`photo` and `photos` must not both be set (use `photos` only), got "
+                                f"`photo` and {len(photos)} `photos`")
+    if photo:
+        return (photo,)
+    if not photos:
+        raise InvalidInputError(f"`photos` must hold 1 to {MAX_PHOTOS} JPEG, PNG or WebP photos of one "
+                                "person, got none (and no `photo`)")
+    if len(photos) > MAX_PHOTOS:
+        raise _bad("photos", f"1 to {MAX_PHOTOS} photos of one person", f"{len(photos)} photos")
+    for k, p in enumerate(photos):
+        if not p:
+            raise InvalidInputError(f"`photos[{k}]` must be the bytes of one JPEG, PNG or WebP image, "
+                                    "got 0 bytes")
+    return tuple(photos)
+
+
+def personalization(photo: bytes, photos, method: int, o, cfg: ServeConfig) -> PersonalizeSpec:
+    """Validate the photos (`photo` or `photos`) + method + `PersonalizeOptions` (the photos are
+    decoded later, each named in its errors)."""
+    all_photos = photo_list(photo, photos)
+
+
     name = method_name(method)
     opts = PersonalizeOptions()
     if o.HasField("steps"):  # HYPERDREAMBOOTH: 0 = the hypernetwork's prediction only
@@ -146,7 +177,7 @@ def personalization(photo: bytes, method: int, o, cfg: ServeConfig) -> Personali
                        o.class_noun)
         opts.class_noun = o.class_noun
     background = o.background or METHODS[name].background
-    return PersonalizeSpec(photo, name, opts, background)
+    return PersonalizeSpec(all_photos, name, opts, background, legacy=bool(photo))
 
 
 def fast_method(spec: PersonalizeSpec) -> PersonalizeSpec:
@@ -156,7 +187,7 @@ def fast_method(spec: PersonalizeSpec) -> PersonalizeSpec:
         fast = [pb.Method.Name(METHOD_ENUMS[n]) for n, m in METHODS.items() if not m.background]
         raise _bad("method", f"a fast method for PersonalizeAndGenerate ({', '.join(fast)}; use "
                    "Personalize then Generate for the others)", pb.Method.Name(METHOD_ENUMS[spec.method]))
-    return PersonalizeSpec(spec.photo, spec.method, spec.options, background=False)
+    return dataclasses.replace(spec, background=False)
 
 
 def page_size(value: int) -> int:
