@@ -58,6 +58,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.needs_shared
 def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pipe, tiny_base_dir, three_identities,
                                                                      tmp_path, one_thread):
     hyper = _random_hypernet(tiny_pipe, tmp_path / "hypernet")
@@ -105,6 +106,7 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     assert list(json.loads((out / "results.json").read_text())["conditions"]) == ["lora", "base", "real-photo"]
 
 
+@pytest.mark.needs_shared
 def test_hypernet_rows_differ_as_documented(tiny_pipe, faces_dir, tmp_path, one_thread):
     """hypernetwork = the prediction alone; fast-finetune = the same fine-tune from a zero prediction."""
     from hypernet.errors import InvalidInputError

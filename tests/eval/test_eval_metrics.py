@@ -11,6 +11,7 @@ from hypernet.eval.conditions import parse_overrides
 from hypernet.eval.stats import bootstrap_mean, paired_difference
 
 
+@pytest.mark.needs_shared
 def test_dlib_embeddings_are_closer_within_an_identity_than_across(faces_dir):
     from hypernet.eval.corpus import read_manifest
     from hypernet.eval.faces import FaceEmbedder, cosine

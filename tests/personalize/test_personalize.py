@@ -87,6 +87,7 @@ def default_hypernet():
     return default_hypernet_path()
 
 
+@pytest.mark.needs_shared
 def test_prediction_start_beats_zero_start(faces_dir, default_hypernet):
     """The reason the method exists: 40 steps from the prediction reach a lower loss on the photo
     than the same 40 steps of the same LoRA from zero (paired: identical noise and timesteps)."""

@@ -75,6 +75,7 @@ def test_identity_slug_is_safe_and_unique():
     assert "/" not in a and a != b
 
 
+@pytest.mark.needs_shared
 def test_real_caltech_manifest(faces_dir):
     refs = read_corpus(str(faces_dir / "identities.csv"), DataConfig())
     assert len(refs) == 350 and len({r.identity for r in refs}) == 22
