@@ -14,6 +14,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -111,6 +112,8 @@ class HdbServer:
         self.repo = IdentityRepository(store, cfg.identity_ttl_s)
         engine = self._engine or Engine(cfg.base, cfg.hypernet, cfg.device, cfg.dtype,
                                         cfg.base_config_dir)
+        root = getattr(store, "root", None)  # a local store: artifacts pass through its temp area
+        engine.scratch_dir = Path(root) / ".scratch" if root is not None else None
         self.core = ServiceCore(cfg, engine,
                                 self.repo, self.metrics, auth_required=keyring is not None)
         self.state = ServerState(keyring, TenantRateLimiter(cfg.rate_limit_rps,

@@ -55,8 +55,20 @@ def test_result_contents(tiny_run):
     assert set(hyper) == {"batch1", "batch8"}
     assert all(r["max_abs_diff"] < 1e-4 for r in hyper.values())  # onnx export agrees with torch
 
+    # Batching: the recorded figures are consistent with the timings they come from. The speedup
+    # itself is deliberately not bounded here: one tiny-mode repeat on a shared 2-core machine
+    # (brief 10-50x slowdowns) cannot bound a speed ratio; full mode records it with its machine.
+    from benchmarks.batching import N_IDENTITIES, TARGET_SPEEDUP
+
     batching = _doc(out, "batching")["results"]
-    assert all(r["speedup"] > 0 and r["max_pixel_diff_batched_vs_sequential"] <= 2 for r in batching.values())
+    assert batching
+    for r in batching.values():
+        seq, bat = r["sequential_s"]["median"], r["batched_s"]["median"]
+        assert seq > 0 and bat > 0
+        assert r["speedup"] == pytest.approx(seq / bat)
+        assert r["meets_target"] == (r["speedup"] >= TARGET_SPEEDUP)
+        assert r["batched_images_per_s"] == pytest.approx(N_IDENTITIES / bat)
+        assert r["max_pixel_diff_batched_vs_sequential"] <= 2
 
     service = _doc(out, "service_load")["results"]
     for scenario, points in service["sweep"].items():
@@ -68,12 +80,25 @@ def test_result_contents(tiny_run):
     gpu = _doc(out, "gpu")["results"]
     assert "available" in gpu and (gpu["available"] or gpu["reason"])
 
+    # The methods section needs the real faces: it runs exactly when they are there, and
+    # otherwise says why it skipped (its rows are checked by the needs_shared test below).
+    from benchmarks.assets import FACES_MISSING, faces_available
+
     methods = _doc(out, "methods")["results"]
-    if "skipped" not in methods:
-        rows = methods["rows"]
-        assert set(rows) == {"hyperdreambooth", "hypernetwork", "lidb", "lora", "textual-inversion", "dreambooth"}
-        assert all(r["wall_s"]["median"] > 0 and r["artifact_bytes"] > 0 for r in rows.values())
-        assert rows["dreambooth"]["artifact_bytes"] > rows["hyperdreambooth"]["artifact_bytes"]
+    assert ("skipped" in methods) == (not faces_available())
+    if "skipped" in methods:
+        assert methods == {"skipped": FACES_MISSING}
+
+
+@pytest.mark.needs_shared
+def test_methods_section_rows(tiny_run):
+    out, _ = tiny_run
+    methods = _doc(out, "methods")["results"]
+    assert "skipped" not in methods, methods
+    rows = methods["rows"]
+    assert set(rows) == {"hyperdreambooth", "hypernetwork", "lidb", "lora", "textual-inversion", "dreambooth"}
+    assert all(r["wall_s"]["median"] > 0 and r["artifact_bytes"] > 0 for r in rows.values())
+    assert rows["dreambooth"]["artifact_bytes"] > rows["hyperdreambooth"]["artifact_bytes"]
 
 
 def test_report_has_every_section_and_plot(tiny_run):

@@ -61,8 +61,9 @@ def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tae
     from hypernet.base.face_world import FaceWorldTrainer
 
     out = tmp_path / "world"
-    args = ["base", "train-face-world", "--corpus", str(small_corpus), "--out", str(out), "--batch-size", "2",
-            "--holdout", "1", "--width", "32", "--export-every", "2", "--grid-samples", "1", "--threads", "1", "--taef2", str(taef2_dir)]
+    common = ["--corpus", str(small_corpus), "--batch-size", "2", "--holdout", "1", "--width", "32",
+              "--export-every", "2", "--grid-samples", "1", "--threads", "1", "--taef2", str(taef2_dir)]
+    args = ["base", "train-face-world", "--out", str(out), *common]
     assert main([*args, "--steps", "2"]) == 0
     split = IdentitySplit.load(out / "split.json")
     assert len(split.holdout) == 1 and len(split.train) == 2
@@ -86,11 +87,12 @@ def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tae
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     # ... and resumes exactly: weights, EMA and optimizer equal those of 3 uninterrupted steps
     straight = tmp_path / "straight"
-    assert main([*args[:args.index("--out") + 1], str(straight), *args[args.index("--out") + 2:], "--steps", "3"]) == 0
+    assert main(["base", "train-face-world", "--out", str(straight), *common, "--steps", "3"]) == 0
     for name in ("unet.safetensors", "ema.safetensors"):
         a, b = load_file(str(out / "checkpoint" / name)), load_file(str(straight / "checkpoint" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after --resume"
-    opt_a, opt_b = (torch.load(d / "checkpoint" / "optim.pt", weights_only=False)["opt"]["state"] for d in (out, straight))
+    opt_a, opt_b = (torch.load(d / "checkpoint" / "optim.pt", weights_only=False)["opt"]["state"]
+                    for d in (out, straight))
     assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     # training used only the training identities' photos: 6 photos x 1 margin... x2 flips
     trainer = FaceWorldTrainer(small_corpus, out, FaceWorldConfig(width=32, margins=(0.5, 0.4, 0.6)), taef2_dir)

@@ -86,8 +86,18 @@ def _scan(folder: Path, patterns: list[bytes]) -> list[str]:
     return hits
 
 
-def photos_never_touch_disk(rig: Rig, methods: tuple[str, ...] = ("hyperdreambooth", "lidb")) -> dict[str, Any]:
-    """Personalise (and PersonalizeAndGenerate) with a distinctive photo while watching writes."""
+#: Every personalisation method the service offers (client names).
+ALL_METHODS = ("hyperdreambooth", "lidb", "lora", "textual_inversion", "dreambooth")
+
+
+def photos_never_touch_disk(rig: Rig, methods: tuple[str, ...] = ALL_METHODS) -> dict[str, Any]:
+    """Personalise (and PersonalizeAndGenerate) with a distinctive photo while watching writes.
+
+    The one write allowed outside the store: DreamBooth's class-prior images, which the base
+    generates from the class prompt (not from the photo) into the shared class-image cache by
+    design; they are listed apart and searched for the photo like everything else."""
+    from hypernet.defaults import cache_dir
+
     photo, rows = distinctive_photo()
     tmp = rig.work / "watched-tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -106,11 +116,15 @@ def photos_never_touch_disk(rig: Rig, methods: tuple[str, ...] = ("hyperdreamboo
                     photo, ["a photo of ohwx person"], options=c.options(steps=1),
                     generation=c.generation(steps=1)))[0]
             writes = sorted(set(watcher.paths))
-            outside = [p for p in writes if not Path(p).resolve().is_relative_to(store_root)]
+            class_cache = (cache_dir() / "class-images").resolve()
+            class_images = [p for p in writes if Path(p).resolve().is_relative_to(class_cache)]
+            outside = [p for p in writes if not Path(p).resolve().is_relative_to(store_root) and p not in class_images]
             out["files_written"] = len(writes)
             out["writes_outside_store"] = outside
+            out["class_image_writes"] = len(class_images)
             out["store_files"] = sum(1 for p in store_root.rglob("*") if p.is_file())
-            out["photo_found_in"] = _scan(store_root, needles(photo, rows)) + _scan(tmp, needles(photo, rows))
+            out["photo_found_in"] = (_scan(store_root, needles(photo, rows)) + _scan(tmp, needles(photo, rows))
+                                     + (_scan(class_cache, needles(photo, rows)) if class_cache.is_dir() else []))
             out["temp_files_left"] = sum(1 for p in tmp.rglob("*") if p.is_file())
     finally:
         tempfile.tempdir = saved_tempdir

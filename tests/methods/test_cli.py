@@ -136,14 +136,15 @@ def test_train_checkpoint_dir_resumes_exactly_through_the_cli(tiny_base_dir, pho
 
     assert main(argv(tmp_path / "straight.safetensors")) == 0
     ckpt = tmp_path / "ckpt"
-    config = build_config(build_parser().parse_args(argv(tmp_path / "resumed.safetensors", "--checkpoint-dir", str(ckpt))))
+    resume_argv = argv(tmp_path / "resumed.safetensors", "--checkpoint-dir", str(ckpt))
+    config = build_config(build_parser().parse_args(resume_argv))
     polls = iter(range(100))
     with pytest.raises(TrainingCancelled):
         get_method("lora").train(load_pipeline(tiny_base_dir, device="cpu", dtype="fp32"), photos, config=config,
                                  checkpoint_dir=ckpt, should_stop=lambda: next(polls) >= 2, detector="center")
     assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 2
     caplog.set_level(logging.INFO, logger="hypernet.training.loop")
-    assert main(argv(tmp_path / "resumed.safetensors", "--checkpoint-dir", str(ckpt))) == 0
+    assert main(resume_argv) == 0
     assert "resumed from step 2 of 4" in caplog.text
     assert not (ckpt / "checkpoint.pt").exists()
     a, b = load_file(str(tmp_path / "straight.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
