@@ -24,6 +24,27 @@ SHARED_DATA = {
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _forbid_real_shared() -> None:
+    """With `HDB_SHARED_DIR` set (a clone without ../shared, emulated), any file opened under the
+    real ../shared is an error: a test that reads it by another path would otherwise pass here
+    and fail on such a clone."""
+    import sys
+
+    real = str((ROOT.parent / "shared").resolve()) + os.sep
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(args[0]))
+            if path.startswith(real):
+                raise PermissionError(f"{path} is under the real ../shared, hidden by HDB_SHARED_DIR={SHARED}")
+
+    sys.addaudithook(hook)
+
+
+if os.environ.get("HDB_SHARED_DIR"):
+    _forbid_real_shared()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads; on a shared 2-core machine OpenMP's
