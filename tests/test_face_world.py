@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hypernet.base.face_world import FaceWorldConfig, _load_crops
+from hdb.cli import main
 from hypernet.errors import InvalidInputError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
-from hypernet.recipes.cli import main
+from hypernet.face_world import FaceWorldConfig, _load_crops
 
 
 @pytest.fixture()
@@ -58,7 +58,7 @@ def test_config_validation():
 @pytest.mark.needs_shared("faces", "taef2")
 def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, taef2_dir, tmp_path):
     from hypernet.base import load_pipeline
-    from hypernet.base.face_world import FaceWorldTrainer
+    from hypernet.face_world import FaceWorldTrainer
 
     out = tmp_path / "world"
     common = ["--corpus", str(small_corpus), "--batch-size", "2", "--holdout", "1", "--width", "32",

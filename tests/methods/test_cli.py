@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hypernet.recipes.cli import main
+from hdb.cli import main
 
 
 @pytest.fixture()
@@ -123,10 +123,10 @@ def test_train_checkpoint_dir_resumes_exactly_through_the_cli(tiny_base_dir, pho
     import torch
     from safetensors.torch import load_file
 
+    from hdb.cli import build_parser
+    from hdb.train import build_config
     from hypernet.base import load_pipeline
     from hypernet.methods import get_method
-    from hypernet.recipes.cli import build_parser
-    from hypernet.recipes.train import build_config
     from hypernet.training import TrainingCancelled
 
     def argv(out: Path, *extra: str) -> list[str]:

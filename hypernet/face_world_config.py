@@ -1,4 +1,4 @@
-"""Settings of the face world's training (`hypernet.base.face_world`), in a module of their own.
+"""Settings of the face world's training (`hypernet.face_world`), in a module of their own.
 
 Kept free of torch/diffusers imports so that `hdb --help` and the CLI's argument parsing (which
 read these defaults and help strings) start fast.
