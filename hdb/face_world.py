@@ -43,6 +43,9 @@ def register_base_action(bsub: argparse._SubParsersAction) -> None:
     opt("--grid-samples", "grid_samples", int)
     opt("--threads", "num_threads", int)
     opt("--detector", "detector", str)
+    opt("--max-photos", "max_photos", int)
+    p.add_argument("--no-mirror", dest="mirror", action="store_false",
+                   help="do not encode mirrored copies (halves encoding; for corpora with many people)")
     p.add_argument("--margins", type=float, nargs="+", default=list(d.margins),
                    help=f"{helps['margins']} (default {' '.join(map(str, d.margins))}; with --detector center "
                    "every margin gives the same crop, so pass one)")
@@ -115,6 +118,7 @@ def _train_face_world(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, holdout_identities=args.holdout,
         width=args.width, export_every=args.export_every, grid_samples=args.grid_samples,
         num_threads=args.threads, detector=args.detector, margins=tuple(args.margins),
+        mirror=args.mirror, max_photos=args.max_photos,
     )
     out = train_face_world(args.corpus, args.out, cfg, taef2_dir=args.taef2, resume=args.resume, split=args.split)
     print(f"face world at {out} (use it as --base {out})")
