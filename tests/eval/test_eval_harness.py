@@ -124,6 +124,7 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     assert "FaceNet" in (out / "REPORT.md").read_text()
 
 
+@pytest.mark.needs_shared
 def test_eval_on_a_merged_corpus_interleaves_parts_subsets_slow_methods_and_grids_only_shown_parts(
         tiny_base_dir, faces_dir, tmp_path, one_thread):
     """Labels `part:id`: the first N people come from every part, the slow methods run on a subset

@@ -34,6 +34,7 @@ def test_dlib_embeddings_are_closer_within_an_identity_than_across(faces_dir):
     assert not blank.detected and blank.embedding.shape == (128,)
 
 
+@pytest.mark.needs_shared
 def test_facenet_is_a_second_independent_metric_that_separates_identities(faces_dir):
     """FaceNet (cv2.dnn, 512-d) puts one person's photos closer than two people's, finds real faces,
     not a blank image, and disagrees with dlib's similarities (another network, not a copy of it)."""
