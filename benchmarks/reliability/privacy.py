@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import sys
@@ -233,15 +234,21 @@ def scan_logs(lines: list[str], secrets: list[str], photo: bytes, rows: list[byt
             "non_json_lines": len(non_json), "non_json_sample": [ln[:160] for ln in non_json[:3]]}
 
 
-def logs_clean(rig: Rig, *, log_level: str = "DEBUG") -> dict[str, Any]:
-    """`hdb serve` (S3 store via moto, API keys, DEBUG) under `log_workload`; scan its stderr."""
+def logs_clean(rig: Rig, *, log_level: str = "DEBUG", s3: bool = True) -> dict[str, Any]:
+    """`hdb serve` (API keys, DEBUG, JSON logs; an S3 store via moto, or with `s3=False`, the
+    short mode `make test` runs, a local store) under `log_workload`; scan its stderr."""
     photo, rows = distinctive_photo(seed=11)
     keys = {"alice": "alice-secret-" + "a1b2c3d4e5f6" * 2}
-    with moto_s3() as moto:
-        proc = ServerProcess(rig, store=f"s3://{BUCKET}/logs-{time.time_ns()}", log_level=log_level, name="logs",
-                             extra=["--api-keys", ",".join(f"{t}:{k}" for t, k in keys.items()),
-                                    "--s3-endpoint-url", moto.endpoint],
-                             env={k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    extra = ["--api-keys", ",".join(f"{t}:{k}" for t, k in keys.items())]
+    with contextlib.ExitStack() as stack:
+        if s3:
+            moto = stack.enter_context(moto_s3())
+            store, env = f"s3://{BUCKET}/logs-{time.time_ns()}", {
+                k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+            extra += ["--s3-endpoint-url", moto.endpoint]
+        else:
+            store, env = str(rig.work / f"logs-store-{time.time_ns()}"), {}
+        proc = ServerProcess(rig, store=store, log_level=log_level, name="logs", extra=extra, env=env)
         try:
             proc.wait_serving()
             secrets = log_workload(proc.target, keys, photo)
@@ -249,6 +256,7 @@ def logs_clean(rig: Rig, *, log_level: str = "DEBUG") -> dict[str, Any]:
             proc.stop()
     res = scan_logs(proc.lines, secrets, photo, rows)
     res["log_level"] = log_level
+    res["store"] = "s3" if s3 else "local"
     return res
 
 

@@ -56,10 +56,10 @@ def test_logs_never_hold_images_keys_or_prompts():
 
 
 def test_authenticated_debug_server_logs_hold_no_keys_prompts_or_photos(rig):
-    """`make reliability`'s log scan in short: a real `hdb serve` (API keys, S3 store, DEBUG, JSON
-    logs) under calls that could leak (a wrong key, a distinctive photo, a prompt long enough for
-    CLIP to log its truncated tail, bad photos); its stderr is searched for all of them."""
-    res = privacy.logs_clean(rig)
+    """`make reliability`'s log scan in short (a local store instead of S3): a real `hdb serve`
+    (API keys, DEBUG, JSON logs) under calls that could leak (a wrong key, a distinctive photo, a
+    prompt long enough for CLIP to log its truncated tail, bad photos); its stderr is searched."""
+    res = privacy.logs_clean(rig, s3=False)
     assert res["log_level"] == "DEBUG" and res["lines"] > 10
     assert res["api_keys_found"] == 0 and not res["bearer_found"]
     assert not res["prompt_found"] and not res["photo_found"]
