@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def prepare_key(ctx: RunContext) -> str:
-    return ctx.cfg.section_key("data")
+    """Every data setting but `max_identities`, which picks what stage 1 fits, not what is prepared."""
+    return ctx.cfg.section_key("data", exclude=("data.max_identities",))
 
 
 def run_prepare(ctx: RunContext) -> None:
