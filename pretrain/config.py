@@ -84,9 +84,10 @@ class Stage1Config:
         default=32,
         metadata={"help": "K: identities fitted together, all K through one UNet call per step (per-sample "
                           "LiDB weights). Each keeps its own loss, gradient clipping and AdamW state, so a "
-                          "result matches a fit alone up to float round-off. Measured at face-world scale on "
-                          "2 CPU cores: K=32 fits ~NNx the identities/hour of K=1 "
-                          "(benchmarks/results/stage1_batching.json); on a GPU raise it until memory is full"},
+                          "result matches a fit alone up to float round-off. Measured at face-world scale, 1 thread "
+                          "per rank: K=16/32/64 fit 1.71x/1.87x/1.67x the identities per CPU-second of K=1 "
+                          "(benchmarks/results/stage1_batching.json), so 32; ~2 GB per rank at K=32. On a "
+                          "GPU raise it while memory allows"},
     )
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=100, lr=1e-3),
