@@ -52,7 +52,7 @@ def test_merge_prefixes_caps_and_splits_like_the_part_alone(tmp_path):
 
 
 def test_make_corpus_cli_round_trips(tmp_path, capsys):
-    from hypernet.recipes.cli import main
+    from hdb.cli import main
 
     _corpus(tmp_path, "a", {"x": 6, "y": 5, "z": 1})
     _corpus(tmp_path, "b", {"1": 4, "2": 3})

@@ -1,6 +1,6 @@
-"""`hdb base train-face-world`: train the CPU-scale face world (see hypernet.base.face_world).
+"""`hdb base train-face-world`: train the CPU-scale face world (see hypernet.face_world).
 
-Registered as an action of `hdb base` (hypernet/recipes/base.py calls `register_base_action`).
+Registered as an action of `hdb base` (hdb/base.py calls `register_base_action`).
 
     nice -n 19 hdb base train-face-world --corpus ../shared/data/faces/caltech/identities.csv \
         --out runs/face_world [--steps 6000 --batch-size 32] [--resume]
@@ -12,7 +12,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from hypernet.base.face_world_config import FaceWorldConfig
+from hypernet.face_world_config import FaceWorldConfig
 
 
 def register_base_action(bsub: argparse._SubParsersAction) -> None:
@@ -42,6 +42,13 @@ def register_base_action(bsub: argparse._SubParsersAction) -> None:
     opt("--export-every", "export_every", int)
     opt("--grid-samples", "grid_samples", int)
     opt("--threads", "num_threads", int)
+    opt("--detector", "detector", str)
+    opt("--max-photos", "max_photos", int)
+    p.add_argument("--no-mirror", dest="mirror", action="store_false",
+                   help="do not encode mirrored copies (halves encoding; for corpora with many people)")
+    p.add_argument("--margins", type=float, nargs="+", default=list(d.margins),
+                   help=f"{helps['margins']} (default {' '.join(map(str, d.margins))}; with --detector center "
+                   "every margin gives the same crop, so pass one)")
     p.add_argument("--taef2", type=Path, default=None, help="TAEF2 weights (default ../shared/data/models/taef2)")
     p.add_argument("--split", type=Path, default=None,
                    help="split.json to use (e.g. from `hdb base make-corpus`) instead of drawing --holdout")
@@ -105,12 +112,13 @@ def _make_corpus(args: argparse.Namespace) -> int:
 
 
 def _train_face_world(args: argparse.Namespace) -> int:
-    from hypernet.base.face_world import train_face_world  # torch/diffusers: only when it runs
+    from hypernet.face_world import train_face_world  # torch/diffusers: only when it runs
 
     cfg = FaceWorldConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, holdout_identities=args.holdout,
         width=args.width, export_every=args.export_every, grid_samples=args.grid_samples,
-        num_threads=args.threads,
+        num_threads=args.threads, detector=args.detector, margins=tuple(args.margins),
+        mirror=args.mirror, max_photos=args.max_photos,
     )
     out = train_face_world(args.corpus, args.out, cfg, taef2_dir=args.taef2, resume=args.resume, split=args.split)
     print(f"face world at {out} (use it as --base {out})")
