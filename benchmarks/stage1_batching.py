@@ -36,9 +36,9 @@ def face_world_shaped_pipe(seed: int = 0):
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from hypernet.base.face_world import face_world_scheduler_config, face_world_text_config, face_world_unet_config
     from hypernet.base.taef2 import TAEF2
     from hypernet.base.tokenizer import load_clip_tokenizer, write_clip_tokenizer
+    from hypernet.face_world import face_world_scheduler_config, face_world_text_config, face_world_unet_config
 
     torch.manual_seed(seed)
     tok_dir = Path(tempfile.mkdtemp(prefix="hdb-fw-tok-"))
