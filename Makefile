@@ -4,9 +4,17 @@ PY := .venv/bin/python
 UV := python3 -m uv
 UV_VERSION := 0.13.8
 
-.PHONY: setup run test lint proto bench eval reliability clean
+.PHONY: setup face-encoder run test lint proto bench eval reliability clean
 
-setup: .venv/.setup-stamp
+setup: .venv/.setup-stamp face-encoder
+
+# The frozen face encoder of identity-conditioned hypernetworks (hypernet/face_encoder.py): the npm
+# tarball faceplugin-face-recognition-js@0.0.1, sha256-pinned, its model/fr_feature.onnx extracted to
+# .cache/face_encoders/ (gitignored). Idempotent; without npm or a registry it warns and setup goes on
+# (tests that need the file then skip, saying why).
+face-encoder: .venv/.setup-stamp
+	@$(PY) -c "from hypernet.face_encoder import fetch_face_encoder; print('face encoder:', fetch_face_encoder())" \
+		|| echo "warning: face encoder not fetched (needs npm + the npm registry); identity-conditioned hypernetworks unavailable"
 
 .venv/.setup-stamp: pyproject.toml uv.lock
 	@python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install -q "uv==$(UV_VERSION)"
