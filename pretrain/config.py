@@ -27,6 +27,8 @@ from hypernet.training.config import TrainConfig
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LFW = "skimage:lfw_subset"
+#: Data settings that do not change what `prepare` writes (they pick what later stages use).
+PREPARE_FREE_FIELDS = ("data.max_identities",)
 
 
 @dataclass
@@ -281,5 +283,5 @@ def _positive(obj, section: str, *names: str, optional: bool = False) -> None:
             raise InvalidInputError(f"`{section}.{k}` must be a positive integer, got {v!r}")
 
 
-__all__ = ["DataConfig", "ExportConfig", "PretrainConfig", "Stage1Config", "Stage2Config",
+__all__ = ["PREPARE_FREE_FIELDS", "DataConfig", "ExportConfig", "PretrainConfig", "Stage1Config", "Stage2Config",
            "apply_override", "dump_config", "from_dict", "load_config", "resolve_config_path"]
