@@ -4,7 +4,7 @@ PY := .venv/bin/python
 UV := python3 -m uv
 UV_VERSION := 0.13.8
 
-.PHONY: setup face-encoder run test lint proto bench eval reliability clean
+.PHONY: setup face-encoder run test lint proto buf buf-lint buf-breaking buf-baseline bench eval reliability clean
 
 setup: .venv/.setup-stamp face-encoder
 
@@ -33,10 +33,51 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
-# ruff, then the layer contract (pyproject.toml [tool.importlinter]): a new arrow across layers fails.
-lint: setup
+# ruff, then the layer contract (pyproject.toml [tool.importlinter]): a new arrow across layers
+# fails; then the API contract: buf lint and buf breaking (below).
+lint: setup buf
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports
+	$(MAKE) --no-print-directory buf-lint buf-breaking
+
+# buf checks the API contract (proto/, settings in proto/buf.yaml): `buf lint` (STANDARD rules) and
+# `buf breaking` (FILE rules). The binary comes from the npm registry (@bufbuild/buf, pinned) into
+# .cache/buf; `make test` runs the same lint through tests/serving/test_contract.py.
+BUF_VERSION := 1.75.0
+BUF := .cache/buf/node_modules/.bin/buf
+# The contract as last released/reviewed (a buf image, JSON). `buf breaking` against it is what CI
+# enforces: it passes after a deliberate change only when the same change updates this file
+# (`make buf-baseline`), so a breaking change is always a visible, reviewed diff of it.
+BUF_BASELINE := proto/contract-baseline.json
+
+buf:
+	@if [ "$$($(BUF) --version 2>/dev/null)" != "$(BUF_VERSION)" ]; then \
+	  command -v npm >/dev/null || { echo "make buf: npm (Node.js) is needed to install @bufbuild/buf" >&2; exit 1; }; \
+	  npm install --prefix .cache/buf --no-audit --no-fund --loglevel=error @bufbuild/buf@$(BUF_VERSION); \
+	fi
+
+buf-lint: buf
+	$(BUF) lint proto
+
+# 1. against the committed baseline (always); 2. against the previous commit, unless that commit
+# updated the baseline (a deliberate contract change) or this clone has no previous commit (a
+# shallow CI checkout): then it says so and skips only that part.
+buf-breaking: buf
+	$(BUF) breaking proto --against $(BUF_BASELINE)
+	@if ! git rev-parse -q --verify HEAD~1 >/dev/null 2>&1; then \
+	  echo "buf breaking vs the previous commit: SKIPPED (no HEAD~1 in this clone: shallow or first commit); the baseline check above ran"; \
+	elif [ -z "$$(git ls-tree HEAD~1 -- proto/hyperdreambooth)" ]; then \
+	  echo "buf breaking vs the previous commit: SKIPPED (no proto/ there)"; \
+	elif ! git diff --quiet HEAD~1 HEAD -- $(BUF_BASELINE); then \
+	  echo "buf breaking vs the previous commit: SKIPPED (the last commit updated $(BUF_BASELINE): a deliberate contract change)"; \
+	else \
+	  echo "$(BUF) breaking proto --against '.git#ref=HEAD~1,subdir=proto'"; \
+	  $(BUF) breaking proto --against '.git#ref=HEAD~1,subdir=proto'; \
+	fi
+
+# Record the current contract as the baseline (only for a deliberate, reviewed contract change).
+buf-baseline: buf
+	$(BUF) build proto --exclude-source-info -o '-#format=json' | python3 -m json.tool --indent 1 > $(BUF_BASELINE)
 
 # Every benchmark on CPU (< 30 min on an idle 2-core machine) -> benchmarks/results/ (JSON, REPORT.md, PNGs).
 bench: setup

@@ -42,5 +42,5 @@ def test_personalize_with_an_identity_conditioned_hypernet(tiny_base_dir, identi
     server = make_server(engine=Engine(str(tiny_base_dir), str(identity_hypernet_dir), "cpu", "fp32"))
     client = client_for(server)
     ident = client.personalize(photo_bytes, options=client.options(steps=1, seed=1))
-    assert ident.method == pb.HYPERDREAMBOOTH and ident.artifact_bytes > 0
+    assert ident.method == pb.METHOD_HYPERDREAMBOOTH and ident.artifact_bytes > 0
     assert "hypernetwork" in ident.timings
