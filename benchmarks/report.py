@@ -112,6 +112,9 @@ def _headline(docs: dict[str, dict]) -> list[str]:
                      "paper 10,000x smaller"])
         rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity (LiDB + rank-4 LoRA), SD 1.5",
                      fx(sz.get("dreambooth_fp32_over_hyperdreambooth_identity"), 0), "paper 10,000x smaller"])
+        if sz.get("dreambooth_fp32_over_hyperdreambooth_identity_subspace"):
+            rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity (rank 4 inside the LiDB subspace), SD 1.5",
+                         fx(sz["dreambooth_fp32_over_hyperdreambooth_identity_subspace"], 0), "paper 10,000x smaller"])
     st = docs.get("sd15_scale", {}).get("results", {}).get("step_times", {}).get("ratios") or {}
     if st:
         rows.append(["Full-UNet step / LiDB step, SD 1.5 at 256 px", fx(st.get("full_over_lidb"), 2), "-"])
