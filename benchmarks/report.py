@@ -469,10 +469,10 @@ def write_report(out_dir: str | Path = RESULTS_DIR) -> Path:
     return path
 
 
-if __name__ == "__main__":
-    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))
-
-
 def _ci(ci) -> str:
     """[lo, hi] fractions -> "[-1.2%, +3.4%]"; "-" when the run predates the interval."""
     return f"[{fpct(ci[0])}, {fpct(ci[1])}]" if ci else "-"
+
+
+if __name__ == "__main__":
+    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))
