@@ -112,12 +112,20 @@ def _headline(docs: dict[str, dict]) -> list[str]:
                      "paper 10,000x smaller"])
         rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity (LiDB + rank-4 LoRA), SD 1.5",
                      fx(sz.get("dreambooth_fp32_over_hyperdreambooth_identity"), 0), "paper 10,000x smaller"])
+        if sz.get("dreambooth_fp32_over_hyperdreambooth_identity_subspace"):
+            rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity (rank 4 inside the LiDB subspace), SD 1.5",
+                         fx(sz["dreambooth_fp32_over_hyperdreambooth_identity_subspace"], 0), "paper 10,000x smaller"])
     st = docs.get("sd15_scale", {}).get("results", {}).get("step_times", {}).get("ratios") or {}
     if st:
         rows.append(["Full-UNet step / LiDB step, SD 1.5 at 256 px", fx(st.get("full_over_lidb"), 2), "-"])
     b = docs.get("batching", {}).get("results", {})
     for size, row in b.items():
         rows.append([f"8 identities batched vs sequential, {size}", fx(row.get("speedup"), 2), "target >= 3x"])
+    s1 = docs.get("stage1_batching", {})
+    k = f"K={s1.get('settings', {}).get('default_identities_per_call')}"
+    if k in s1.get("results", {}):
+        rows.append([f"Stage 1, {k} identities per UNet call vs 1 (CPU time)",
+                     fx(s1["results"][k]["cpu"]["speedup_vs_K1"], 2), "-"])
     ov = docs.get("service_load", {}).get("results", {}).get("overhead", {})
     for cfg, rpcs in ov.items():
         for rpc, row in rpcs.items():
@@ -129,7 +137,7 @@ def _headline(docs: dict[str, dict]) -> list[str]:
     g = docs.get("gpu", {}).get("results", {})
     if g:
         rows.append(["GPU", g.get("gpu") if g.get("available") else "not available",
-                     "see section 6" if g.get("available") else "no CUDA device in this session"])
+                     "see section 7" if g.get("available") else "no CUDA device in this session"])
     return ["## Headline numbers", "", table(["what", "ours", "reference / target"], rows), ""] if rows else []
 
 
@@ -294,9 +302,26 @@ def _batching(doc: dict, out: Path) -> list[str]:
     return lines
 
 
+def _stage1(doc: dict, out: Path) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    ks = [k for k in res if k.startswith("K=")]
+    rows = [[k, c, fs(res[k][c]["seconds_per_identity_step"]),
+             f"{res[k][c]['identities_per_hour_at_production_steps']:,.0f}", fx(res[k][c]["speedup_vs_K1"], 2)]
+            for c in ("cpu", "wall") for k in ks]
+    return ["## 6. Stage 1: K identities per UNet call", "",
+            f"{s['base']}; LiDB a={s['lidb']['a']} b={s['lidb']['b']} r={s['lidb']['r']} on {s['lidb']['layers']} "
+            f"layers; batch {s['batch_size_per_identity']} per identity; each variant fits the same "
+            f"{s['identities_fitted_per_variant']} identities ({s['timed_steps']} step each), K per call; "
+            f"{s['torch_threads']} torch thread(s), one process. Identities/hour are at the production "
+            f"{s['production_steps']} steps; `torchrun --nproc-per-node 2` runs two such processes.", "",
+            table(["K", "clock", "s per identity-step", "identities / h / process", "speedup vs K=1"], rows), "",
+            f"Identity 0 fitted alone vs in a chunk of {max(int(k[2:]) for k in ks)}: max weight difference "
+            f"{res['alone_vs_chunk_max_abs_diff']:.2e} (weights up to {res['weights_max_abs']:.2e}).", ""]
+
+
 def _gpu(doc: dict, out: Path) -> list[str]:
     res = doc["results"]
-    lines = ["## 6. GPU", ""]
+    lines = ["## 7. GPU", ""]
     if not res.get("available"):
         return lines + [f"**Not measured: {res.get('reason')}.** No GPU figures are reported or estimated.", ""]
     rows = [[k, fs(med(v))] for k, v in res.items() if isinstance(v, dict) and "median" in v]
@@ -304,8 +329,8 @@ def _gpu(doc: dict, out: Path) -> list[str]:
 
 
 SECTIONS = {"methods": _methods, "sd15_scale": _sd15, "hypernet_inference": _hypernet,
-            "service_load": _service, "batching": _batching, "gpu": _gpu}
-ORDER = ("methods", "sd15_scale", "hypernet_inference", "service_load", "batching", "gpu")
+            "service_load": _service, "batching": _batching, "stage1_batching": _stage1, "gpu": _gpu}
+ORDER = ("methods", "sd15_scale", "hypernet_inference", "service_load", "batching", "stage1_batching", "gpu")
 
 
 # ---------------------------------------------------------------------------- plots
@@ -444,10 +469,10 @@ def write_report(out_dir: str | Path = RESULTS_DIR) -> Path:
     return path
 
 
-if __name__ == "__main__":
-    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))
-
-
 def _ci(ci) -> str:
     """[lo, hi] fractions -> "[-1.2%, +3.4%]"; "-" when the run predates the interval."""
     return f"[{fpct(ci[0])}, {fpct(ci[1])}]" if ci else "-"
+
+
+if __name__ == "__main__":
+    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))

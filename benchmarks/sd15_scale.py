@@ -14,6 +14,7 @@ warm-up; the median of the rest is reported. Tiny mode uses the same code on a n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -79,11 +80,17 @@ def sizes(work: Path) -> dict[str, Any]:
     for i, (n_in, n_out) in enumerate(lidb_shapes):
         relaxed[f"{i}.A"] = torch.zeros(RELAXED_RANK, n_in)  # (R, n_in)
         relaxed[f"{i}.B"] = torch.zeros(n_out, RELAXED_RANK)  # (n_out, R)
-    for label, rel in (("hyperdreambooth_identity", relaxed), ("hypernetwork_only_identity", {})):
-        ident = Identity(spec=lidb_spec, layers=lidb_layers, shapes=lidb_shapes, base_fingerprint=FINGERPRINT,
-                         lidb=lidb_weights, relaxed=rel)
+    # relax="subspace": the LiDB core itself at rank R inside the aux bases, no LoRA beside it
+    sub_spec = dataclasses.replace(lidb_spec, r=RELAXED_RANK)
+    sub_weights = {"A_train": torch.zeros(len(lidb_layers), RELAXED_RANK, sub_spec.a),  # (L, R, a)
+                   "B_train": torch.zeros(len(lidb_layers), sub_spec.b, RELAXED_RANK)}  # (L, b, R)
+    for label, spec, core, rel in (("hyperdreambooth_identity", lidb_spec, lidb_weights, relaxed),
+                                   ("hyperdreambooth_identity_subspace", sub_spec, sub_weights, {}),
+                                   ("hypernetwork_only_identity", lidb_spec, lidb_weights, {})):
+        ident = Identity(spec=spec, layers=lidb_layers, shapes=lidb_shapes, base_fingerprint=FINGERPRINT,
+                         lidb=core, relaxed=rel)
         path = work / f"{label}.safetensors"
-        rows[label] = {"params": sum(v.numel() for v in [*lidb_weights.values(), *rel.values()]),
+        rows[label] = {"params": sum(v.numel() for v in [*core.values(), *rel.values()]),
                        "bytes": ident.save(path), "how": "saved file (Identity.save)"}
 
     rows["lora_r4"] = _lora_size(work)
@@ -96,8 +103,8 @@ def sizes(work: Path) -> dict[str, Any]:
                                     "how": "computed: UNet parameters x 2 bytes (not saved)"}
     db = rows["dreambooth_unet_fp32"]["bytes"]
     ratios = {f"dreambooth_fp32_over_{k}": ratio(db, rows[k]["bytes"])
-              for k in ("lidb", "lidb_a160_b80", "hyperdreambooth_identity", "hypernetwork_only_identity",
-                        "lora_r4", "textual_inversion")}
+              for k in ("lidb", "lidb_a160_b80", "hyperdreambooth_identity", "hyperdreambooth_identity_subspace",
+                        "hypernetwork_only_identity", "lora_r4", "textual_inversion")}
     ratios["dreambooth_fp16_over_lidb"] = ratio(rows["dreambooth_unet_fp16"]["bytes"], rows["lidb"]["bytes"])
     ratios["dreambooth_fp16_over_hyperdreambooth_identity"] = ratio(
         rows["dreambooth_unet_fp16"]["bytes"], rows["hyperdreambooth_identity"]["bytes"])
@@ -244,6 +251,8 @@ def run(ctx: BenchContext) -> Outcome:
         "bytes per parameter (4 fp32, 2 fp16); the paper's '10,000x smaller' compares LiDB to DreamBooth.",
         "The HyperDreamBooth identity carries the LiDB prediction plus the rank-4 relaxed LoRA of the fast "
         "fine-tune, so it is larger than LiDB alone; the hypernetwork-only identity is LiDB alone.",
+        "hyperdreambooth_identity_subspace is relax='subspace': the fine-tune relaxes the rank inside the LiDB "
+        "subspace instead (A_train R x a, B_train b x R, R = 4), so only the rank-4 core is stored.",
     ]
     if ctx.tiny:
         notes.append("Tiny mode: step times are for a narrow UNet with SD 1.5's block layout, not SD 1.5.")

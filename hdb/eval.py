@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from hypernet.eval.conditions import CONDITIONS
+    from hypernet.eval.conditions import CONDITIONS, VARIANTS
 
     p = sub.add_parser(
         "eval", help="compare personalisation methods on held-out identities (Face Rec., margin, time, size)",
@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--identities", type=int, default=None, help="evaluate the first N held-out identities")
     p.add_argument("--images-per-id", type=int, default=10, help="images per identity and method (default 10)")
     p.add_argument("--conditions", default=",".join(CONDITIONS),
-                   help=f"comma-separated subset of {','.join(CONDITIONS)} (default all)")
+                   help=f"comma-separated subset of {','.join(CONDITIONS)} (default all) and the opt-in "
+                   f"variants {','.join(VARIANTS)}")
     p.add_argument("--override", action="append", default=[], metavar="COND.KEY=VALUE",
                    help="method config override, e.g. lora.steps=100 (repeatable)")
     p.add_argument("--gen-steps", type=int, default=25, help="sampling steps (default 25)")

@@ -1,4 +1,4 @@
-"""`hdb personalize PHOTO ... --out IDENTITY.safetensors`: one photo -> identity (-> images)."""
+"""`hdb personalize PHOTO... --out IDENTITY.safetensors`: 1 to 8 photos of one person -> identity (-> images)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,28 @@ from tqdm.auto import tqdm
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "personalize",
-        help="personalise a base to the face in one photo (HyperDreamBooth)",
-        description="Predict LiDB weights with the hypernetwork, fine-tune a rank-relaxed LoRA on the "
-        "photo for a few steps, save the identity, and optionally generate images with it. Without "
+        help="personalise a base to the face in 1 to 8 photos of one person (HyperDreamBooth)",
+        description="Predict LiDB weights with the hypernetwork (combining the photos' predictions), "
+        "fine-tune a rank-relaxed adapter on all the photos for a few steps, save the identity, and "
+        "optionally generate images with it. Without "
         "--base/--hypernet it uses the embedded tiny base and the tiny-cpu hypernetwork (built and cached "
         "on first use, a few minutes on a laptop CPU).",
     )
-    p.add_argument("photo", type=Path, help="a JPEG/PNG/WebP photo of one face")
+    p.add_argument("photos", type=Path, nargs="+", metavar="PHOTO",
+                   help="JPEG/PNG/WebP photos of one face (1 to 8)")
     p.add_argument("--out", type=Path, required=True, help="where to write IDENTITY.safetensors")
     p.add_argument("--base", type=Path, help="diffusers base directory (default: the embedded tiny base)")
     p.add_argument("--hypernet", type=Path, help="exported hypernetwork folder or file (default: tiny-cpu)")
     p.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto", help="hypernetwork runtime")
     p.add_argument("--steps", type=int, default=40, help="fast fine-tune steps; 0 = hypernetwork only (40)")
-    p.add_argument("--rank", type=int, default=4, help="rank of the relaxed LoRA (4)")
+    p.add_argument("--rank", type=int, default=4,
+                   help="rank of the relaxed LoRA, or of the subspace core with --relax subspace (4)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate (1e-3)")
+    p.add_argument("--combine", choices=("weights", "embedding"), default="weights",
+                   help="several photos: mean of the predicted weights, or of the encoder tokens (weights)")
+    p.add_argument("--relax", choices=("lora", "subspace"), default="lora",
+                   help="relaxed fine-tune: a LoRA over full layer dims, or rank --rank inside the LiDB "
+                   "subspace (8x smaller) (lora)")
     p.add_argument("--token", default="ohwx", help="identifier token (ohwx)")
     p.add_argument("--class-noun", default="person", help="class noun (person)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and of generation (0)")
@@ -49,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     from hypernet.personalize import PersonalizeConfig, load_runtime, personalize
 
     cfg = PersonalizeConfig(steps=args.steps, rank=args.rank, lr=args.lr, token=args.token,
-                            class_noun=args.class_noun, seed=args.seed, detector=args.detector)
-    photo = args.photo.read_bytes() if args.photo.is_file() else args.photo  # missing -> clear error
+                            class_noun=args.class_noun, seed=args.seed, detector=args.detector,
+                            combine=args.combine, relax=args.relax)
+    photos = list(args.photos)  # paths: a missing or bad one is named in the error (`photos[i]` (path))
+    personalize_photos = photos if len(photos) > 1 else photos[0]
     pipe = load_pipeline(args.base or default_base_dir(), device=args.device, dtype=args.dtype)
     if args.hypernet is None:
         from hdb.defaults import default_hypernet_path
@@ -65,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             if e.loss is not None:
                 bar.set_postfix(loss=f"{e.loss:.4f}")
 
-    identity = personalize(pipe, photo, hypernet=runtime, config=cfg, progress=on_progress)
+    identity = personalize(pipe, personalize_photos, hypernet=runtime, config=cfg, progress=on_progress)
     bar.close()
     size = identity.save(args.out)
     timings = dict(identity.timings)
@@ -83,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
             written.append(folder / f"{i:03d}.png")
             img.save(written[-1])
     print(f"identity: {args.out} ({size:,} bytes; method {identity.method}, "
-          f"hypernetwork {runtime.backend})")
+          f"{identity.num_photos} photo(s), hypernetwork {runtime.backend})")
     print("timing breakdown:")
     for k, v in timings.items():
         print(f"  {k:<13} {v * 1000:9.1f} ms")

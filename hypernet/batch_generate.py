@@ -8,6 +8,7 @@ relaxed LoRA (zeros for "no identity"). Each image has its own generator seeded 
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ class GenRequest:
                             self.height, self.width, self.num_images, "dpmsolver++")
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one UNet call."""
-        spec = self.identity.spec.to_json() if self.identity else None
+        """Requests with equal keys can share one UNet call. The LiDB rank is not part of it: cores
+        of different ranks (a subspace-relaxed identity beside a rank-1 one) are zero-padded."""
+        spec = _bases_spec(self.identity.spec).to_json() if self.identity else None
         layers = tuple(self.identity.layers) if self.identity else None
         return (self.steps, float(self.guidance), self.height, self.width, spec, layers)
 
@@ -120,6 +122,11 @@ def generate_batch(
 _ATTACHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def _bases_spec(spec: LiDBSpec) -> LiDBSpec:
+    """The spec with its rank dropped (r = 1): what determines the layers and the aux bases."""
+    return dataclasses.replace(spec, r=1)
+
+
 def _batch_adapters(pipe, identities: list[Identity | None]) -> tuple[LiDB, LoRA] | None:
     """The pipeline's persistent batch adapters for this spec (aux bases are built once)."""
     ref = next((i for i in identities if i is not None), None)
@@ -129,7 +136,7 @@ def _batch_adapters(pipe, identities: list[Identity | None]) -> tuple[LiDB, LoRA
     for ident in identities:
         if ident is not None:
             ident.check_base(pipe)
-    key = (ref.spec.to_json(), tuple(ref.layers))
+    key = (_bases_spec(ref.spec).to_json(), tuple(ref.layers))
     cached = _ATTACHED.get(pipe.unet)
     if cached is None or cached[0] != key:
         if cached is not None:
@@ -147,13 +154,17 @@ def _batch_adapters(pipe, identities: list[Identity | None]) -> tuple[LiDB, LoRA
 
 def _load_per_sample(adapters: tuple[LiDB, LoRA], identities: list[Identity | None]) -> None:
     lidb, lora = adapters
-    ref = next(i for i in identities if i is not None)
     dev, dt = lidb.modules()[0].A_aux.device, lidb.modules()[0].A_aux.dtype
-    zero = {k: torch.zeros_like(v) for k, v in ref.lidb.items()}
-    lidb.use({
-        k: torch.stack([(i.lidb if i is not None else zero)[k] for i in identities]).to(dev, dt)
-        for k in ("A_train", "B_train")
-    })  # (N, L, r, a), (N, L, b, r)
+    r = max(i.spec.r for i in identities if i is not None)
+    L, s = len(lidb.layer_names), lidb.spec
+    A = torch.zeros(len(identities), L, r, s.a, device=dev, dtype=dt)  # (N, L, r, a); zero rows: no delta
+    B = torch.zeros(len(identities), L, s.b, r, device=dev, dtype=dt)  # (N, L, b, r)
+    for n, ident in enumerate(identities):
+        if ident is not None:
+            k = ident.spec.r
+            A[n, :, :k] = ident.lidb["A_train"]
+            B[n, :, :, :k] = ident.lidb["B_train"]
+    lidb.use({"A_train": A, "B_train": B})
     R = max((i.relaxed_rank for i in identities if i is not None), default=0)
     if R == 0:
         lora.enable(False)

@@ -1,11 +1,15 @@
-"""An Identity: a predicted LiDB plus the rank-relaxed LoRA trained on top of it, in one file.
+"""An Identity: a predicted LiDB plus what the rank-relaxed fine-tune trained on top of it, in one file.
 
 It is the artifact of fast personalisation (HyperDreamBooth) and of the service. On disk: one
 `.safetensors` of the LiDB file family (format "hdb.identity"), holding
-    lidb.A_train (L, r, a), lidb.B_train (L, b, r)      the hypernetwork's prediction
+    lidb.A_train (L, r, a), lidb.B_train (L, b, r)      the LiDB core
     relaxed.{i}.A (R, n_in_i), relaxed.{i}.B (n_out_i, R)  the relaxed LoRA (scale folded into B)
-plus metadata (spec, layers, layer shapes, base fingerprint, token, class noun, timings).
-Exports fold both into one standard LoRA of rank r + R per layer, exactly.
+plus metadata (spec, layers, layer shapes, base fingerprint, token, class noun, timings, how the
+rank was relaxed, how many photos). The two relaxations (`hypernet.personalize`) store differently:
+    relax "lora"      lidb = the prediction (r = 1), relaxed = a rank-R LoRA over full layer dims;
+    relax "subspace"  lidb = the trained core at rank r = R inside the aux bases (spec.r = R),
+                      relaxed = {} - 8x smaller at SD 1.5 scale.
+Exports fold everything into one standard LoRA of rank r (+ R) per layer, exactly.
 """
 
 from __future__ import annotations
@@ -47,6 +51,9 @@ class Identity:
     class_noun: str = "person"
     method: str = "hyperdreambooth"
     timings: dict[str, float] = field(default_factory=dict)
+    relax: str | None = None  # "lora", "subspace"; None: no fine-tune (hypernetwork only)
+    num_photos: int = 1  # photos it was personalised from
+    combine: str | None = None  # how several photos' predictions combined ("weights", "embedding")
     kind: str = "identity"
 
     @property
@@ -66,7 +73,9 @@ class Identity:
             "method": self.method,
             "relaxed_rank": str(self.relaxed_rank),
             "timings": json.dumps(self.timings, sort_keys=True),
+            "num_photos": str(self.num_photos),
         }
+        meta.update({k: v for k, v in (("relax", self.relax), ("combine", self.combine)) if v is not None})
         extra = {f"relaxed.{k}": v for k, v in self.relaxed.items()}
         return lidb_to_bytes(self.lidb, self.spec, self.layers, self.base_fingerprint,
                              extra_tensors=extra, fmt=FORMAT, extra_meta=meta)
@@ -80,12 +89,14 @@ class Identity:
     def _from_file(cls, f: LiDBFile) -> Identity:
         m = f.metadata
         shapes = [tuple(int(x) for x in s.split(",")) for s in m["shapes"].split(";")] if m.get("shapes") else []
+        relaxed = {k.removeprefix("relaxed."): v for k, v in f.extra.items() if k.startswith("relaxed.")}
         return cls(
             spec=f.spec, layers=f.layers, shapes=shapes, base_fingerprint=f.base_fingerprint,
-            lidb=f.weights,
-            relaxed={k.removeprefix("relaxed."): v for k, v in f.extra.items() if k.startswith("relaxed.")},
+            lidb=f.weights, relaxed=relaxed,
             token=m.get("token", "ohwx"), class_noun=m.get("class_noun", "person"),
             method=m.get("method", "hyperdreambooth"), timings=json.loads(m.get("timings", "{}")),
+            relax=m.get("relax", "lora" if relaxed else None),  # files before "relax" was recorded
+            num_photos=int(m.get("num_photos", "1")), combine=m.get("combine"),
         )
 
     def save(self, path: str | Path) -> int:
@@ -106,7 +117,8 @@ class Identity:
 
     # ---- math: factors and exports -----------------------------------------------------------
     def factors(self) -> Factors:
-        """Per layer the stacked (A (r+R, n_in), B (n_out, r+R)) of LiDB + relaxed LoRA."""
+        """Per layer the stacked (A (r+R, n_in), B (n_out, r+R)) of LiDB + relaxed LoRA (R = 0 for
+        a subspace-relaxed identity, whose LiDB core has rank r = R)."""
         lidb: Factors = {}
         relaxed: Factors = {}
         A_train, B_train = self.lidb["A_train"].float(), self.lidb["B_train"].float()
@@ -118,7 +130,7 @@ class Identity:
         return stack_factors(lidb, relaxed) if relaxed else lidb
 
     def export_lora(self, fmt: str = "diffusers") -> bytes:
-        """One standard LoRA (rank r + R) as safetensors bytes: "diffusers" or "kohya" keys."""
+        """One standard LoRA (rank r + R, or r) as safetensors bytes: "diffusers" or "kohya" keys."""
         if fmt not in ("diffusers", "kohya"):
             raise InvalidInputError(f"`format` must be 'diffusers' or 'kohya', got {fmt!r}")
         sd = (to_diffusers_lora if fmt == "diffusers" else to_kohya_lora)(self.factors())

@@ -70,6 +70,10 @@ def test_result_contents(tiny_run):
         assert r["batched_images_per_s"] == pytest.approx(N_IDENTITIES / bat)
         assert r["max_pixel_diff_batched_vs_sequential"] <= 2
 
+    stage1 = _doc(out, "stage1_batching")["results"]
+    assert stage1["alone_vs_chunk_max_abs_diff"] < 1e-4  # a chunk-mate changes only float round-off
+    assert all(stage1[k][c]["speedup_vs_K1"] > 0 for k in ("K=1", "K=4") for c in ("cpu", "wall"))
+
     service = _doc(out, "service_load")["results"]
     for scenario, points in service["sweep"].items():
         for users, r in points.items():
@@ -105,7 +109,8 @@ def test_report_has_every_section_and_plot(tiny_run):
     out, _ = tiny_run
     report = (out / "REPORT.md").read_text()
     for title in ("## Headline numbers", "## 1. Personalisation", "## 2. SD 1.5 scale", "## 3. Hypernetwork",
-                  "## 4. Service under load", "## 5. Batching", "## 6. GPU", "Tiny (smoke-test) mode"):
+                  "## 4. Service under load", "## 5. Batching", "## 6. Stage 1", "## 7. GPU",
+                  "Tiny (smoke-test) mode"):
         assert title in report
     for png in ("sd15_sizes.png", "hypernet_inference.png", "service_load.png", "batching.png"):
         assert (out / png).stat().st_size > 1000

@@ -195,6 +195,28 @@ def test_runtime_backends_agree_and_describe_the_base(exported):
         assert onnx_rt._session.get_providers() == ["CPUExecutionProvider"]
 
 
+def test_runtime_encode_decode_split_on_either_backend(exported, tmp_path):
+    """Several photos combine in embedding space through encode/decode; an ONNX runtime runs the split
+    on the torch weights beside it, and says so when there are none."""
+    out, model = exported
+    x = pixels(3, seed=7)
+    with torch.no_grad():
+        want = model.decode(model.encode(x).mean(0, keepdim=True))
+    for backend in ("onnx", "torch"):
+        rt = HypernetRuntime.load(out, backend=backend, device="cpu")
+        tokens = rt.encode(x)  # (3, T, d)
+        assert tokens.shape[0] == 3 and tokens.shape[-1] == model.cfg.dim
+        got = rt.decode(tokens.mean(0, keepdim=True))
+        assert all(torch.equal(got[k], want[k]) for k in want), backend
+    with pytest.raises(InvalidInputError, match=r"`tokens` must have shape \(N, T, 32\)"):
+        rt.decode(torch.zeros(1, 4, 7))
+    for f in out.glob("hypernet.onnx*"):  # the graph (and any external data), not the safetensors
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    only = HypernetRuntime.load(tmp_path / "hypernet.onnx", device="cpu")
+    with pytest.raises(ModelNotFoundError, match="torch weights"):
+        only.encode(x)
+
+
 def test_runtime_rejects_bad_input_and_paths(exported, tmp_path):
     out, _ = exported
     rt = HypernetRuntime.load(out, device="cpu")

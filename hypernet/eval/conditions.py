@@ -9,6 +9,11 @@
     textual-inversion  one new token embedding
     base               no personalisation
 
+Opt-in variants (`VARIANTS`, run only when named in `--conditions`) vary one setting of a hypernet
+condition: 3 input photos instead of 1, combined in weight or embedding space; the relaxed
+fine-tune as a LoRA over full layer dims or inside the LiDB subspace. A variant with 3 inputs takes
+the identity's first 3 photos; the runner then scores every condition against the photos after them.
+
 Every method runs at its library defaults unless `overrides` says otherwise; LiDB's training
 prompt (the paper's "a {token} face") is set to the evaluation prompt so that every method is
 asked for what it was trained on (the face world only ever saw "a photo of a person").
@@ -20,6 +25,7 @@ import copy
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,8 +36,8 @@ from hypernet.errors import InvalidInputError
 REAL_PHOTO = "real-photo"
 
 __all__ = [
-    "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS",
-    "Personalised", "parse_overrides", "personalise",
+    "ALL_CONDITIONS", "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS", "VARIANTS",
+    "Personalised", "input_photos", "parse_overrides", "personalise",
 ]
 
 CONDITIONS = (
@@ -40,6 +46,17 @@ CONDITIONS = (
 _HYPERNET_CONDITIONS = ("hyperdreambooth", "hypernetwork", "fast-finetune")
 #: Conditions that take minutes per person on CPU: `hdb eval --slow-methods-people N` runs them on a subset.
 SLOW_CONDITIONS = ("dreambooth", "lora", "textual-inversion")
+#: name -> (the condition it varies, PersonalizeConfig settings it fixes, input photos it takes).
+VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
+    "hypernetwork-3photos": ("hypernetwork", {"combine": "weights"}, 3),
+    "hypernetwork-3photos-embedding": ("hypernetwork", {"combine": "embedding"}, 3),
+    "hyperdreambooth-3photos": ("hyperdreambooth", {"combine": "weights"}, 3),
+    "hyperdreambooth-3photos-embedding": ("hyperdreambooth", {"combine": "embedding"}, 3),
+    "hyperdreambooth-relax-lora": ("hyperdreambooth", {"relax": "lora"}, 1),
+    "hyperdreambooth-relax-subspace": ("hyperdreambooth", {"relax": "subspace"}, 1),
+    "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
+}
+ALL_CONDITIONS = CONDITIONS + tuple(VARIANTS)
 EVAL_PROMPT_TEMPLATE = "a photo of {token} {class_noun}"
 
 
@@ -53,7 +70,12 @@ class Personalised:
 
 
 def needs_hypernet(conditions) -> bool:
-    return any(c in _HYPERNET_CONDITIONS for c in conditions)
+    return any(VARIANTS.get(c, (c,))[0] in _HYPERNET_CONDITIONS for c in conditions)
+
+
+def input_photos(condition: str) -> int:
+    """How many of an identity's photos `condition` personalises from (the first ones)."""
+    return VARIANTS[condition][2] if condition in VARIANTS else 1
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
@@ -70,8 +92,8 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
         cond, dot, field_name = key.partition(".")
         if not sep or not dot or not field_name:
             raise InvalidInputError(f"`override` must be CONDITION.KEY=VALUE, got {item!r}")
-        if cond not in CONDITIONS:
-            raise InvalidInputError(f"`override` condition must be one of {list(CONDITIONS)}, got {cond!r}")
+        if cond not in ALL_CONDITIONS:
+            raise InvalidInputError(f"`override` condition must be one of {list(ALL_CONDITIONS)}, got {cond!r}")
         out.setdefault(cond, {})[field_name] = _parse_value(raw)
     return out
 
@@ -88,17 +110,27 @@ def _parse_value(raw: str) -> Any:
 
 
 def personalise(
-    pipe, condition: str, photo: Path, *, runtime=None, token: str = "ohwx", class_noun: str = "person",
-    overrides: dict[str, Any] | None = None, seed: int = 0, detector: str = "auto",
+    pipe, condition: str, photo: Path | Sequence[Path], *, runtime=None, token: str = "ohwx",
+    class_noun: str = "person", overrides: dict[str, Any] | None = None, seed: int = 0, detector: str = "auto",
 ) -> Personalised:
-    """Train `condition` on the one `photo`; the pipeline is left clean (apply happens later).
+    """Train `condition` on `photo` (one path, or a list whose first `input_photos(condition)` it
+    takes); the pipeline is left clean (apply happens later).
 
     Raises:
-        InvalidInputError: unknown condition or override; a hypernet condition without `runtime`.
+        InvalidInputError: unknown condition or override; fewer photos than the condition takes;
+            a hypernet condition without `runtime`.
     """
     overrides = dict(overrides or {})
-    if condition not in CONDITIONS:
-        raise InvalidInputError(f"`condition` must be one of {list(CONDITIONS)}, got {condition!r}")
+    if condition not in ALL_CONDITIONS:
+        raise InvalidInputError(f"`condition` must be one of {list(ALL_CONDITIONS)}, got {condition!r}")
+    photos = [photo] if isinstance(photo, (str, Path)) else list(photo)
+    n = input_photos(condition)
+    if len(photos) < n:
+        raise InvalidInputError(f"condition {condition!r} must be given {n} photos, got {len(photos)}")
+    photo = photos[0] if n == 1 else photos[:n]
+    if condition in VARIANTS:
+        condition, settings, _ = VARIANTS[condition]
+        overrides = {**settings, **overrides}
     if condition == "base":
         return Personalised(None, 0.0, 0)
     t0 = time.perf_counter()
@@ -135,7 +167,10 @@ def _zero_prediction(runtime):
     def predict(pixels):
         return {k: torch.zeros_like(v) for k, v in runtime.predict(pixels).items()}
 
-    zero.predict = predict
+    def decode(tokens):  # several photos combined in embedding space
+        return {k: torch.zeros_like(v) for k, v in runtime.decode(tokens).items()}
+
+    zero.predict, zero.decode = predict, decode
     return zero
 
 

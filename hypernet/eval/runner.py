@@ -1,7 +1,8 @@
 """`hdb eval`: the paper's Table 1 in miniature, on identities held out from every training step.
 
-For each held-out identity, its first photo is the one input and its other photos are the
-references. Each condition (`hypernet.eval.conditions`) personalises from the input, timed; then
+For each held-out identity, its first photo is the one input (its first 3 when a 3-photo variant
+is among the conditions; see `EvalConfig.inputs`) and its other photos are the references. Each
+condition (`hypernet.eval.conditions`) personalises from the input, timed; then
 `images_per_id` images are generated with fixed seeds (the same seeds for every condition, so
 comparisons are paired) from "a photo of ohwx person", and scored by each face metric
 (`hypernet.eval.faces.FACE_METRICS`: dlib's ResNet and FaceNet, two independent networks):
@@ -37,10 +38,12 @@ from PIL import Image
 
 from hypernet.errors import InvalidInputError
 from hypernet.eval.conditions import (
+    ALL_CONDITIONS,
     CONDITIONS,
     EVAL_PROMPT_TEMPLATE,
     REAL_PHOTO,
     SLOW_CONDITIONS,
+    input_photos,
     needs_hypernet,
     personalise,
 )
@@ -96,9 +99,10 @@ class EvalConfig:
         if bad_metrics or not self.metrics:
             raise InvalidInputError(f"`metrics` must be a non-empty subset of {list(FACE_METRICS)}, "
                                     f"got {bad_metrics or '[]'}")
-        bad = [c for c in self.conditions if c not in CONDITIONS]
+        bad = [c for c in self.conditions if c not in ALL_CONDITIONS]
         if bad or not self.conditions:
-            raise InvalidInputError(f"`conditions` must be a non-empty subset of {list(CONDITIONS)}, got {bad or '[]'}")
+            raise InvalidInputError(
+                f"`conditions` must be a non-empty subset of {list(ALL_CONDITIONS)}, got {bad or '[]'}")
         if needs_hypernet(self.conditions) and self.hypernet is None:
             raise InvalidInputError(
                 "`hypernet` must be given for the hyperdreambooth/hypernetwork/fast-finetune conditions, got None"
@@ -116,6 +120,12 @@ class EvalConfig:
     def prompt(self) -> str:
         return EVAL_PROMPT_TEMPLATE.format(token=self.token, class_noun=self.class_noun)
 
+    @property
+    def inputs(self) -> int:
+        """Photos held back as inputs per identity: the most any condition takes (the rest are
+        references, the same for every condition so that comparisons stay paired)."""
+        return max(input_photos(c) for c in self.conditions)
+
     def cell_key(self, condition: str, models: str = "") -> str:
         """What a cached cell depends on (settings + `models`, the weights' identity): a change reruns it.
 
@@ -126,6 +136,8 @@ class EvalConfig:
         d = dict(models=models, hypernet=hypernet, n=self.images_per_id, det=self.detector,
                  steps=self.gen_steps, guidance=self.guidance, prompt=self.prompt, seed=self.seed,
                  loss_t=self.loss_timesteps, overrides=self.overrides.get(condition, {}))
+        if self.inputs > 1:  # other references: other cells (1 keeps the keys of earlier runs)
+            d["inputs"] = self.inputs
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -213,11 +225,12 @@ class Evaluation:
             log.warning("%s has no split.json: evaluating every identity with >= 3 photos; none is "
                         "known to be held out from the base's training", self.cfg.base)
             held, train = [i for i in self.corpus.identities if len(self.corpus.photos[i]) >= 3], []
-        held = interleave_parts([i for i in held if len(self.corpus.photos[i]) >= 2])
+        held = interleave_parts([i for i in held if len(self.corpus.photos[i]) >= self.cfg.inputs + 1])
         if self.cfg.identities is not None:
             held = held[: self.cfg.identities]
         if not held:
-            raise InvalidInputError("`corpus` must have at least one held-out identity with >= 2 photos, got none")
+            raise InvalidInputError(f"`corpus` must have at least one held-out identity with >= "
+                                    f"{self.cfg.inputs + 1} photos, got none")
         return held, train
 
     def _comparison_ids(self) -> list[str]:
@@ -244,7 +257,7 @@ class Evaluation:
         self.ref_pixels: dict[str, torch.Tensor] = {}
         for ident in self._comparison_ids():
             photos = self.corpus.photos[ident]
-            refs = photos[1:] if ident in self.eval_ids else photos[: self.cfg.other_photos_per_id]
+            refs = photos[self.cfg.inputs:] if ident in self.eval_ids else photos[: self.cfg.other_photos_per_id]
             pix = [preprocess(decode_image(p), self.resolution, detector=self.cfg.detector) for p in refs]  # (3, R, R)
             for m, embedder in self.embedders.items():
                 embs = []
@@ -306,8 +319,8 @@ class Evaluation:
             if cached.key == key:
                 return self._rescore_missing(cached, folder / ident)
         t0 = time.perf_counter()
-        photo = self.corpus.photos[ident][0]
-        done = personalise(self.pipe, condition, photo, runtime=self.runtime, token=cfg.token,
+        photos = self.corpus.photos[ident][: input_photos(condition)]
+        done = personalise(self.pipe, condition, photos, runtime=self.runtime, token=cfg.token,
                            class_noun=cfg.class_noun, overrides=cfg.overrides.get(condition), seed=cfg.seed,
                            detector=cfg.detector)
         images = self._generate(done.artifact)

@@ -164,8 +164,14 @@ class HyperNetwork(nn.Module):
     def forward(self, pixels: torch.Tensor | None, identity: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """pixels (N, 3, H, W) in [-1, 1] and/or identity (N, D_id) (by `cfg.condition`; the other
         may be None) -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}."""
+        return self.decode(self.condition_tokens(pixels, identity))
+
+    def decode(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Condition tokens f (N, T', d) -> packed LiDB weights: the s refinement iterations from
+        theta_0 = 0. Separate from `condition_tokens` so that the tokens of several photos can be
+        averaged before decoding.
+        """
         cfg = self.cfg
-        f = self.condition_tokens(pixels, identity)  # (N, T', d)
         theta = f.new_zeros(f.shape[0], cfg.num_layers, cfg.params_per_layer)  # theta_0 = 0
         for _ in range(cfg.iterations):
             theta = theta + self.refine(f, theta)

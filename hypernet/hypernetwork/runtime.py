@@ -5,6 +5,10 @@
     weights = rt.predict(pixels)                         # (N, 3, R, R) in [-1, 1]
     weights = rt.predict(pixels, faces=rt.faces_for(imgs))  # identity condition: faces of the photos
     lidb.use(weights)                                    # {"A_train": (N, L, r, a), "B_train": ...}
+    weights = rt.decode(rt.encode(pixels).mean(0, keepdim=True))  # several photos: mean of condition tokens
+
+`encode`/`decode` run the torch model: the ONNX graph is one piece (photo -> weights), so an ONNX
+runtime loads the torch weights beside it (hypernet.safetensors) the first time they are asked for.
 
 An identity-conditioned hypernetwork (`config.condition` "identity"/"both") also needs the photo's
 face aligned to 112x112 (hypernet.face_alignment). Callers that still have the photo pass
@@ -42,13 +46,14 @@ class HypernetRuntime:
     """A loaded hypernetwork; build it with `HypernetRuntime.load`."""
 
     def __init__(self, info: HypernetInfo, backend: str, device: torch.device, session=None, model=None,
-                 face_encoder=None):
+                 face_encoder=None, torch_path: Path | None = None):
         self.info = info
         self.backend = backend
         self.device = device
         self._session = session
         self._model = model
         self._face_encoder = face_encoder
+        self._torch_path = torch_path  # ONNX backend: the safetensors beside it, loaded on demand
 
     # --- what a caller checks against its base -------------------------------------------------
     @property
@@ -100,7 +105,7 @@ class HypernetRuntime:
                     f"`path` must hold an .onnx hypernetwork for backend 'onnx', got {str(path)!r}"
                 )
             try:
-                return cls._load_onnx(onnx_path, dev)
+                return cls._load_onnx(onnx_path, dev, st_path)
             except Exception as e:  # onnxruntime raises its own (pybind) types for corrupt files, bad opsets
                 if not (auto and st_path is not None):
                     raise InvalidInputError(
@@ -124,7 +129,7 @@ class HypernetRuntime:
         return cls(info, "torch", dev, model=model, face_encoder=face_encoder)
 
     @classmethod
-    def _load_onnx(cls, path: Path, dev: torch.device) -> HypernetRuntime:
+    def _load_onnx(cls, path: Path, dev: torch.device, torch_path: Path | None = None) -> HypernetRuntime:
         import onnxruntime as ort
 
         info = read_info(path)
@@ -136,7 +141,7 @@ class HypernetRuntime:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = ort.InferenceSession(str(path), so, providers=providers)
         log.info("hypernetwork %s on onnxruntime (%s)", path, session.get_providers()[0])
-        return cls(info, "onnx", dev, session=session)
+        return cls(info, "onnx", dev, session=session, torch_path=torch_path)
 
     def check_base(self, pipe) -> None:
         """Raise `IncompatibleAdapterError` unless `pipe` is the base this was trained for."""
@@ -163,13 +168,7 @@ class HypernetRuntime:
         Raises:
             InvalidInputError: wrong shape (R must be the base's resolution) or non-finite values.
         """
-        x = torch.as_tensor(pixels)
-        R = self.resolution
-        if x.dim() != 4 or tuple(x.shape[1:]) != (3, R, R) or x.shape[0] < 1:
-            raise InvalidInputError(f"`pixels` must have shape (N, 3, {R}, {R}), got {tuple(x.shape)}")
-        x = x.float()
-        if not torch.isfinite(x).all():
-            raise InvalidInputError("`pixels` must be finite, got NaN/inf")
+        x = self._check_pixels(pixels)
         fx = self._faces(x, faces) if self.needs_faces else None  # (N, 3, 112, 112)
         if self._session is not None:
             from hypernet.hypernetwork.export import onnx_input_names
@@ -209,6 +208,64 @@ class HypernetRuntime:
         if not torch.isfinite(f).all():
             raise InvalidInputError("`faces` must be finite, got NaN/inf")
         return f
+
+    def _check_pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        x = torch.as_tensor(pixels)
+        R = self.resolution
+        if x.dim() != 4 or tuple(x.shape[1:]) != (3, R, R) or x.shape[0] < 1:
+            raise InvalidInputError(f"`pixels` must have shape (N, 3, {R}, {R}), got {tuple(x.shape)}")
+        x = x.float()
+        if not torch.isfinite(x).all():
+            raise InvalidInputError("`pixels` must be finite, got NaN/inf")
+        return x
+
+    def encode(self, pixels: torch.Tensor | np.ndarray,
+               faces: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+        """pixels (N, 3, R, R) in [-1, 1] (+ faces, as `predict`) -> the decoder's condition tokens
+        (N, T', d), fp32: image tokens and/or face-identity tokens, by `config.condition`.
+
+        Raises:
+            InvalidInputError: as `predict`.
+            ModelNotFoundError: an ONNX-only export (the split needs the torch weights).
+        """
+        x = self._check_pixels(pixels)
+        fx = self._faces(x, faces) if self.needs_faces else None  # (N, 3, 112, 112)
+        model = self._torch_model()
+        with torch.no_grad():
+            identity = self._torch_face_encoder()(fx.to(self.device)) if fx is not None else None  # (N, 512)
+            return model.condition_tokens(x.to(self.device) if self.config.uses_pixels else None, identity).float()
+
+    def decode(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Image tokens (N, T, d) -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}, fp32.
+
+        Raises:
+            InvalidInputError: tokens not (N, T, d) with this hypernetwork's d.
+            ModelNotFoundError: an ONNX-only export.
+        """
+        d = self.config.dim
+        if tokens.dim() != 3 or tokens.shape[0] < 1 or tokens.shape[-1] != d:
+            raise InvalidInputError(f"`tokens` must have shape (N, T, {d}), got {tuple(tokens.shape)}")
+        with torch.no_grad():
+            out = self._torch_model().decode(tokens.to(self.device).float())
+        return {k: v.float() for k, v in out.items()}
+
+    def _torch_model(self):
+        if self._model is None:
+            if self._torch_path is None:
+                raise ModelNotFoundError(
+                    "hypernetwork must have its torch weights (hypernet.safetensors) beside the ONNX file "
+                    "to encode and decode separately (combining photos in embedding space), got ONNX only"
+                )
+            self._model, _ = load_hypernet(self._torch_path, device=self.device)
+            log.info("hypernetwork %s on torch for encode/decode", self._torch_path)
+        return self._model
+
+    def _torch_face_encoder(self):
+        if self._face_encoder is None:  # ONNX backend: the face encoder is inside the graph
+            from hypernet.face_encoder import FaceEncoder
+
+            self._face_encoder = FaceEncoder.load().to(self.device)
+        return self._face_encoder
 
 
 def _locate(path: Path) -> tuple[Path | None, Path | None]:

@@ -83,27 +83,30 @@ class LiDB(AdapterHandle):
         """Route external weights through the adapter without copying (grads flow to them).
 
         Accepts one identity (L, r, a)/(L, b, r) or one per sample (N, L, r, a)/(N, L, b, r);
-        None goes back to the adapter's own parameters.
+        None goes back to the adapter's own parameters. External weights may have any rank r, not
+        only the spec's: the aux bases do not depend on it (a rank-relaxed core, or a batch of
+        identities zero-padded to the largest rank).
         """
         if weights is None:
             for m in self.modules():
                 m.use_weights(None, None)
             return
         per_sample = weights["A_train"].dim() == 4
-        A, B = self._check(weights, per_sample=per_sample)
+        A, B = self._check(weights, per_sample=per_sample, rank=weights["A_train"].shape[-2])
         for i, m in enumerate(self.modules()):
             if per_sample:
                 m.use_weights(A[:, i], B[:, i])  # (N, r, a), (N, b, r)
             else:
                 m.use_weights(A[i], B[i])
 
-    def _check(self, weights: LiDBWeights, per_sample: bool):
+    def _check(self, weights: LiDBWeights, per_sample: bool, rank: int | None = None):
         if set(weights) != {"A_train", "B_train"}:
             raise InvalidInputError(f"LiDB weights must have keys A_train, B_train, got {sorted(weights)}")
         A, B = weights["A_train"], weights["B_train"]
         L, s = len(self.layer_names), self.spec
+        r = s.r if rank is None else rank
         lead = (A.shape[0],) if per_sample else ()
-        want_A, want_B = (*lead, L, s.r, s.a), (*lead, L, s.b, s.r)
+        want_A, want_B = (*lead, L, r, s.a), (*lead, L, s.b, r)
         if tuple(A.shape) != want_A or tuple(B.shape) != want_B:
             raise InvalidInputError(
                 f"LiDB weights must have shapes A_train {want_A}, B_train {want_B}, "

@@ -1,0 +1,104 @@
+"""The opt-in evaluation variants: 3 input photos against 1, and the two relaxed fine-tunes."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hypernet.errors import InvalidInputError
+from hypernet.eval.conditions import CONDITIONS, VARIANTS, input_photos, needs_hypernet, personalise
+from hypernet.hypernetwork.runtime import HypernetRuntime
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture()
+def tiny_hypernet(tiny_pipe, tmp_path):
+    from tests.personalize.conftest import random_hypernet
+
+    return random_hypernet(tiny_pipe, tmp_path / "hypernet")
+
+
+@pytest.fixture()
+def photo_paths(tmp_path):
+    paths = []
+    for i in range(3):
+        rng = np.random.default_rng(i)
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (90, 80, 3), dtype=np.uint8)).save(buf, format="JPEG")
+        paths.append(tmp_path / f"p{i}.jpg")
+        paths[-1].write_bytes(buf.getvalue())
+    return paths
+
+
+def test_variants_are_opt_in_hypernet_conditions():
+    assert not set(VARIANTS) & set(CONDITIONS)  # the default run is unchanged
+    assert all(needs_hypernet((v,)) for v in VARIANTS)
+    assert input_photos("hyperdreambooth-3photos") == 3 and input_photos("hyperdreambooth") == 1
+
+
+def test_three_photo_and_relax_variants_personalise_as_named(tiny_pipe, tiny_hypernet, photo_paths):
+    rt = HypernetRuntime.load(tiny_hypernet)
+    kw = dict(runtime=rt, detector="center")
+    one = personalise(tiny_pipe, "hypernetwork", photo_paths, **kw).artifact  # a list: takes the first
+    three = personalise(tiny_pipe, "hypernetwork-3photos", photo_paths, **kw).artifact
+    emb = personalise(tiny_pipe, "hypernetwork-3photos-embedding", photo_paths, **kw).artifact
+    assert (one.num_photos, three.num_photos, three.combine, emb.combine) == (1, 3, "weights", "embedding")
+    assert (one.lidb["A_train"] - three.lidb["A_train"]).abs().max() > 1e-4
+    assert three.relaxed == {} and emb.relaxed == {}  # hypernetwork only: no fine-tune
+
+    sub = personalise(tiny_pipe, "hyperdreambooth-relax-subspace", photo_paths[0], overrides={"steps": 1}, **kw)
+    lora = personalise(tiny_pipe, "hyperdreambooth-relax-lora", photo_paths[0], overrides={"steps": 1}, **kw)
+    ff = personalise(tiny_pipe, "fast-finetune-relax-subspace", photo_paths[0], overrides={"steps": 1}, **kw)
+    assert (sub.artifact.relax, sub.artifact.spec.r, lora.artifact.relax) == ("subspace", 4, "lora")
+    assert ff.artifact.relax == "subspace" and ff.artifact.spec.r == 4
+    assert (ff.artifact.lidb["B_train"].abs().amax(dim=(1, 2)) > 0).all()  # from a zero prediction, all trained
+    assert 0 < sub.nbytes < lora.nbytes
+
+    with pytest.raises(InvalidInputError, match="'hyperdreambooth-3photos' must be given 3 photos, got 1"):
+        personalise(tiny_pipe, "hyperdreambooth-3photos", photo_paths[0], **kw)
+
+
+def test_eval_with_a_three_photo_variant_holds_back_three_inputs(tiny_pipe, tiny_base_dir, tiny_hypernet,
+                                                                 faces_dir, tmp_path):
+    """Every condition is scored against the photos after the first 3, so 1 vs 3 stays paired;
+    identities without a 4th photo drop out."""
+    from hdb.cli import main
+    from hypernet.eval.corpus import read_manifest
+
+    corpus = read_manifest(faces_dir / "identities.csv")
+    ids = corpus.identities[:3]
+    take = {ids[0]: 5, ids[1]: 5, ids[2]: 3}
+    lines = ["file,identity"] + [f"{p},{i}" for i in ids for p in corpus.photos[i][: take[i]]]
+    (tmp_path / "faces.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    argv = ["eval", "--base", str(tiny_base_dir), "--hypernet", str(tiny_hypernet), "--corpus",
+            str(tmp_path / "faces.csv"), "--out", str(out), "--images-per-id", "1", "--gen-steps", "2",
+            "--device", "cpu", "--threads", "1", "--detector", "center"]
+    assert main([*argv, "--conditions", "hypernetwork,hypernetwork-3photos"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["identities"] == ids[:2]
+    assert set(results["conditions"]) == {"hypernetwork", "hypernetwork-3photos", "real-photo"}
+    for cond in ("hypernetwork", "hypernetwork-3photos"):
+        assert (out / "cells" / cond / f"{ids[0]}.json").is_file()
+
+
+def test_cell_keys_change_only_when_a_variant_holds_back_more_inputs(tmp_path):
+    """Other references are other cells; without a 3-photo variant the keys are those of earlier runs."""
+    one = _config(tmp_path, ("hypernetwork",))
+    three = _config(tmp_path, ("hypernetwork", "hypernetwork-3photos"))
+    relax = _config(tmp_path, ("hypernetwork", "hyperdreambooth-relax-subspace"))
+    assert (one.inputs, three.inputs, relax.inputs) == (1, 3, 1)
+    assert one.cell_key("hypernetwork", "m") != three.cell_key("hypernetwork", "m")
+    assert one.cell_key("hypernetwork", "m") == relax.cell_key("hypernetwork", "m")
+
+
+def _config(tmp_path, conditions):
+    from hypernet.eval.runner import EvalConfig
+
+    return EvalConfig(base=tmp_path, corpus=tmp_path / "c.csv", out=tmp_path / "o", hypernet=tmp_path / "h",
+                      conditions=conditions)

@@ -1,0 +1,124 @@
+"""Several photos of one person: combined predictions, a fine-tune on all of them, errors, the CLI."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hypernet.adapters.inject import adapted_layers
+from hypernet.errors import ImageDecodeError, InvalidInputError
+from hypernet.hypernetwork.runtime import HypernetRuntime
+from hypernet.identity import Identity
+from hypernet.personalize import MAX_PHOTOS, personalize
+from hypernet.photos import preprocess
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _photo_bytes(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 255, (90, 80, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _pixels(photos: list[bytes]) -> torch.Tensor:
+    return torch.stack([preprocess(Image.open(io.BytesIO(p)).convert("RGB"), 64, detector="center")
+                        for p in photos])  # (K, 3, 64, 64)
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("combine,relax", [("weights", "lora"), ("embedding", "subspace")])
+def test_one_photo_in_a_list_is_the_single_photo_result_bit_for_bit(tiny_pipe, tiny_hypernet, combine, relax):
+    kw = dict(hypernet=tiny_hypernet, steps=2, rank=2, detector="center", relax=relax)
+    bare = personalize(tiny_pipe, _photo_bytes(3), **kw)
+    listed = personalize(tiny_pipe, [_photo_bytes(3)], combine=combine, **kw)
+    assert _equal(bare.lidb, listed.lidb) and _equal(bare.relaxed, listed.relaxed)
+    assert listed.num_photos == 1 and listed.combine is None and listed.spec == bare.spec
+
+
+def test_predictions_combine_in_weight_or_embedding_space(tiny_pipe, tiny_hypernet):
+    photos = [_photo_bytes(i) for i in range(3)]
+    rt = HypernetRuntime.load(tiny_hypernet)
+    pixels = _pixels(photos)
+    by_photo = rt.predict(pixels)  # (3, L, r, a), (3, L, b, r)
+    tokens = rt.encode(pixels)  # (3, T, d)
+    want_embedding = rt.decode(tokens.mean(0, keepdim=True))
+    # the split is the whole network: decode(encode(x)) is predict(x)
+    assert _equal(rt.decode(tokens), by_photo)
+
+    got = {c: personalize(tiny_pipe, photos, hypernet=rt, steps=0, detector="center", combine=c)
+           for c in ("weights", "embedding")}
+    for k in ("A_train", "B_train"):
+        torch.testing.assert_close(got["weights"].lidb[k], by_photo[k].mean(0), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got["embedding"].lidb[k], want_embedding[k][0], atol=1e-6, rtol=1e-6)
+        # the decoder is non-linear: the two combinations really differ, and differ from one photo
+        assert (got["weights"].lidb[k] - got["embedding"].lidb[k]).abs().max() > 1e-4
+        assert (got["weights"].lidb[k] - by_photo[k][0]).abs().max() > 1e-4
+    assert got["embedding"].num_photos == 3 and got["embedding"].combine == "embedding"
+    back = Identity.from_bytes(got["weights"].to_bytes())
+    assert (back.num_photos, back.combine) == (3, "weights")
+
+
+def test_fine_tune_trains_on_every_photo(tiny_pipe, tiny_hypernet, monkeypatch):
+    import hypernet.personalize as mod
+
+    seen = []
+    real = mod.build_train_data
+
+    def recording(pipe, pixels, prompt, **kw):
+        seen.append(pixels.shape[0])
+        return real(pipe, pixels, prompt, **kw)
+
+    monkeypatch.setattr(mod, "build_train_data", recording)
+    photos = [_photo_bytes(i) for i in range(3)]
+    three = personalize(tiny_pipe, photos, hypernet=tiny_hypernet, steps=3, detector="center", flip=False)
+    one = personalize(tiny_pipe, photos[:1], hypernet=tiny_hypernet, steps=3, detector="center", flip=False)
+    assert seen == [3, 1]
+    assert not _equal(three.relaxed, one.relaxed)
+
+
+def test_errors_name_the_photo_at_fault(tiny_pipe, tiny_hypernet, tmp_path):
+    good = _photo_bytes()
+    with pytest.raises(ImageDecodeError, match=r"^`photos\[2\]` must be a JPEG, PNG or WebP image"):
+        personalize(tiny_pipe, [good, good, b"not an image", good], hypernet=tiny_hypernet, steps=0)
+    missing = tmp_path / "nope.jpg"
+    with pytest.raises(ImageDecodeError, match=rf"^`photos\[1\]` \({missing}\) must be an existing image file"):
+        personalize(tiny_pipe, [good, missing], hypernet=tiny_hypernet, steps=0)
+    with pytest.raises(InvalidInputError, match=rf"`photos` must hold 1 to {MAX_PHOTOS} photos .*got {MAX_PHOTOS + 1}"):
+        personalize(tiny_pipe, [good] * (MAX_PHOTOS + 1), hypernet=tiny_hypernet, steps=0)
+    with pytest.raises(InvalidInputError, match="`photos` must hold 1 to .* got 0"):
+        personalize(tiny_pipe, [], hypernet=tiny_hypernet, steps=0)
+    with pytest.raises(InvalidInputError, match="`combine` must be one of"):
+        personalize(tiny_pipe, [good, good], hypernet=tiny_hypernet, steps=0, combine="median")
+    assert all(not layer.adapters for layer in adapted_layers(tiny_pipe).values())
+
+
+def test_cli_takes_several_photos(tiny_pipe, tiny_base_dir, tiny_hypernet, tmp_path, capsys):
+    from hdb.cli import main
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"p{i}.jpg")
+        paths[-1].write_bytes(_photo_bytes(i))
+    out = tmp_path / "me.safetensors"
+    common = ["--base", str(tiny_base_dir), "--hypernet", str(tiny_hypernet), "--steps", "1",
+              "--detector", "center", "--device", "cpu", "--out", str(out)]
+    assert main(["personalize", *map(str, paths), "--combine", "embedding", "--relax", "subspace",
+                 "--rank", "2", *common]) == 0
+    ident = Identity.load(out)
+    assert (ident.num_photos, ident.combine, ident.relax, ident.spec.r) == (3, "embedding", "subspace", 2)
+    assert "3 photo(s)" in capsys.readouterr().out
+
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    assert main(["personalize", str(paths[0]), str(bad), *common]) != 0
+    assert f"`photos[1]` ({bad}) must be a JPEG, PNG or WebP image" in capsys.readouterr().err
