@@ -199,3 +199,27 @@ def test_kohya_export_refuses_transformer_layers(loaded, arch):
     lidb = LiDB(pipe, default_spec_for(pipe))
     with pytest.raises(InvalidInputError, match="diffusers format"):
         to_kohya_lora(lidb.factors())
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_sdxl_text_encoders_export_through_stock_diffusers(loaded, tiny_dirs, tmp_path, fmt):
+    """`text_encoder=True` on SDXL adapts both CLIP towers; stock SDXL loads both back."""
+    pipe = _load(loaded, "sdxl")
+    lidb = LiDB(pipe, default_spec_for(pipe, text_encoder=True))
+    te = [n for n in lidb.layer_names if n.startswith("text_encoder")]
+    assert len([n for n in te if n.startswith("text_encoder_2.")]) == len(te) // 2 == 2 * 4  # 2 layers x q/k/v/out
+    lidb.load_state_dict(_random_weights(lidb, 11))
+    ids = pipe.tokenizer("a photo of ohwx person", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = [pipe.text_encoder(ids)[0], pipe.text_encoder_2(ids)[0]]
+    sd = (to_diffusers_lora if fmt == "diffusers" else to_kohya_lora)(lidb.factors())
+    save_file(sd, tmp_path / "lora.safetensors")
+    stock = load_pipeline(tiny_dirs["sdxl"], device="cpu", dtype="fp32")
+    with torch.no_grad():
+        plain = stock.text_encoder_2(ids)[0]
+    stock.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+    with torch.no_grad():
+        got = [stock.text_encoder(ids)[0], stock.text_encoder_2(ids)[0]]
+    assert (want[1] - plain).abs().max() > 1e-4
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
