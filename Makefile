@@ -20,13 +20,15 @@ proto:
 
 # `hdb serve`: the gRPC service on localhost:50051 with the embedded tiny models (dev mode).
 run: setup
-	$(PY) -m hypernet.recipes.cli serve
+	$(PY) -m hdb.cli serve
 
 test: setup
 	$(PY) -m pytest -q
 
+# ruff, then the layer contract (pyproject.toml [tool.importlinter]): a new arrow across layers fails.
 lint: setup
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports
 
 # Every benchmark on CPU (< 30 min on an idle 2-core machine) -> benchmarks/results/ (JSON, REPORT.md, PNGs).
 bench: setup
@@ -42,13 +44,13 @@ FACE_HYPERNET ?= runs/face_world_hypernet
 EVAL_OUT ?= runs/eval
 EVAL_ARGS ?=
 eval: setup
-	nice -n 19 $(PY) -m hypernet.recipes.cli base train-face-world \
+	nice -n 19 $(PY) -m hdb.cli base train-face-world \
 		--corpus $(FACES) --out $(FACE_WORLD) --steps $(FACE_WORLD_STEPS) --threads 2 --resume
-	nice -n 19 $(PY) -m hypernet.recipes.cli pretrain all \
+	nice -n 19 $(PY) -m hdb.cli pretrain all \
 		--config tiny-cpu --output-dir $(FACE_HYPERNET) --set base=$(FACE_WORLD) --set device=cpu \
 		--set 'data.corpus=["$(FACE_WORLD)/train_identities.csv"]' --set data.max_images_per_identity=8 \
 		--set stage1.train.steps=100 --set stage2.steps=300
-	nice -n 19 $(PY) -m hypernet.recipes.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
+	nice -n 19 $(PY) -m hdb.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
 		--corpus $(FACES) --out $(EVAL_OUT) --threads 1 $(EVAL_ARGS)
 
 # Fuzzing, fault injection, a 10-minute soak, security and privacy checks of the gRPC service

@@ -2,7 +2,7 @@
 
 Every benchmark uses the same embedded tiny base (`hypernet.defaults.default_base_dir()`) and the
 same hypernetwork, so their numbers compare. The hypernetwork is the embedded trained one
-(`hypernet.defaults.default_hypernet_path()`) when that exists; otherwise (and always in tiny
+(`pretrain.embedded.tiny_hypernet_path`, the build `hdb` uses) when that exists; otherwise (and always in tiny
 mode, where training one would blow the test budget) a randomly initialised one of the same
 architecture is built, saved and exported with the library's own functions. Its speed is the
 same; its predictions are not meaningful, and the result files say which one was used.
@@ -56,16 +56,15 @@ def hypernet_source(ctx: BenchContext, pipe) -> HypernetSource:
     """The trained embedded hypernetwork (full mode, when available), else a random-init one."""
     if not ctx.tiny:
         try:
-            from hypernet.defaults import default_hypernet_path
+            from hypernet.defaults import DEFAULT_TINY_SEED, cache_dir
+            from pretrain.embedded import TINY_HYPERNET_OVERRIDES, tiny_hypernet_path
 
-            path = Path(default_hypernet_path())
+            path = tiny_hypernet_path(cache_dir(), base_dir(), str(DEFAULT_TINY_SEED))
             from hypernet.hypernetwork import HypernetRuntime
 
             HypernetRuntime.load(path, backend="torch").check_base(pipe)
             folder = path if path.is_dir() else path.parent
-            from hypernet.defaults import DEFAULT_HYPERNET_OVERRIDES
-
-            corpus = next((o for o in DEFAULT_HYPERNET_OVERRIDES if o.startswith("data.corpus=")), "tiny-cpu corpus")
+            corpus = next((o for o in TINY_HYPERNET_OVERRIDES if o.startswith("data.corpus=")), "tiny-cpu corpus")
             return HypernetSource(folder, True, f"embedded trained tiny hypernetwork (pretrain tiny-cpu, {corpus})")
         except Exception as e:  # noqa: BLE001 - any failure falls back, and the JSON says why
             log.warning("no usable trained hypernetwork (%s: %s); using a random-init one", type(e).__name__, e)

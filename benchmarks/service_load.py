@@ -55,7 +55,7 @@ def serve(ctx: BenchContext, hypernet: Path, *, max_wait_ms: float | None = None
     port = _free_port()
     work = ctx.work_dir / "service"
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "hypernet.recipes.cli", "serve", "--no-auth", "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "hdb.cli", "serve", "--no-auth", "--host", "127.0.0.1",
            "--port", str(port), "--metrics-port", "-1", "--base", str(base_dir()), "--hypernet", str(hypernet),
            "--store", str(work / f"store-{port}"), "--log-format", "text", "--log-level", "WARNING"]
     if max_wait_ms is not None:
@@ -92,7 +92,7 @@ def serve(ctx: BenchContext, hypernet: Path, *, max_wait_ms: float | None = None
 
 # ---------------------------------------------------------------------------- 1. sweep
 def sweep(ctx: BenchContext, target: str, photo: Path, identities: list[str]) -> dict[str, Any]:
-    from hypernet.recipes.loadtest import LoadTestConfig, run_loadtest
+    from serving.loadtest import LoadTestConfig, run_loadtest
 
     out: dict[str, Any] = {}
     for scenario in SCENARIOS:

@@ -1,6 +1,6 @@
 """Exceptions raised by the library.
 
-Edges map them: the CLI to exit codes (`hypernet.cli`), the service to gRPC status codes
+Edges map them: the CLI to exit codes (`hypernet.exit_codes`), the service to gRPC status codes
 (`serving`). Messages follow "`x` must be ..., got ..." and say what to do.
 """
 

@@ -83,7 +83,7 @@ def personalize(
     pipe,
     photo: Image.Image | bytes | str | Path,
     *,
-    hypernet: HypernetRuntime | str | Path | None = None,
+    hypernet: HypernetRuntime | str | Path,
     config: PersonalizeConfig | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
@@ -93,7 +93,8 @@ def personalize(
 
     Args:
         photo: a decoded image, the encoded bytes (JPEG/PNG/WebP) or a path.
-        hypernet: a runtime, a path to an export, or None for the embedded tiny default.
+        hypernet: a runtime or a path to an export (the app's `hdb.defaults.default_hypernet_path()`
+            gives the embedded tiny one).
         config: fine-tune settings; keyword `overrides` (steps=, rank=, lr=, token=...) win.
         progress: receives ProgressEvents (stages "preprocess", "hypernetwork", "finetune", "done").
         should_stop: polled at every step; True -> `Cancelled`, nothing is kept.
@@ -175,9 +176,7 @@ def _resolve_runtime(hypernet, pipe) -> HypernetRuntime:
         runtime = hypernet
     else:
         if hypernet is None:
-            from hypernet.defaults import default_hypernet_path
-
-            hypernet = default_hypernet_path()
+            raise InvalidInputError("`hypernet` must be a HypernetRuntime or the path of an export, got None")
         runtime = load_runtime(str(hypernet))
     runtime.check_base(pipe)
     return runtime

@@ -248,6 +248,12 @@ def preprocess(img: Image.Image, resolution: int, *, detector: Detector = "auto"
     return x / 127.5 - 1.0
 
 
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """The inverse of `preprocess`'s scaling: (3, H, W) in [-1, 1] -> an RGB image."""
+    arr = ((x.detach().float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+    return Image.fromarray(arr.astype(np.uint8))
+
+
 PhotoInput = str | Path | bytes | Image.Image
 
 

@@ -15,6 +15,8 @@ import logging
 import time
 from pathlib import Path
 
+from hypernet.errors import InvalidInputError
+
 STAGES = ("prepare", "stage1", "stage2", "export")
 
 log = logging.getLogger("pretrain")
@@ -107,7 +109,7 @@ def run_stages(config: str | Path | None, output_dir: str | Path, stages, overri
             t0 = time.monotonic()
             if dist.is_main:
                 log.info("=== %s (rank 0 of %d, %s) ===", stage, dist.world_size, dist.device)
-            _STAGE_FNS[stage]()(ctx)
+            _run_stage(stage, ctx)
             if dist.is_main:
                 log.info("=== %s finished in %.1f s ===", stage, time.monotonic() - t0)
     finally:
@@ -117,27 +119,25 @@ def run_stages(config: str | Path | None, output_dir: str | Path, stages, overri
     return ctx.out
 
 
-def _fn(module: str, name: str):
-    def load():
-        import importlib
-
-        return getattr(importlib.import_module(module), name)
-
-    return load
-
-
-_STAGE_FNS = {
-    "prepare": _fn("pretrain.prepare", "run_prepare"),
-    "stage1": _fn("pretrain.stage1", "run_stage1"),
-    "stage2": _fn("pretrain.stage2", "run_stage2"),
-    "export": _fn("pretrain.export", "run_export"),
-}
+def _run_stage(stage: str, ctx) -> None:
+    """One stage's function, imported when it runs (each pulls in torch and the model stack)."""
+    if stage == "prepare":
+        from pretrain.prepare import run_prepare as fn
+    elif stage == "stage1":
+        from pretrain.stage1 import run_stage1 as fn
+    elif stage == "stage2":
+        from pretrain.stage2 import run_stage2 as fn
+    elif stage == "export":
+        from pretrain.export import run_export as fn
+    else:
+        raise InvalidInputError(f"`stage` must be one of {', '.join(STAGES)}, got {stage!r}")
+    fn(ctx)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m pretrain ...` (what torchrun starts): only this parser, so a worker does not
     import every other `hdb` subcommand; errors map to the same exit codes as `hdb`."""
-    from hypernet.recipes.cli import run_with_exit_codes
+    from hypernet.exit_codes import run_with_exit_codes
 
     parser = argparse.ArgumentParser(prog="python -m pretrain", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
     from serving.config import add_arguments
 
     add_arguments(serve)
-    serve.set_defaults(func=_serve)
+    # The app (hdb.cli) sets `default_hypernet`: the folder to use when --hypernet is unset.
+    serve.set_defaults(func=_serve, default_hypernet=None)
 
     client = subparsers.add_parser("client", help="call a running service")
     client.add_argument("--target", default=DEFAULT_TARGET, help="HOST:PORT of the service")
@@ -99,7 +100,7 @@ def _serve(args) -> int:
 
     cfg = load_config(args)
     configure_logging(cfg.log_format, "DEBUG" if args.verbose else cfg.log_level)
-    rc = asyncio.run(run(cfg))
+    rc = asyncio.run(run(cfg, default_hypernet=args.default_hypernet))
     if any(t.name.startswith("hdb-model") and t.is_alive() for t in threading.enumerate()):
         # Stopped mid model load or mid step: exit now rather than tearing torch down under a
         # running thread (the work is abandoned by design; nothing half-written is kept).

@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from hypernet.errors import Cancelled, InvalidInputError
+from hypernet.errors import Cancelled, InvalidInputError, ModelNotFoundError
 from serving.batching import BatchKey, GenWork
 from serving.errors import FailedPrecondition
 
@@ -103,10 +103,14 @@ class Engine:
     """The loaded base pipeline (and hypernetwork) plus the operations the service runs on it."""
 
     def __init__(self, base: str = "", hypernet: str = "", device: str = "", dtype: str = "",
-                 base_config_dir: str = ""):
+                 base_config_dir: str = "", default_hypernet: Callable[[], str | Path] | None = None):
+        """`default_hypernet` gives the hypernetwork folder when `hypernet` is empty (the app,
+        `hdb serve`, passes the embedded one's builder); with neither, HYPERDREAMBOOTH is
+        unavailable and the other methods still work."""
         self.base_spec = base
         self.base_config_dir = base_config_dir or None
         self.hypernet_spec = hypernet
+        self.default_hypernet = default_hypernet
         self.device_spec = device or None
         self.dtype_spec = dtype or None
         self.pipe = None
@@ -137,7 +141,7 @@ class Engine:
         self._hypernet = self._load_hypernet()
 
     def _load_hypernet(self):
-        """The hypernetwork runtime (default: the embedded tiny one, built on first use).
+        """The hypernetwork runtime (default: `default_hypernet()`, e.g. the embedded tiny one).
 
         A failure is not fatal: the other methods still work, HYPERDREAMBOOTH is reported
         unavailable (with the reason) in GetServerInfo and fails with FAILED_PRECONDITION.
@@ -147,10 +151,11 @@ class Engine:
 
             if self.hypernet_spec:
                 path = self.hypernet_spec
+            elif self.default_hypernet is not None:
+                path = self.default_hypernet()
             else:
-                from hypernet.defaults import default_hypernet_path
-
-                path = default_hypernet_path()
+                raise ModelNotFoundError("no hypernetwork configured: `hypernet` must be a path (--hypernet / "
+                                         "HDB_HYPERNET), got none")
             runtime = load_runtime(str(path), device=str(self.pipe.device))
             runtime.check_base(self.pipe)
             self._hypernet_error = ""

@@ -14,6 +14,8 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -88,8 +90,10 @@ def resolve_keyring(cfg: ServeConfig) -> KeyRing | None:
 
 class HdbServer:
     def __init__(self, cfg: ServeConfig, *, engine: Engine | None = None,
-                 store: Store | None = None):
+                 store: Store | None = None, default_hypernet: Callable[[], str | Path] | None = None):
+        """`default_hypernet`: see `Engine` (used when `cfg.hypernet` is empty and no `engine` is given)."""
         self.cfg = cfg
+        self._default_hypernet = default_hypernet
         self._engine = engine
         self._store = store
         self.port = 0
@@ -110,7 +114,7 @@ class HdbServer:
         self.metrics = Metrics()
         self.repo = IdentityRepository(store, cfg.identity_ttl_s)
         engine = self._engine or Engine(cfg.base, cfg.hypernet, cfg.device, cfg.dtype,
-                                        cfg.base_config_dir)
+                                        cfg.base_config_dir, default_hypernet=self._default_hypernet)
         self.core = ServiceCore(cfg, engine,
                                 self.repo, self.metrics, auth_required=keyring is not None)
         self.state = ServerState(keyring, TenantRateLimiter(cfg.rate_limit_rps,
@@ -204,9 +208,9 @@ class HdbServer:
         self.stopped.set()
 
 
-async def run(cfg: ServeConfig) -> int:
+async def run(cfg: ServeConfig, default_hypernet: Callable[[], str | Path] | None = None) -> int:
     """Serve until SIGTERM/SIGINT (graceful drain). Returns the process exit code."""
-    server = HdbServer(cfg)
+    server = HdbServer(cfg, default_hypernet=default_hypernet)
     await server.start()
     loop = asyncio.get_running_loop()
     stop_task: list[asyncio.Task] = []

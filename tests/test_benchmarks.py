@@ -89,7 +89,7 @@ def test_report_has_every_section_and_plot(tiny_run):
 
 
 def test_loadtest_subcommand_is_registered():
-    from hypernet.recipes.cli import build_parser
+    from hdb.cli import build_parser
 
     args = build_parser().parse_args(["loadtest", "--target", "127.0.0.1:50051", "--users", "3", "--duration", "5",
                                       "--api-key", "k", "--scenario", "personalize-and-generate"])
@@ -99,14 +99,14 @@ def test_loadtest_subcommand_is_registered():
 @pytest.mark.parametrize("kw", [{"target": "no-port"}, {"users": 0}, {"duration": 0}, {"scenario": "x"},
                                 {"photo": "/no/such/photo.jpg"}])
 def test_loadtest_config_rejects_bad_values(kw):
-    from hypernet.recipes.loadtest import LoadTestConfig
+    from serving.loadtest import LoadTestConfig
 
     with pytest.raises(InvalidInputError):
         LoadTestConfig(**kw)
 
 
 def test_summarize_calls_separates_backpressure_from_failures():
-    from hypernet.recipes.loadtest import format_summary, summarize_calls
+    from serving.loadtest import format_summary, summarize_calls
 
     calls = [("OK", 0.1), ("OK", 0.3), ("OK", 0.2), ("RESOURCE_EXHAUSTED", 0.001), ("INTERNAL", 0.5),
              ("UNAVAILABLE", 0.01)]

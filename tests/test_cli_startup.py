@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from hypernet.recipes.cli import build_parser
+from hdb.cli import build_parser
 
 
 def _subcommands() -> list[str]:
@@ -21,7 +21,7 @@ def _subcommands() -> list[str]:
 
 PROBE = """
 import sys
-from hypernet.recipes.cli import main
+from hdb.cli import main
 try:
     main({argv!r})
 except SystemExit:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hypernet.base.face_world import FaceWorldConfig, _load_crops
+from hdb.cli import main
 from hypernet.errors import InvalidInputError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
-from hypernet.recipes.cli import main
+from hypernet.face_world import FaceWorldConfig, _load_crops
 from tests.test_taef2 import TAEF2_DIR
 
 
@@ -58,7 +58,7 @@ def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tmp
     if not (TAEF2_DIR / "taef2_encoder.pth").is_file():
         pytest.skip(f"TAEF2 weights not available: {TAEF2_DIR} is absent")
     from hypernet.base import load_pipeline
-    from hypernet.base.face_world import FaceWorldTrainer
+    from hypernet.face_world import FaceWorldTrainer
 
     out = tmp_path / "world"
     args = ["base", "train-face-world", "--corpus", str(small_corpus), "--out", str(out), "--batch-size", "2",

@@ -163,7 +163,7 @@ class ServerProcess:
 
     def __init__(self, rig: Rig, *, store: str, extra: list[str] = (), env: dict[str, str] | None = None,
                  log_level: str = "INFO", name: str = "server"):
-        cmd = [sys.executable, "-m", "hypernet.recipes.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+        cmd = [sys.executable, "-m", "hdb.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", "-1", "--no-warmup", "--base", str(rig.base_dir), "--hypernet",
                str(rig.hypernet_dir), "--store", store, "--log-format", "json", "--log-level", log_level,
                "--device", "cpu", "--grace-s", "2", *extra]

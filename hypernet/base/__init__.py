@@ -1,7 +1,7 @@
 """Base models: tiny pipelines of each family (SD 1.x, SDXL, SD3, FLUX), offline loading, fingerprints.
 
-The names below load lazily (PEP 562): importing a light submodule such as
-`hypernet.base.face_world_config` (as `hdb --help` does) must not pull in torch and diffusers.
+The names below load lazily (PEP 562): importing a light submodule (as `hdb --help` does)
+must not pull in torch and diffusers.
 """
 
 from __future__ import annotations

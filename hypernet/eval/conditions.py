@@ -26,7 +26,10 @@ from typing import Any
 
 from hypernet.errors import InvalidInputError
 
-__all__ = ["CONDITIONS", "EVAL_PROMPT_TEMPLATE", "Personalised", "parse_overrides", "personalise"]
+#: The pseudo-condition scoring the real input photo itself (the ceiling of every metric).
+REAL_PHOTO = "real-photo"
+
+__all__ = ["CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "Personalised", "parse_overrides", "personalise"]
 
 CONDITIONS = (
     "hyperdreambooth", "hypernetwork", "fast-finetune", "lidb", "lora", "dreambooth", "textual-inversion", "base",

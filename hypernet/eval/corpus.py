@@ -16,7 +16,15 @@ from pathlib import Path
 
 from hypernet.errors import InvalidInputError, ModelNotFoundError
 
-__all__ = ["FaceCorpus", "IdentitySplit", "read_manifest", "split_identities"]
+__all__ = [
+    "FaceCorpus",
+    "IdentitySplit",
+    "merge_corpora",
+    "read_manifest",
+    "split_corpora",
+    "split_identities",
+    "write_manifest",
+]
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,7 @@ class FaceCorpus:
 
 
 def read_manifest(path: str | Path) -> FaceCorpus:
-    """Read a `file,identity` CSV; `file` is relative to the CSV's folder (or absolute).
+    """Read a `file,identity` CSV; `file` is relative to the CSV's folder or its `images/` (or absolute).
 
     Raises:
         ModelNotFoundError: the manifest or a listed photo does not exist.
@@ -57,6 +65,8 @@ def read_manifest(path: str | Path) -> FaceCorpus:
             )
         for row in reader:
             p = (path.parent / row["file"]).resolve()
+            if not p.is_file():  # LFW's layout: `file` relative to images/ beside the CSV
+                p = (path.parent / "images" / row["file"]).resolve()
             if not p.is_file():
                 raise ModelNotFoundError(f"manifest {str(path)!r} lists {row['file']!r}, which does not exist")
             photos[row["identity"].strip()].append(p)
@@ -112,3 +122,77 @@ def split_identities(corpus: FaceCorpus, n_holdout: int, seed: int = 0) -> Ident
         )
     held = set(random.Random(seed).sample(eligible, n_holdout))
     return IdentitySplit(train=[i for i in ids if i not in held], holdout=[i for i in ids if i in held], seed=seed)
+
+
+def merge_corpora(parts: dict[str, FaceCorpus], max_photos: int | None = None) -> FaceCorpus:
+    """One corpus of several, each label prefixed with its part's name (`lfw:AJ_Cook`, `caltech:3`),
+    so identities of different sources never collide.
+
+    Args:
+        parts: part name -> corpus; names must be non-empty and free of ':'.
+        max_photos: keep at most this many photos per identity (manifest order), so one
+            over-photographed person (LFW holds 530 photos of one man) cannot dominate training.
+
+    Raises:
+        InvalidInputError: a bad part name or `max_photos` < 1.
+    """
+    if max_photos is not None and max_photos < 1:
+        raise InvalidInputError(f"`max_photos` must be >= 1 or None, got {max_photos}")
+    photos: dict[str, list[Path]] = {}
+    for name, corpus in parts.items():
+        if not name or ":" in name:
+            raise InvalidInputError(f"corpus part names must be non-empty without ':', got {name!r}")
+        for ident in corpus.identities:
+            photos[f"{name}:{ident}"] = corpus.photos[ident][:max_photos]
+    if not photos:
+        raise InvalidInputError("`parts` must hold at least one corpus, got none")
+    first = next(iter(parts.values()))
+    return FaceCorpus(manifest=first.manifest, photos=photos)
+
+
+def write_manifest(corpus: FaceCorpus, path: str | Path) -> Path:
+    """Write `corpus` as a `file,identity` CSV with absolute paths (readable by `read_manifest`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "identity"])
+        w.writerows([str(p), i] for i in corpus.identities for p in corpus.photos[i])
+    tmp.replace(path)
+    return path
+
+
+def split_corpora(parts: dict[str, FaceCorpus], holdout: dict[str, tuple[int, int]], seed: int = 0) -> IdentitySplit:
+    """The split of `merge_corpora(parts)`: per part, hold out `n` identities among those with at
+    least `min_photos` photos, drawn with `seed` exactly as `split_identities` draws them.
+
+    A part split alone with the same seed holds out the same people (Caltech's 7 held-out people of
+    the first face world stay held out in every later corpus that includes Caltech).
+
+    Args:
+        holdout: part name -> (n, min_photos); parts not named hold out nobody.
+
+    Raises:
+        InvalidInputError: an unknown part, `min_photos` < 3, or too few eligible identities.
+    """
+    unknown = sorted(set(holdout) - set(parts))
+    if unknown:
+        raise InvalidInputError(f"`holdout` must name parts of the corpus {sorted(parts)}, got {unknown}")
+    train: list[str] = []
+    held: list[str] = []
+    for name, corpus in parts.items():
+        n, min_photos = holdout.get(name, (0, 3))
+        if min_photos < 3:
+            raise InvalidInputError(f"`min_photos` must be >= 3 (one input + two references), got {min_photos}")
+        ids = corpus.identities
+        eligible = [i for i in ids if len(corpus.photos[i]) >= min_photos]
+        if n > len(eligible) or n < 0:
+            raise InvalidInputError(
+                f"holdout of part {name!r} must be in [0, {len(eligible)}] (identities with >= "
+                f"{min_photos} photos), got {n}"
+            )
+        chosen = set(random.Random(seed).sample(eligible, n))
+        train += [f"{name}:{i}" for i in ids if i not in chosen]
+        held += [f"{name}:{i}" for i in ids if i in chosen]
+    return IdentitySplit(train=train, holdout=held, seed=seed)

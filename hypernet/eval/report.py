@@ -70,8 +70,7 @@ def _size(n: int) -> str:
 
 def _grid(ev, cond: str) -> Path | None:
     """Rows = identities: the input photo, then the first `grid_images` samples."""
-    from hypernet.eval.runner import to_pil
-    from hypernet.photos import decode_image, preprocess
+    from hypernet.photos import decode_image, preprocess, to_pil
 
     cfg, rows = ev.cfg, []
     for ident in ev.eval_ids:
@@ -97,7 +96,7 @@ def _grid(ev, cond: str) -> Path | None:
 def write_report(ev) -> Path:
     """Write results.json, grid_<condition>.png and REPORT.md into the evaluation's `out`."""
     cfg = ev.cfg
-    from hypernet.eval.runner import REAL_PHOTO
+    from hypernet.eval.conditions import REAL_PHOTO
 
     summary = summarise(ev.cells, (*cfg.conditions, REAL_PHOTO), ev.eval_ids, n_boot=cfg.n_boot, seed=cfg.seed)
     grids = {c: _grid(ev, c) for c in summary if c != REAL_PHOTO}

@@ -30,18 +30,15 @@ import torch
 from PIL import Image
 
 from hypernet.errors import InvalidInputError
-from hypernet.eval.conditions import CONDITIONS, EVAL_PROMPT_TEMPLATE, needs_hypernet, personalise
+from hypernet.eval.conditions import CONDITIONS, EVAL_PROMPT_TEMPLATE, REAL_PHOTO, needs_hypernet, personalise
 from hypernet.eval.corpus import FaceCorpus, IdentitySplit, read_manifest
 from hypernet.eval.faces import FaceEmbedder, cosine
 from hypernet.files import atomic_write_bytes
+from hypernet.photos import to_pil
 
 log = logging.getLogger(__name__)
 
 __all__ = ["REAL_PHOTO", "EvalConfig", "Evaluation", "run_evaluation"]
-
-#: The pseudo-condition scoring the real input photo itself (the ceiling of every metric).
-REAL_PHOTO = "real-photo"
-
 
 @dataclass
 class EvalConfig:
@@ -293,12 +290,6 @@ class Evaluation:
         finally:
             if artifact is not None:
                 artifact.remove(pipe)
-
-
-def to_pil(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> an RGB image."""
-    arr = ((x.detach().float().cpu().permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
-    return Image.fromarray(arr.astype(np.uint8))
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:

@@ -1,17 +1,26 @@
-"""Plumbing every method shares: photos -> pixels, prompts, metadata, peft clean-up."""
+"""Plumbing every method shares: the `train` entry point around a method's own fit, photos ->
+pixels, prompts, metadata, peft clean-up."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from hypernet.errors import InvalidInputError
 from hypernet.photos import Detector, load_photos
+
+if TYPE_CHECKING:
+    from hypernet.training import TrainConfig, TrainData, TrainResult
+
+C = TypeVar("C")  # a method's config class
+A = TypeVar("A")  # a method's artifact class
 
 
 def pipe_resolution(pipe) -> int:
@@ -57,6 +66,96 @@ def format_prompt(template: str, token: str, class_noun: str) -> str:
 
 def config_json(config: Any) -> str:
     return json.dumps(dataclasses.asdict(config), sort_keys=True, default=str)
+
+
+@dataclasses.dataclass
+class TrainCall:
+    """One call of a method's `train`: whose photos, and the caller's progress, stop and
+    checkpoint controls, passed on by `fit` so a method's body holds only what is its own.
+
+    The photos are read when the method asks (`pixels`), so a method's own checks on its inputs
+    can still come before the (slow) photo loading.
+    """
+
+    photos: Any  # a tensor, a directory, files or bytes: whatever `as_pixels` takes
+    token: str
+    class_noun: str
+    detector: Detector = "auto"
+    progress: Callable | None = None
+    should_stop: Callable[[], bool] | None = None
+    checkpoint_dir: str | Path | None = None
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def pixels(self, pipe) -> torch.Tensor:
+        """The photos as (N, 3, R, R) in [-1, 1] at the base's resolution."""
+        return as_pixels(pipe, self.photos, self.detector)
+
+    def prompt(self, template: str) -> str:
+        """`template` with this call's token and class noun filled in."""
+        return format_prompt(template, self.token, self.class_noun)
+
+    def fit(self, pipe, params: list[torch.nn.Parameter], data: TrainData, cfg: TrainConfig, **kw) -> TrainResult:
+        """The shared training loop (`hypernet.training.train`) under the caller's controls;
+        `kw` are the loop's other keywords (`stage`, `text_encoder_trains`, ...)."""
+        from hypernet.training import train
+
+        return train(
+            pipe,
+            params,
+            data,
+            cfg,
+            progress=self.progress,
+            should_stop=self.should_stop,
+            checkpoint_dir=self.checkpoint_dir,
+            **kw,
+        )
+
+    def seconds(self) -> float:
+        """Seconds since the call started."""
+        return time.perf_counter() - self.started
+
+    def metadata(self, kind: str, prompt: str, final_loss: float, config: Any, **extra: str) -> dict[str, str]:
+        """The "hdb_*" metadata a .safetensors artifact carries (safetensors wants str values);
+        `extra` are the method's own keys."""
+        return {
+            "hdb_method": kind,
+            "hdb_token": self.token,
+            "hdb_class_noun": self.class_noun,
+            "hdb_prompt": prompt,
+            **extra,
+            "hdb_final_loss": f"{final_loss:.6f}",
+            "hdb_train_seconds": f"{self.seconds():.2f}",
+            "hdb_config": config_json(config),
+        }
+
+
+def personaliser(config_cls: type[C], fit: Callable[[Any, TrainCall, C], A]) -> Callable[..., A]:
+    """A method's public `train` (the `Personaliser` signature) around its `fit(pipe, call, config)`.
+
+    The signature, the default config, the token check and the clock are the same for every
+    method, so they live here once; the returned function carries `fit`'s docstring.
+    """
+
+    def train(
+        pipe,
+        photos,
+        token: str = "ohwx",
+        class_noun: str = "person",
+        config: C | None = None,
+        progress: Callable | None = None,
+        *,
+        should_stop: Callable[[], bool] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        detector: Detector = "auto",
+    ) -> A:
+        config = config or config_cls()
+        check_token(token, class_noun)
+        return fit(pipe, TrainCall(photos, token, class_noun, detector, progress, should_stop, checkpoint_dir), config)
+
+    train.__doc__, train.__module__, train.__qualname__ = fit.__doc__, fit.__module__, "train"
+    # help() and inspect name the method's own config and artifact types rather than C and A.
+    train.__annotations__ |= {"config": f"{config_cls.__name__} | None", "return": fit.__annotations__.get("return")}
+    return train
 
 
 def unwrap_empty_layers(pipe) -> None:

@@ -11,14 +11,13 @@ registry of methods, and `load_artifact`, which recognises any saved artifact by
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from hypernet.errors import IncompatibleAdapterError, InvalidInputError, ModelNotFoundError
+from hypernet.errors import InvalidInputError, ModelNotFoundError
 
 
 @runtime_checkable
@@ -135,16 +134,13 @@ def load_artifact(path: str | Path) -> Artifact:
     """Load any artifact, detecting its kind (see `detect_kind`).
 
     Raises:
-        ModelNotFoundError, InvalidInputError, IncompatibleAdapterError, EnvironmentProblem
-        ("identity" files when `hypernet.identity` is not installed).
+        ModelNotFoundError, InvalidInputError, IncompatibleAdapterError, EnvironmentProblem.
     """
     kind = detect_kind(path)
     if kind == "identity":
-        if importlib.util.find_spec("hypernet.identity") is None:
-            raise IncompatibleAdapterError(
-                f"{path} must be loadable by hypernet.identity, got an identity file but that module is absent"
-            )
-        return importlib.import_module("hypernet.identity").Identity.load(path)
+        from hypernet.identity import Identity  # torch + adapters: only for identity files
+
+        return Identity.load(path)
     return get_method(kind).artifact_cls.load(path)
 
 

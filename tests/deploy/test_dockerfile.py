@@ -143,7 +143,8 @@ def test_healthcheck_is_the_grpc_health_script(dockerfile):
 def test_build_context_keeps_the_package_and_drops_data():
     ctx = set(build_context())
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    package = {p for p in tracked if p.split("/")[0] in ("hypernet", "serving", "pretrain", "proto")}
+    wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    package = {p for p in tracked if p.split("/")[0] in (*wheel["packages"], "proto")}
     assert package and package <= ctx, f"excluded package files: {sorted(package - ctx)[:5]}"
     assert {"pyproject.toml", "uv.lock", "README.md", "deploy/docker/healthcheck.py"} <= ctx
     for bad in (".venv/", ".git/", "serving/_proto/", "tests/", "runs/", "data/"):

@@ -40,7 +40,7 @@ DRAIN_MARGIN_S = 5  # SIGKILL must not land while the server's last stop() steps
 # --------------------------------------------------------------------------- shared fixtures
 @pytest.fixture(scope="module")
 def hdb_parser():
-    from hypernet.recipes.cli import build_parser
+    from hdb.cli import build_parser
 
     return build_parser()
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from hdb.cli import main
 from hypernet.eval.conditions import CONDITIONS
-from hypernet.recipes.cli import main
 
 
 def _random_hypernet(pipe, path):

@@ -27,7 +27,7 @@ def _digest(directory) -> dict[str, str]:
 def test_make_tiny_cli_is_byte_identical_per_seed(tmp_path, tiny_base_dir):
     for name, seed in (("a", 0), ("b", 1)):
         r = subprocess.run(
-            [sys.executable, "-m", "hypernet.recipes.cli", "base", "make-tiny", str(tmp_path / name),
+            [sys.executable, "-m", "hdb.cli", "base", "make-tiny", str(tmp_path / name),
              "--seed", str(seed)],
             capture_output=True, text=True, check=True,
         )

@@ -33,7 +33,7 @@ def tiny_dirs(tmp_path_factory) -> dict[str, object]:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_make_tiny_is_byte_identical_per_arch_and_seed(tiny_dirs, tmp_path, arch, capsys):
     if arch == "flux":  # the command line, once (in process: a subprocess re-imports torch/diffusers)
-        from hypernet.recipes.cli import main
+        from hdb.cli import main
 
         assert main(["base", "make-tiny", str(tmp_path / "a"), "--arch", arch, "--seed", "0"]) == 0
         assert f"wrote tiny base ({arch})" in capsys.readouterr().out

@@ -117,7 +117,7 @@ def test_sd15_shapes_match_diffusers_own_converters():
 def test_hdb_base_to_single_file(tiny_base_dir, tmp_path):
     from safetensors import safe_open
 
-    from hypernet.recipes.cli import main
+    from hdb.cli import main
 
     out = tmp_path / "base.safetensors"
     assert main(["base", "to-single-file", str(tiny_base_dir), str(out), "--dtype", "fp16"]) == 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hypernet.recipes.cli import main
+from hdb.cli import main
 
 
 @pytest.fixture()

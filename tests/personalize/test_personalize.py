@@ -76,13 +76,15 @@ def test_bad_inputs_are_clear_errors(tiny_pipe, tiny_hypernet):
         PersonalizeConfig(rank=0)
     with pytest.raises(InvalidInputError, match="`steps`"):
         personalize(tiny_pipe, _photo_bytes(), hypernet=tiny_hypernet, steps=-1)
+    with pytest.raises(InvalidInputError, match="`hypernet` must be"):  # the library builds no default
+        personalize(tiny_pipe, _photo_bytes(), hypernet=None, detector="center")
     assert _clean(tiny_pipe)
 
 
 @pytest.fixture(scope="session")
 def default_hypernet():
     """The embedded tiny-cpu hypernetwork (built once per session: the pretraining pipeline)."""
-    from hypernet.defaults import default_hypernet_path
+    from hdb.defaults import default_hypernet_path
 
     return default_hypernet_path()
 

@@ -51,7 +51,7 @@ def test_toml_config_and_missing_file(tmp_path):
 
 
 def test_hdb_pretrain_parses_every_field_as_an_option(tmp_path):
-    from hypernet.recipes.cli import build_parser
+    from hdb.cli import build_parser
 
     args = build_parser().parse_args([
         "pretrain", "stage2", "--output-dir", str(tmp_path), "--stage2.model.depth", "3",

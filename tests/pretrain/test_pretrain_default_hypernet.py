@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hypernet.defaults as defaults
+import hdb.defaults as defaults
 
 
 def test_default_hypernet_is_built_once_and_loads(monkeypatch, tiny_pipe):

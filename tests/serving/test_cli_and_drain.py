@@ -30,9 +30,12 @@ def run_cli(argv: list[str]) -> int:
 
 
 def test_hdb_registers_serve_and_client():
-    from hypernet.recipes.cli import SUBCOMMAND_MODULES
+    from hdb.cli import SUBCOMMAND_MODULES, build_parser
 
-    assert "serving.cli" in SUBCOMMAND_MODULES
+    assert serving.cli in SUBCOMMAND_MODULES
+    serve = build_parser().parse_args(["serve"])
+    assert serve.func.__module__ == "serving.cli"
+    assert serve.default_hypernet.__module__ == "hdb.defaults"  # the app supplies the embedded default
 
 
 def test_client_cli_round_trip(make_server, photo_bytes, tmp_path, capsys):
@@ -71,7 +74,7 @@ def test_client_cli_round_trip(make_server, photo_bytes, tmp_path, capsys):
 
 
 def _start_server(tmp_path, base_dir, hypernet_dir) -> tuple[subprocess.Popen, int, list[str]]:
-    cmd = [sys.executable, "-m", "hypernet.recipes.cli", "serve", "--port", "0",
+    cmd = [sys.executable, "-m", "hdb.cli", "serve", "--port", "0",
            "--metrics-port", "-1", "--no-warmup", "--base", str(base_dir), "--hypernet",
            str(hypernet_dir), "--store", str(tmp_path / "store"), "--log-format", "json",
            "--grace-s", "60", "--device", "cpu"]

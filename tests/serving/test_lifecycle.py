@@ -72,3 +72,23 @@ def test_identities_expire_after_the_ttl(make_server, client_for, photo_bytes):
     assert err.code() == grpc.StatusCode.NOT_FOUND
     bg.call(asyncio.to_thread(bg.server.repo.sweep))
     assert not [p for p in bg.server.repo.store.root.rglob("*") if p.is_file()]
+
+
+def test_engine_takes_the_default_hypernetwork_from_its_caller(tiny_base_dir, tiny_hypernet_dir):
+    """The service only takes paths: without --hypernet it asks `default_hypernet` (which `hdb serve`
+    wires to the app's embedded one); with neither, HYPERDREAMBOOTH is unavailable and says why."""
+    asked = []
+
+    def default() -> str:
+        asked.append(True)
+        return str(tiny_hypernet_dir)
+
+    engine = Engine(str(tiny_base_dir), "", "cpu", "fp32", default_hypernet=default)
+    engine.load()
+    assert asked == [True] and engine.methods()["hyperdreambooth"] == (True, "")
+
+    bare = Engine(str(tiny_base_dir), "", "cpu", "fp32")
+    bare.load()
+    ok, why = bare.methods()["hyperdreambooth"]
+    assert not ok and "--hypernet" in why, why
+    assert bare.methods()["lora"][0]  # the other methods still work

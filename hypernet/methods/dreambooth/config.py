@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hypernet.errors import InvalidInputError
+from hypernet.methods.config import MethodConfig
 from hypernet.training import TrainConfig
 
 
@@ -15,7 +16,7 @@ def _default_train() -> TrainConfig:
 
 
 @dataclass
-class DreamBoothMethodConfig:
+class DreamBoothMethodConfig(MethodConfig):
     train_text_encoder: bool = field(default=False, metadata={"help": "also fine-tune the text encoder"})
     prior_preservation: bool = field(default=True, metadata={"help": "class-prior loss against drift"})
     prior_loss_weight: float = field(default=1.0, metadata={"help": "weight of the prior loss (paper: 1)"})
@@ -29,12 +30,9 @@ class DreamBoothMethodConfig:
     class_image_steps: int = field(default=25, metadata={"help": "DPM-Solver++ steps per class image"})
     prompt: str = field(default="a photo of {token} {class_noun}", metadata={"help": "instance prompt"})
     train: TrainConfig = field(default_factory=_default_train, metadata={"help": "optimisation"})
-    steps: int | None = field(default=None, metadata={"help": "shortcut: overrides train.steps"})
-    lr: float | None = field(default=None, metadata={"help": "shortcut: overrides train.lr"})
-    seed: int | None = field(default=None, metadata={"help": "shortcut: overrides train.seed"})
 
     def __post_init__(self) -> None:
-        self.train = self.train.with_overrides(steps=self.steps, lr=self.lr, seed=self.seed)
+        super().__post_init__()
         if not isinstance(self.num_class_images, int) or self.num_class_images < 1:
             raise InvalidInputError(f"`num_class_images` must be a positive integer, got {self.num_class_images!r}")
         if not self.prior_loss_weight >= 0:

@@ -10,7 +10,6 @@ import json
 import logging
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -19,48 +18,26 @@ from transformers import CLIPTextModel
 
 from hypernet.base import base_fingerprint
 from hypernet.errors import IncompatibleAdapterError, InvalidInputError, ModelNotFoundError
-from hypernet.methods._common import (
-    as_pixels,
-    check_token,
-    config_json,
-    dir_size,
-    format_prompt,
-    pipe_resolution,
-)
+from hypernet.methods._common import TrainCall, config_json, dir_size, personaliser, pipe_resolution
 from hypernet.methods.base import HDB_META_FILE
 from hypernet.methods.dreambooth.config import DreamBoothMethodConfig
 from hypernet.methods.dreambooth.prior import class_images
 from hypernet.training import build_train_data
-from hypernet.training import train as run_training
 
 log = logging.getLogger(__name__)
 
 KIND = "dreambooth"
 
 
-def train(
-    pipe,
-    photos,
-    token: str = "ohwx",
-    class_noun: str = "person",
-    config: DreamBoothMethodConfig | None = None,
-    progress=None,
-    *,
-    should_stop=None,
-    checkpoint_dir: str | Path | None = None,
-    detector: str = "auto",
-) -> DreamBoothArtifact:
+def _fit(pipe, call: TrainCall, config: DreamBoothMethodConfig) -> DreamBoothArtifact:
     """Fine-tune copies of the UNet (and text encoder) of `pipe` on photos of one person."""
-    config = config or DreamBoothMethodConfig()
-    check_token(token, class_noun)
-    t0 = time.perf_counter()
     res = pipe_resolution(pipe)
-    pixels = as_pixels(pipe, photos, detector)  # (N, 3, R, R)
-    prompt = format_prompt(config.prompt, token, class_noun)
+    pixels = call.pixels(pipe)  # (N, 3, R, R)
+    prompt = call.prompt(config.prompt)
     te_trains = config.train_text_encoder
     data = build_train_data(pipe, pixels, prompt, flip=config.train.flip, keep_ids=te_trains)
     if config.prior_preservation:
-        class_prompt = format_prompt(config.class_prompt, token, class_noun)
+        class_prompt = call.prompt(config.class_prompt)
         prior_px = class_images(
             pipe, class_prompt, config.num_class_images, res, config.class_image_steps, config.class_images_dir
         )
@@ -69,14 +46,11 @@ def train(
     unet = copy.deepcopy(pipe.unet)
     text_encoder = copy.deepcopy(pipe.text_encoder) if te_trains else None
     params = list(unet.parameters()) + (list(text_encoder.parameters()) if te_trains else [])
-    result = run_training(
+    result = call.fit(
         pipe,
         params,
         data,
         config.train,
-        progress=progress,
-        should_stop=should_stop,
-        checkpoint_dir=checkpoint_dir,
         text_encoder_trains=te_trains,
         unet=unet,
         text_encoder=text_encoder if te_trains else pipe.text_encoder,
@@ -87,16 +61,19 @@ def train(
             m.requires_grad_(False).eval()
     meta = {
         "method": KIND,
-        "token": token,
-        "class_noun": class_noun,
+        "token": call.token,
+        "class_noun": call.class_noun,
         "prompt": prompt,
         "train_text_encoder": te_trains,
         "base_fingerprint": base_fingerprint(pipe),
         "final_loss": result.losses[-1],
-        "train_seconds": round(time.perf_counter() - t0, 2),
+        "train_seconds": round(call.seconds(), 2),
         "config": json.loads(config_json(config)),
     }
     return DreamBoothArtifact(unet, text_encoder, meta, base=pipe)
+
+
+train = personaliser(DreamBoothMethodConfig, _fit)
 
 
 class DreamBoothArtifact:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hypernet.errors import InvalidInputError
+from hypernet.methods.config import MethodConfig
 from hypernet.training import TrainConfig
 
 
@@ -16,7 +17,7 @@ def _default_train() -> TrainConfig:
 
 
 @dataclass
-class LiDBMethodConfig:
+class LiDBMethodConfig(MethodConfig):
     """LiDB spec overrides (None: `default_spec_for(pipe)`: a = b = 100, shrunk on small bases)
     plus the prompt and the training schedule."""
 
@@ -27,12 +28,9 @@ class LiDBMethodConfig:
     text_encoder: bool = field(default=False, metadata={"help": "also adapt the text encoder's attention"})
     prompt: str = field(default="a {token} face", metadata={"help": "training prompt (the paper's)"})
     train: TrainConfig = field(default_factory=_default_train, metadata={"help": "optimisation"})
-    steps: int | None = field(default=None, metadata={"help": "shortcut: overrides train.steps"})
-    lr: float | None = field(default=None, metadata={"help": "shortcut: overrides train.lr"})
-    seed: int | None = field(default=None, metadata={"help": "shortcut: overrides train.seed"})
 
     def __post_init__(self) -> None:
-        self.train = self.train.with_overrides(steps=self.steps, lr=self.lr, seed=self.seed)
+        super().__post_init__()
         for k in ("a", "b"):
             v = getattr(self, k)
             if v is not None and (not isinstance(v, int) or v < 1):

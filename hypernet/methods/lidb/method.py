@@ -7,7 +7,6 @@ has already cached; `train` is the photo-in, artifact-out method.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -17,13 +16,7 @@ from hypernet.adapters.lidb.io import LiDBFile, lidb_to_bytes, load_lidb
 from hypernet.base import base_fingerprint
 from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
-from hypernet.methods._common import (
-    as_pixels,
-    check_token,
-    config_json,
-    format_prompt,
-    unwrap_empty_layers,
-)
+from hypernet.methods._common import TrainCall, personaliser, unwrap_empty_layers
 from hypernet.methods.lidb.config import LiDBMethodConfig
 from hypernet.training import TrainConfig, TrainData, build_train_data
 from hypernet.training import train as run_training
@@ -93,26 +86,12 @@ def train_lidb(
     return weights, float(sum(tail) / max(1, len(tail)))
 
 
-def train(
-    pipe,
-    photos,
-    token: str = "ohwx",
-    class_noun: str = "person",
-    config: LiDBMethodConfig | None = None,
-    progress=None,
-    *,
-    should_stop=None,
-    checkpoint_dir: str | Path | None = None,
-    detector: str = "auto",
-) -> LiDBArtifact:
+def _fit(pipe, call: TrainCall, config: LiDBMethodConfig) -> LiDBArtifact:
     """Train a LiDB on photos of one person; the pipeline is left as it was."""
-    config = config or LiDBMethodConfig()
-    check_token(token, class_noun)
-    t0 = time.perf_counter()
     overrides = {k: getattr(config, k) for k in ("a", "b") if getattr(config, k) is not None}
     spec = default_spec_for(pipe, r=config.r, seed=config.aux_seed, text_encoder=config.text_encoder, **overrides)
-    pixels = as_pixels(pipe, photos, detector)  # (N, 3, R, R)
-    prompt = format_prompt(config.prompt, token, class_noun)
+    pixels = call.pixels(pipe)  # (N, 3, R, R)
+    prompt = call.prompt(config.prompt)
     data = build_train_data(pipe, pixels, prompt, flip=config.train.flip)
     weights, loss = train_lidb(
         pipe,
@@ -121,20 +100,15 @@ def train(
         spec,
         config.train,
         flipped=data.flipped,
-        progress=progress,
-        should_stop=should_stop,
-        checkpoint_dir=checkpoint_dir,
+        progress=call.progress,
+        should_stop=call.should_stop,
+        checkpoint_dir=call.checkpoint_dir,
     )
-    meta = {
-        "hdb_method": KIND,
-        "hdb_token": token,
-        "hdb_class_noun": class_noun,
-        "hdb_prompt": prompt,
-        "hdb_final_loss": f"{loss:.6f}",
-        "hdb_train_seconds": f"{time.perf_counter() - t0:.2f}",
-        "hdb_config": config_json(config),
-    }
+    meta = call.metadata(KIND, prompt, loss, config)
     return LiDBArtifact(weights, spec, lidb_layers(pipe, spec), base_fingerprint(pipe), meta)
+
+
+train = personaliser(LiDBMethodConfig, _fit)
 
 
 class LiDBArtifact:

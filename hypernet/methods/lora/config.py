@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hypernet.errors import InvalidInputError
+from hypernet.methods.config import MethodConfig
 from hypernet.training import TrainConfig
 
 #: The UNet attention projections (attn1/attn2 q, k, v, out) - diffusers' DreamBooth-LoRA default.
@@ -19,17 +20,14 @@ def _default_train() -> TrainConfig:
 
 
 @dataclass
-class LoRAMethodConfig:
+class LoRAMethodConfig(MethodConfig):
     rank: int = field(default=4, metadata={"help": "LoRA rank (alpha = rank, so the scale is 1)"})
     train_text_encoder: bool = field(default=False, metadata={"help": "also LoRA the text encoder"})
     prompt: str = field(default="a photo of {token} {class_noun}", metadata={"help": "training prompt"})
     init_seed: int = field(default=0, metadata={"help": "seed of the LoRA A matrices' init"})
     train: TrainConfig = field(default_factory=_default_train, metadata={"help": "optimisation"})
-    steps: int | None = field(default=None, metadata={"help": "shortcut: overrides train.steps"})
-    lr: float | None = field(default=None, metadata={"help": "shortcut: overrides train.lr"})
-    seed: int | None = field(default=None, metadata={"help": "shortcut: overrides train.seed"})
 
     def __post_init__(self) -> None:
-        self.train = self.train.with_overrides(steps=self.steps, lr=self.lr, seed=self.seed)
+        super().__post_init__()
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
             raise InvalidInputError(f"`rank` must be a positive integer, got {self.rank!r}")

@@ -8,7 +8,6 @@ The artifact is the file stock `pipe.load_lora_weights()` reads: diffusers-forma
 from __future__ import annotations
 
 import contextlib
-import time
 from pathlib import Path
 
 import torch
@@ -21,16 +20,9 @@ from safetensors.torch import load_file, save
 from hypernet.base import base_fingerprint
 from hypernet.errors import IncompatibleAdapterError, InvalidInputError
 from hypernet.files import atomic_write_bytes
-from hypernet.methods._common import (
-    as_pixels,
-    check_token,
-    config_json,
-    format_prompt,
-    remove_peft_adapter,
-)
+from hypernet.methods._common import TrainCall, personaliser, remove_peft_adapter
 from hypernet.methods.lora.config import TEXT_TARGETS, UNET_TARGETS, LoRAMethodConfig
 from hypernet.training import build_train_data
-from hypernet.training import train as run_training
 
 KIND = "lora"
 _TRAIN_ADAPTER = "hdb_train"
@@ -63,54 +55,25 @@ def _export(pipe, train_text_encoder: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def train(
-    pipe,
-    photos,
-    token: str = "ohwx",
-    class_noun: str = "person",
-    config: LoRAMethodConfig | None = None,
-    progress=None,
-    *,
-    should_stop=None,
-    checkpoint_dir: str | Path | None = None,
-    detector: str = "auto",
-) -> LoRAArtifact:
+def _fit(pipe, call: TrainCall, config: LoRAMethodConfig) -> LoRAArtifact:
     """Train a LoRA on photos of one person; the pipeline is left as it was."""
-    config = config or LoRAMethodConfig()
-    check_token(token, class_noun)
-    t0 = time.perf_counter()
-    pixels = as_pixels(pipe, photos, detector)  # (N, 3, R, R)
-    prompt = format_prompt(config.prompt, token, class_noun)
+    pixels = call.pixels(pipe)  # (N, 3, R, R)
+    prompt = call.prompt(config.prompt)
     data = build_train_data(pipe, pixels, prompt, flip=config.train.flip, keep_ids=config.train_text_encoder)
     try:
         params = _attach(pipe, config)
-        result = run_training(
-            pipe,
-            params,
-            data,
-            config.train,
-            progress=progress,
-            should_stop=should_stop,
-            checkpoint_dir=checkpoint_dir,
-            text_encoder_trains=config.train_text_encoder,
-            stage="lora",
-        )
+        result = call.fit(pipe, params, data, config.train, text_encoder_trains=config.train_text_encoder, stage="lora")
         tensors = _export(pipe, config.train_text_encoder)
     finally:
         remove_peft_adapter(pipe.unet, _TRAIN_ADAPTER)
         remove_peft_adapter(pipe.text_encoder, _TRAIN_ADAPTER)
-    meta = {
-        "hdb_method": KIND,
-        "hdb_token": token,
-        "hdb_class_noun": class_noun,
-        "hdb_prompt": prompt,
-        "hdb_rank": str(config.rank),
-        "hdb_base_fingerprint": base_fingerprint(pipe),
-        "hdb_final_loss": f"{result.losses[-1]:.6f}",
-        "hdb_train_seconds": f"{time.perf_counter() - t0:.2f}",
-        "hdb_config": config_json(config),
-    }
+    meta = call.metadata(
+        KIND, prompt, result.losses[-1], config, hdb_rank=str(config.rank), hdb_base_fingerprint=base_fingerprint(pipe)
+    )
     return LoRAArtifact(tensors, meta)
+
+
+train = personaliser(LoRAMethodConfig, _fit)
 
 
 class LoRAArtifact:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from hypernet.errors import InvalidInputError
+from hypernet.methods.config import MethodConfig
 from hypernet.training import TrainConfig
 
 
@@ -15,15 +16,12 @@ def _default_train() -> TrainConfig:
 
 
 @dataclass
-class TIMethodConfig:
+class TIMethodConfig(MethodConfig):
     num_vectors: int = field(default=1, metadata={"help": "embedding vectors the token stands for"})
     prompt: str = field(default="a photo of {token} {class_noun}", metadata={"help": "training prompt"})
     train: TrainConfig = field(default_factory=_default_train, metadata={"help": "optimisation"})
-    steps: int | None = field(default=None, metadata={"help": "shortcut: overrides train.steps"})
-    lr: float | None = field(default=None, metadata={"help": "shortcut: overrides train.lr"})
-    seed: int | None = field(default=None, metadata={"help": "shortcut: overrides train.seed"})
 
     def __post_init__(self) -> None:
-        self.train = self.train.with_overrides(steps=self.steps, lr=self.lr, seed=self.seed)
+        super().__post_init__()
         if not isinstance(self.num_vectors, int) or not 1 <= self.num_vectors <= 16:
             raise InvalidInputError(f"`num_vectors` must be an integer in 1..16, got {self.num_vectors!r}")

@@ -5,7 +5,6 @@ trains. The artifact is the diffusers embedding file ({token: (k, D)}) that stoc
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -15,10 +14,9 @@ from torch import nn
 
 from hypernet.errors import IncompatibleAdapterError, InvalidInputError
 from hypernet.files import atomic_write_bytes
-from hypernet.methods._common import as_pixels, check_token, config_json, format_prompt
+from hypernet.methods._common import TrainCall, personaliser
 from hypernet.methods.textual_inversion.config import TIMethodConfig
 from hypernet.training import TrainData, encode_images, tokenize
-from hypernet.training import train as run_training
 
 KIND = "textual-inversion"
 
@@ -60,28 +58,15 @@ def _class_init(pipe, class_noun: str, k: int) -> torch.Tensor:
     return emb[ids].detach().float().mean(0, keepdim=True).repeat(k, 1)
 
 
-def train(
-    pipe,
-    photos,
-    token: str = "ohwx",
-    class_noun: str = "person",
-    config: TIMethodConfig | None = None,
-    progress=None,
-    *,
-    should_stop=None,
-    checkpoint_dir: str | Path | None = None,
-    detector: str = "auto",
-) -> TIArtifact:
+def _fit(pipe, call: TrainCall, config: TIMethodConfig) -> TIArtifact:
     """Learn `config.num_vectors` embeddings for `token`; the pipeline is left as it was."""
-    config = config or TIMethodConfig()
-    check_token(token, class_noun)
-    t0 = time.perf_counter()
+    token, class_noun = call.token, call.class_noun
     tokens = token_names(token, config.num_vectors)
     tok, te = pipe.tokenizer, pipe.text_encoder
     if any(t in tok.get_added_vocab() for t in tokens):
         raise InvalidInputError(f"`token` must not already be an added token of this pipeline, got {token!r}")
-    pixels = as_pixels(pipe, photos, detector)  # (N, 3, R, R)
-    prompt = format_prompt(config.prompt, token, class_noun)
+    pixels = call.pixels(pipe)  # (N, 3, R, R)
+    prompt = call.prompt(config.prompt)
     init = _class_init(pipe, class_noun, config.num_vectors)  # (k, D)
     tok.add_tokens(tokens)
     try:
@@ -96,33 +81,17 @@ def train(
             flipped=encode_images(pipe, pixels, flip=True) if config.train.flip else None,
             input_ids=tokenize(pipe, expanded),
         )
-        result = run_training(
-            pipe,
-            [rows.vectors],
-            data,
-            config.train,
-            progress=progress,
-            should_stop=should_stop,
-            checkpoint_dir=checkpoint_dir,
-            text_encoder_trains=True,
-            stage="textual-inversion",
-        )
+        result = call.fit(pipe, [rows.vectors], data, config.train, text_encoder_trains=True, stage="textual-inversion")
         vectors = rows.vectors.detach().to("cpu", torch.float32).clone()
     finally:
         current = te.get_input_embeddings()
         if isinstance(current, _TokenRows):
             te.set_input_embeddings(current.base)
         _drop_tokens(pipe, tokens)
-    meta = {
-        "hdb_method": KIND,
-        "hdb_token": token,
-        "hdb_class_noun": class_noun,
-        "hdb_prompt": prompt,
-        "hdb_final_loss": f"{result.losses[-1]:.6f}",
-        "hdb_train_seconds": f"{time.perf_counter() - t0:.2f}",
-        "hdb_config": config_json(config),
-    }
-    return TIArtifact(token, vectors, meta)
+    return TIArtifact(token, vectors, call.metadata(KIND, prompt, result.losses[-1], config))
+
+
+train = personaliser(TIMethodConfig, _fit)
 
 
 def _drop_tokens(pipe, tokens: list[str]) -> None:

@@ -10,7 +10,7 @@ from failures, and the user honours the server's `retry-after-ms` hint before ca
 Every other non-OK status is a failure; the exit code is 1 when there was any.
 
 locust monkey-patches the standard library with gevent, so the run happens in a child process
-(`python -m hypernet.recipes.loadtest --config-json FILE --out FILE`): the caller's process - the
+(`python -m serving.loadtest --config-json FILE --out FILE`): the caller's process - the
 `hdb` CLI or a benchmark holding a torch model - stays unpatched.
 """
 
@@ -93,7 +93,7 @@ def run_loadtest(cfg: LoadTestConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="hdb-loadtest-") as d:
         cfg_file, out_file = Path(d) / "config.json", Path(d) / "result.json"
         cfg_file.write_text(json.dumps(dataclasses.asdict(cfg)))
-        cmd = [sys.executable, "-m", "hypernet.recipes.loadtest", "--config-json", str(cfg_file),
+        cmd = [sys.executable, "-m", "serving.loadtest", "--config-json", str(cfg_file),
                "--out", str(out_file)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=cfg.duration + cfg.timeout + 120)
         if proc.returncode != 0 or not out_file.is_file():

@@ -1,7 +1,8 @@
 """`hdb`: the command-line entry point.
 
 Each subcommand lives in its own module exposing `register(subparsers)`, which adds a parser
-whose `func(args) -> int` runs it. Library errors map to exit codes here, in one place:
+whose `func(args) -> int` runs it. Library errors map to exit codes in one place
+(`hypernet.exit_codes`, shared with `python -m pretrain`):
     2  bad input or arguments (InvalidInputError, argparse)
     3  a model/file not found (ModelNotFoundError, NotFoundError)
     4  the environment lacks something (EnvironmentProblem)
@@ -11,25 +12,33 @@ whose `func(args) -> int` runs it. Library errors map to exit codes here, in one
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
-from collections.abc import Callable
 
-from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError, NotFoundError
+import pretrain.cli
+import serving.cli
+import serving.loadtest
+from hdb import base, generate, personalize, train
+from hdb import eval as evaluate
+from hdb.defaults import default_hypernet_path
+from hypernet.exit_codes import run_with_exit_codes
+
+__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main", "run_with_exit_codes"]
 
 log = logging.getLogger("hdb")
 
-#: Modules contributing subcommands, in `--help` order.
+#: Modules contributing subcommands, in `--help` order. Imported statically (each imports only
+#: argparse-level config at module level; the work imports the heavy stack), so import-linter
+#: sees every arrow from the app.
 SUBCOMMAND_MODULES = [
-    "hypernet.recipes.base",
-    "hypernet.recipes.personalize",
-    "hypernet.recipes.train",
-    "hypernet.recipes.generate",
-    "serving.cli",
-    "pretrain.cli",
-    "hypernet.recipes.loadtest",
-    "hypernet.recipes.eval",
+    base,
+    personalize,
+    train,
+    generate,
+    serving.cli,
+    pretrain.cli,
+    serving.loadtest,
+    evaluate,
 ]
 
 
@@ -41,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for mod in SUBCOMMAND_MODULES:
-        importlib.import_module(mod).register(sub)
+        mod.register(sub)
+    # The app wires the embedded default in: `hdb serve` without --hypernet asks for it (the
+    # service itself only takes paths; building the default runs the pretraining pipeline).
+    sub.choices["serve"].set_defaults(default_hypernet=default_hypernet_path)
     return parser
 
 
@@ -53,25 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return run_with_exit_codes(lambda: args.func(args))
-
-
-def run_with_exit_codes(fn: Callable[[], int | None]) -> int:
-    """Run a command; our library errors become one `error: ...` line and the exit codes of
-    every `hdb` entry point: 2 bad input, 3 not found, 4 environment, 130 interrupted."""
-    try:
-        return int(fn() or 0)
-    except InvalidInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ModelNotFoundError, NotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except EnvironmentProblem as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     photo = args.photo.read_bytes() if args.photo.is_file() else args.photo  # missing -> clear error
     pipe = load_pipeline(args.base or default_base_dir(), device=args.device, dtype=args.dtype)
     if args.hypernet is None:
-        from hypernet.defaults import default_hypernet_path
+        from hdb.defaults import default_hypernet_path
 
         args.hypernet = default_hypernet_path()
     runtime = load_runtime(str(args.hypernet), args.backend, args.device)

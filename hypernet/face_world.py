@@ -32,11 +32,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from hypernet.base.face_world_config import FaceWorldConfig
 from hypernet.base.taef2 import TAEF2, load_taef2  # noqa: F401  (registers TAEF2 for loading)
 from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
 from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
+from hypernet.face_world_config import FaceWorldConfig
 from hypernet.files import atomic_write_bytes
 from hypernet.photos import _get_detector, _to_rgb, decode_image, detect_face, square_crop
 from hypernet.training.losses import diffusion_loss
@@ -60,6 +60,8 @@ __all__ = [
 #: Image size of the face world (16x16 latents).
 FACE_WORLD_RESOLUTION = 128
 CAPTION = "a photo of a person"
+#: Photos per on-disk latent shard (the unit of resumable encoding).
+SHARD = 256
 
 
 def default_taef2_dir() -> Path:
@@ -67,7 +69,7 @@ def default_taef2_dir() -> Path:
     import os
 
     env = os.environ.get("HDB_TAEF2_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data" / "models" / "taef2"
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "models" / "taef2"
 
 
 def face_world_unet_config(width: int = 64) -> dict:
@@ -146,8 +148,10 @@ def _load_crops(path: Path, margins: tuple[float, ...], detector: str) -> torch.
 class FaceWorldTrainer:
     """setup -> train -> (save_checkpoint / export) -> cleanup; resumable from `out/checkpoint/`."""
 
-    def __init__(self, corpus: str | Path, out: str | Path, cfg: FaceWorldConfig, taef2_dir: Path) -> None:
+    def __init__(self, corpus: str | Path, out: str | Path, cfg: FaceWorldConfig, taef2_dir: Path,
+                 split: str | Path | None = None) -> None:
         self.corpus_path, self.out, self.cfg, self.taef2_dir = Path(corpus), Path(out), cfg, Path(taef2_dir)
+        self.split_path = Path(split) if split else None
         self.ckpt = self.out / "checkpoint"
         self.step = 0
         self.history: list[dict] = []
@@ -173,17 +177,29 @@ class FaceWorldTrainer:
     def _setup_split(self) -> None:
         corpus = read_manifest(self.corpus_path)
         split_file = self.out / "split.json"
-        if split_file.is_file():
+        if self.split_path is not None:
+            given = IdentitySplit.load(self.split_path)
+            if split_file.is_file() and IdentitySplit.load(split_file) != given:
+                raise InvalidInputError(
+                    f"`split` must equal the split {str(self.out)!r} was trained with, got {str(self.split_path)!r}"
+                )
+            unknown = [i for i in given.train + given.holdout if i not in corpus.photos]
+            if unknown:
+                raise InvalidInputError(f"`split` must name identities of the corpus, got unknown {unknown[:5]}")
+            self.split = given
+            self.split.save(split_file)
+        elif split_file.is_file():
             self.split = IdentitySplit.load(split_file)
         else:
             self.split = split_identities(corpus, self.cfg.holdout_identities, self.cfg.split_seed)
             self.split.save(split_file)
-        self.files = corpus.files(self.split.train)
+        # at most `max_photos` per person: many people matter more than many photos of a few
+        self.files = [p for i in self.split.train for p in corpus.photos[i][: self.cfg.max_photos]]
         # the training identities' own manifest: what pretraining on this world may read
         rows = [f"{p},{i}" for i in self.split.train for p in corpus.photos[i]]
         atomic_write_bytes(self.out / "train_identities.csv", ("file,identity\n" + "\n".join(rows) + "\n").encode())
-        log.info("face world: %d training photos of %d identities; held out %s",
-                 len(self.files), len(self.split.train), self.split.holdout)
+        log.info("face world: %d training photos of %d identities; %d held out",
+                 len(self.files), len(self.split.train), len(self.split.holdout))
 
     def _setup_models(self) -> None:
         torch.manual_seed(self.cfg.seed)
@@ -199,28 +215,47 @@ class FaceWorldTrainer:
 
     @torch.no_grad()
     def _setup_data(self) -> None:
-        """Encode every training photo at every margin, plain and mirrored, once (cached on disk)."""
-        cache = self.out / "latents.pt"
-        key = [str(p) for p in self.files] + [repr(self.cfg.margins), self.cfg.detector]
-        if cache.is_file():
-            saved = torch.load(cache, weights_only=True)
-            if saved.get("key") == key:
-                self.latents = saved["latents"]
-        if not hasattr(self, "latents"):
-            chunks = []
-            for i, path in enumerate(self.files):
-                pix = _load_crops(path, self.cfg.margins, self.cfg.detector)  # (M, 3, 128, 128)
-                pix = torch.cat([pix, pix.flip(-1)])  # (2M, 3, 128, 128): mirrored copies
-                chunks.append(self.vae.encode(pix).latent_dist.mode() * self.vae.config.scaling_factor)
-                if i % 25 == 0:
-                    log.info("encoded %d/%d photos", i + 1, len(self.files))
-            self.latents = torch.cat(chunks)  # (N * 2M, 32, 16, 16)
-            torch.save({"key": key, "latents": self.latents}, cache)
+        """Encode every training photo at every margin (and mirrored, with `mirror`) once.
+
+        Encoding is the slow part on a CPU (TAEF2 costs ~0.1-1 s a crop): it is cached on disk in
+        shards of `SHARD` photos, each keyed by its files and the crop settings, so a run killed
+        while encoding resumes at the first missing shard.
+        """
+        cfg, shard_dir = self.cfg, self.out / "latents"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        settings = [repr(cfg.margins), cfg.detector, f"mirror={cfg.mirror}"]
+        chunks = []
+        for start in range(0, len(self.files), SHARD):
+            files = self.files[start:start + SHARD]
+            key = [str(p) for p in files] + settings
+            path = shard_dir / f"shard{start // SHARD:05d}.pt"
+            if path.is_file():
+                saved = torch.load(path, weights_only=True)
+                if saved.get("key") == key:
+                    chunks.append(saved["latents"])
+                    continue
+            chunks.append(self._encode(files))
+            torch.save({"key": key, "latents": chunks[-1]}, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+            log.info("encoded %d/%d photos", min(start + SHARD, len(self.files)), len(self.files))
+        self.latents = torch.cat(chunks)  # (N * M * (1 + mirror), 32, 16, 16)
         ids = self.tokenizer(
             [CAPTION, ""], padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True, return_tensors="pt"
         ).input_ids
         self.cond, self.uncond = self.text_encoder(ids)[0]  # 2 x (77, 128)
         log.info("face world data: %d latents, std %.3f", len(self.latents), self.latents.std().item())
+
+    @torch.no_grad()
+    def _encode(self, files: list[Path]) -> torch.Tensor:
+        """Photos -> scaled TAEF2 latents (len(files) * M * (1 + mirror), 32, 16, 16)."""
+        out, group = [], 16  # photos per encoder call: fewer, larger calls on a CPU
+        for i in range(0, len(files), group):
+            pix = torch.cat([_load_crops(p, self.cfg.margins, self.cfg.detector)
+                             for p in files[i:i + group]])  # (G*M, 3, 128, 128)
+            if self.cfg.mirror:
+                pix = torch.cat([pix, pix.flip(-1)])  # (2*G*M, 3, 128, 128): mirrored copies
+            out.append(self.vae.encode(pix).latent_dist.mode() * self.vae.config.scaling_factor)
+        return torch.cat(out)
 
     # 2. Train ----------------------------------------------------------------------------------
     def train(self) -> None:
@@ -361,7 +396,7 @@ def tile(images: list[Image.Image], cols: int | None = None) -> Image.Image:
 
 def train_face_world(
     corpus: str | Path, out: str | Path, cfg: FaceWorldConfig | None = None, *,
-    taef2_dir: str | Path | None = None, resume: bool = False,
+    taef2_dir: str | Path | None = None, resume: bool = False, split: str | Path | None = None,
 ) -> Path:
     """Train (or resume) the face world; returns `out`, a pipeline directory usable as `--base`.
 
@@ -373,7 +408,7 @@ def train_face_world(
     taef2_dir = Path(taef2_dir) if taef2_dir else default_taef2_dir()
     if not (taef2_dir / "taef2_encoder.pth").is_file():
         raise ModelNotFoundError(f"`taef2_dir` must hold taef2_encoder.pth, got {str(taef2_dir)!r}")
-    trainer = FaceWorldTrainer(corpus, out, cfg, taef2_dir)
+    trainer = FaceWorldTrainer(corpus, out, cfg, taef2_dir, split=split)
     trainer.setup(resume)
     trainer.train()
     if not (trainer.out / "model_index.json").is_file():

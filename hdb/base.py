@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     single.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                         help="weight precision in the file (default fp32: exact; fp16 halves the size)")
     single.set_defaults(func=_to_single_file)
-    from hypernet.recipes.face_world import register_base_action  # `train-face-world` (issue 9)
+    from hdb.face_world import register_base_action  # `train-face-world` (issue 9)
 
     register_base_action(bsub)
 

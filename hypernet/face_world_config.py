@@ -1,4 +1,4 @@
-"""Settings of the face world's training (`hypernet.base.face_world`), in a module of their own.
+"""Settings of the face world's training (`hypernet.face_world`), in a module of their own.
 
 Kept free of torch/diffusers imports so that `hdb --help` and the CLI's argument parsing (which
 read these defaults and help strings) start fast.
@@ -40,11 +40,14 @@ class FaceWorldConfig:
     # 1: on an oversubscribed 2-core machine, 2 threads ran a UNet forward 20-40x slower (measured)
     num_threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     detector: str = field(default="auto", metadata={"help": "face crop detector (auto/mtcnn/center)"})
+    max_photos: int = field(default=1000, metadata={"help": "photos per training identity (first N)"})
+    mirror: bool = field(default=True, metadata={"help": "also encode each crop mirrored (2x encoding cost)"})
 
     def __post_init__(self) -> None:
         if self.grid_samples < 0:
             raise InvalidInputError(f"`grid_samples` must be >= 0, got {self.grid_samples}")
-        for name in ("steps", "batch_size", "checkpoint_every", "export_every", "num_threads", "width", "grid_steps"):
+        for name in ("max_photos", "steps", "batch_size", "checkpoint_every", "export_every", "num_threads",
+                     "width", "grid_steps"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if not 0 < self.lr < 1:
