@@ -126,10 +126,9 @@ def test_bases_scale_sizes_at_real_shape(tmp_path, name, layers, params):
     identity under ~250 KB at r = 1 (issue 17); SD 1.5 keeps the paper's 25,600."""
     from benchmarks.bases_scale import IDENTITY_BUDGET_BYTES, base_sizes
 
-    r = base_sizes(name, tmp_path)
+    r = base_sizes(name, tmp_path, full=False)
     assert (r["layers"], r["lidb_params"], r["spec"]["r"]) == (layers, params, 1)
     assert r["narrowest_layer"] >= max(r["spec"]["a"], r["spec"]["b"])  # one a, b fits every layer
     assert params * 4 < r["lidb_bytes"] < r["hypernetwork_only_identity"]["bytes"] < IDENTITY_BUDGET_BYTES
-    assert r["hyperdreambooth_identity"]["bytes"] > r["hypernetwork_only_identity"]["bytes"]
     if name.startswith("flux"):
         assert r["layers_by_projection"]["add_q_proj"] == 19 and r["layers_by_projection"]["to_q"] == 19 + 38
