@@ -258,7 +258,47 @@ def _service(doc: dict, out: Path) -> list[str]:
                   ""]
     if _plot_service(res.get("sweep", {}), out / "service_load.png"):
         lines += ["![service](service_load.png)", ""]
-    return lines
+    return lines + head_of_line_section(out / "service_load_hol.json")
+
+
+def _round_spread(runs: list[float], n: int) -> float:
+    """Median over rounds of (median latency / max latency) within the round (`n` calls each)."""
+    import statistics
+
+    rounds = [runs[i:i + n] for i in range(0, len(runs) - n + 1, n)]
+    return statistics.median(statistics.median(r) / max(r) for r in rounds)
+
+
+def head_of_line_section(path: Path) -> list[str]:
+    """PersonalizeAndGenerate p50/p95 under 1/4/8 simultaneous callers, per labelled run
+    (`python -m benchmarks.service_load --head-of-line LABEL`), e.g. before/after a fix."""
+    if not path.is_file():
+        return []
+    runs = json.loads(path.read_text()).get("runs", {})
+    lines = ["### Head-of-line blocking: PersonalizeAndGenerate under 1/4/8 simultaneous callers", "",
+             "Each round releases N calls at once (a barrier) and waits for all; p50/p95 over every call of "
+             "every round. The machine is shared and noisy, so compare the ratios *within* a run (to one caller, "
+             "and p50/p95), not absolute seconds across runs. Without head-of-line blocking p50 is about half "
+             "of p95 (callers finish one after another); with it every caller waits for the last one "
+             "(p50 ~ p95).", ""]
+    rows = []
+    for label, run in runs.items():
+        for n, r in run["results"].items():
+            rows.append([label, n, fs(r["p50_s"]), fs(r["p95_s"]), fx(r["p50_over_single"], 2),
+                         fx(r["p95_over_single"], 2), f"{r['p50_over_p95']:.2f}",
+                         f"{_round_spread(r['runs_s'], int(n)):.2f}"])
+    lines += [table(["run", "callers", "p50", "p95", "p50 / p50(1)", "p95 / p95(1)", "p50 / p95",
+                     "median / last, per round"], rows), "",
+              "\"median / last, per round\": in each round, the median caller's latency over the last caller's, "
+              "then the median over rounds; a ratio inside one round, so load drift between rounds cancels. "
+              "About 1.0 is head-of-line blocking (everyone waits for the last); interleaved it falls towards "
+              "(N+1)/(2N).", ""]
+    for label, run in runs.items():
+        st, la = run["settings"], run["load_average"]
+        lines.append(f"- {label}: {run['created']}, {st['rounds']} rounds, {st['personalize_steps']} fine-tune "
+                     f"+ {st['gen_steps']} denoising steps, {st['base']}; load average before/after "
+                     f"{la['before'][0]:.1f}/{la['after'][0]:.1f} on {run['machine'].get('cores')} cores.")
+    return lines + [""]
 
 
 def _batching(doc: dict, out: Path) -> list[str]:

@@ -213,3 +213,108 @@ def run(ctx: BenchContext) -> Outcome:
         "wait, PNG encoding, protobuf and the loopback socket; the direct side is the library call alone.",
     ]
     return Outcome(settings, results, notes)
+
+
+# ---------------------------------------------------------------------------- 3. head of line
+#: Concurrent PersonalizeAndGenerate callers for the head-of-line measurement (issue 15, item 9).
+HOL_USERS = (1, 4, 8)
+
+
+def head_of_line(target: str, photo: bytes, *, users: tuple[int, ...] = HOL_USERS, rounds: int = 3,
+                 personalize_steps: int = 4, gen_steps: int = 4) -> dict[str, Any]:
+    """p50/p95 latency of PersonalizeAndGenerate when `n` callers start at the same moment.
+
+    Unlike the closed-loop sweep, every round releases `n` calls together (a barrier) and waits for
+    all of them: with head-of-line blocking every caller waits as long as the last one (all
+    personalisations ran before any generation), so p50 ~ p95; interleaved, p50 is about half.
+    Per `n`: every call's latency over `rounds` rounds, p50, p95 and the p50/p95 ratio to `n` = 1.
+    """
+    import threading
+
+    from benchmarks.harness import percentile
+    from serving.client import HdbClient
+
+    out: dict[str, Any] = {}
+    with HdbClient(target) as client:  # warm the server's lazy paths once
+        client.personalize_and_generate(photo, [PROMPT], options=HdbClient.options(steps=1, seed=0),
+                                        generation=HdbClient.generation(steps=1, seed=0))
+    for n in users:
+        latencies: list[float] = []
+        for r in range(rounds):
+            barrier = threading.Barrier(n)
+            lock = threading.Lock()
+
+            def call(k: int, r: int = r, barrier: threading.Barrier = barrier,
+                     lock: threading.Lock = lock, latencies: list[float] = latencies) -> None:
+                with HdbClient(target) as c:
+                    c.health()  # connected before the barrier: the clock measures the call only
+                    opts = HdbClient.options(steps=personalize_steps, seed=k)
+                    gen = HdbClient.generation(steps=gen_steps, seed=r)
+                    barrier.wait()
+                    t0 = time.perf_counter()
+                    c.personalize_and_generate(photo, [PROMPT], options=opts, generation=gen)
+                    dt = time.perf_counter() - t0
+                with lock:
+                    latencies.append(dt)
+
+            threads = [threading.Thread(target=call, args=(k,)) for k in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if len(latencies) != n * (r + 1):
+                raise RuntimeError(f"head_of_line: {n * (r + 1) - len(latencies)} calls failed")
+        out[str(n)] = {"runs_s": latencies, "p50_s": percentile(latencies, 50),
+                       "p95_s": percentile(latencies, 95)}
+        log.info("head_of_line: %d callers p50 %.2fs p95 %.2fs", n, out[str(n)]["p50_s"],
+                 out[str(n)]["p95_s"])
+    one = out[str(users[0])]
+    for n in users:
+        row = out[str(n)]
+        row["p50_over_single"] = ratio(row["p50_s"], one["p50_s"])
+        row["p95_over_single"] = ratio(row["p95_s"], one["p95_s"])
+        row["p50_over_p95"] = ratio(row["p50_s"], row["p95_s"])
+    return out
+
+
+def run_head_of_line(out_json: Path, label: str, rounds: int = 3) -> dict[str, Any]:
+    """Start `hdb serve` (tiny base, random-init hypernetwork), measure `head_of_line`, and write
+    (or update) `out_json` under `label` (e.g. "before" / "after" a scheduling change)."""
+    import json
+    import tempfile
+
+    from benchmarks.harness import load_average, machine_info
+
+    ctx = BenchContext(out_dir=Path(tempfile.mkdtemp(prefix="hdb-hol-")), tiny=True)
+    pipe = load_pipe()
+    hyper = hypernet_source(ctx, pipe)
+    del pipe
+    photo = photo_bytes(1)[0][0]
+    load_before = load_average()
+    with serve(ctx, hyper.path) as target:
+        res = head_of_line(target, photo, rounds=rounds)
+    doc = json.loads(out_json.read_text()) if out_json.is_file() else {"name": "service_load_hol"}
+    doc.setdefault("runs", {})[label] = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(),
+        "load_average": {"before": load_before, "after": load_average()},
+        "settings": {"users": list(HOL_USERS), "rounds": rounds, "personalize_steps": 4,
+                     "gen_steps": 4, "prompts": 1, "n": 1, "base": "embedded tiny base (64 px)",
+                     "hypernetwork": hyper.to_json(), "server": "hdb serve defaults, --no-warmup"},
+        "results": res,
+    }
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(doc, indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":  # python -m benchmarks.service_load --head-of-line LABEL [OUT.json]
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.service_load")
+    p.add_argument("--head-of-line", metavar="LABEL", required=True,
+                   help="measure PersonalizeAndGenerate p50/p95 under 1/4/8 callers, saved as LABEL")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "service_load_hol.json")
+    p.add_argument("--rounds", type=int, default=3)
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_head_of_line(a.out, a.head_of_line, a.rounds)

@@ -3,8 +3,11 @@
     hdb eval --base runs/face_world --hypernet runs/face_world_hypernet/export \
         --corpus ../shared/data/faces/caltech/identities.csv --out runs/eval
     hdb eval ... --conditions lora,base --identities 2 --images-per-id 4 --override lora.steps=50
+    hdb eval --base runs/face_world_v2 --corpus runs/corpus_v2/identities.csv ... --slow-methods-people 12
 
-Reruns resume: finished (condition, identity) cells in OUT/cells/ are reused when their settings match.
+Reruns resume: finished (condition, identity) cells in OUT/cells/ are reused when their settings match;
+a cell missing a face metric is rescored from its saved images. Grids show only the people of
+--grid-parts (default caltech: LFW's faces are never to be committed).
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default torch's; use 1 on a busy machine)")
     p.add_argument("--detector", default="auto", choices=("auto", "mtcnn", "center"),
                    help="face crop of the input and reference photos (default auto: MTCNN)")
+    p.add_argument("--metrics", default="dlib,facenet", help="face metrics that score (default dlib,facenet)")
+    p.add_argument("--slow-methods-people", type=int, default=None, metavar="N",
+                   help="run DreamBooth, LoRA and Textual Inversion on only the first N people (default all)")
+    p.add_argument("--other-train-ids", type=int, default=64,
+                   help="training people per corpus part the margin compares against (default 64)")
+    p.add_argument("--grid-parts", default="caltech",
+                   help="comma-separated corpus parts whose people appear in grids, or 'all' (default caltech)")
     p.set_defaults(func=_eval)
 
 
@@ -48,12 +58,17 @@ def _eval(args: argparse.Namespace) -> int:
 
     cfg = EvalConfig(
         base=args.base, corpus=args.corpus, out=args.out, hypernet=args.hypernet, identities=args.identities,
-        images_per_id=args.images_per_id, conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
+        images_per_id=args.images_per_id, conditions=_csv(args.conditions),
         overrides=parse_overrides(args.override), gen_steps=args.gen_steps, guidance=args.guidance,
         seed=args.seed, device=args.device, num_threads=args.threads,
-        detector=args.detector,
+        detector=args.detector, metrics=_csv(args.metrics), slow_methods_people=args.slow_methods_people,
+        other_train_ids=args.other_train_ids, grid_parts=_csv(args.grid_parts),
     )
     report = run_evaluation(cfg)
     print(report.read_text())
     print(f"report: {report}")
     return 0
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())

@@ -160,12 +160,8 @@ def _get_detector():
     return _detector
 
 
-def detect_face(img: Image.Image) -> tuple[float, float, float, float] | None:
-    """The most confident face box (x0, y0, x1, y1) in `img`'s pixels, or None.
-
-    Raises:
-        EnvironmentProblem: facenet-pytorch's MTCNN cannot be loaded.
-    """
+def _detect(img: Image.Image):
+    """MTCNN on a copy downscaled to `_DETECT_MAX_SIDE` -> (boxes, probs, landmarks, scale) or None."""
     det = _get_detector()
     if det is None:
         raise EnvironmentProblem(f"face detector must be available, got {_detector_failed}")
@@ -179,12 +175,41 @@ def detect_face(img: Image.Image) -> tuple[float, float, float, float] | None:
         )
     )
     with torch.no_grad():
-        boxes, probs = det.detect(small)
+        boxes, probs, points = det.detect(small, landmarks=True)
     if boxes is None or len(boxes) == 0:
         return None
+    return boxes, probs, points, scale
+
+
+def detect_face(img: Image.Image) -> tuple[float, float, float, float] | None:
+    """The most confident face box (x0, y0, x1, y1) in `img`'s pixels, or None.
+
+    Raises:
+        EnvironmentProblem: facenet-pytorch's MTCNN cannot be loaded.
+    """
+    found = _detect(img)
+    if found is None:
+        return None
+    boxes, probs, _, scale = found
     best = int(np.argmax(np.asarray(probs, dtype=np.float64)))
     x0, y0, x1, y1 = (float(v) / scale for v in boxes[best])
     return x0, y0, x1, y1
+
+
+def detect_landmarks(img: Image.Image) -> np.ndarray | None:
+    """The 5 landmarks (left eye, right eye, nose, left and right mouth corner; (5, 2) x, y in
+    `img`'s pixels) of the most confident face, or None. Used to align faces for the face encoder
+    (`hypernet.face_alignment`).
+
+    Raises:
+        EnvironmentProblem: facenet-pytorch's MTCNN cannot be loaded.
+    """
+    found = _detect(img)
+    if found is None:
+        return None
+    _, probs, points, scale = found
+    best = int(np.argmax(np.asarray(probs, dtype=np.float64)))
+    return np.asarray(points[best], dtype=np.float64) / scale  # (5, 2)
 
 
 def face_crop(img: Image.Image, *, detector: Detector = "auto", margin: float = 0.5) -> Image.Image:
@@ -316,6 +341,7 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "decode_image",
     "detect_face",
+    "detect_landmarks",
     "face_crop",
     "list_photos",
     "load_photos",

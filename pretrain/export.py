@@ -1,8 +1,9 @@
 """Stage `export`: the trained hypernetwork as `.safetensors` (+ config) and ONNX, cross-checked.
 
 The ONNX graph is run with onnxruntime (CPU provider: the check is about the graph, not the
-device) on held-out photos and compared with torch; the max abs difference goes to
-`export/report.json` and the stage fails when it exceeds `export.max_abs_diff`.
+device) on held-out photos and compared with torch (an identity-conditioned model: its graph
+includes the face encoder and takes aligned faces too; the check feeds seeded noise faces); the
+max abs difference goes to `export/report.json` and the stage fails when it exceeds `export.max_abs_diff`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ def _export(ctx: RunContext) -> None:
     if cfg.onnx:
         export_onnx(model, info, out / ONNX_NAME, opset=cfg.opset, exporter=cfg.exporter)
         pixels = _check_pixels(ctx, cfg.check_batch, info.resolution)
-        diff = onnx_max_abs_diff(model, out / ONNX_NAME, pixels)
+        faces = None
+        if info.config.uses_identity:
+            g = torch.Generator().manual_seed(1)
+            faces = torch.rand(pixels.shape[0], 3, 112, 112, generator=g) * 2 - 1  # (n, 3, 112, 112)
+        diff = onnx_max_abs_diff(model, out / ONNX_NAME, pixels, faces)
         report.update(onnx=ONNX_NAME, onnx_bytes=(out / ONNX_NAME).stat().st_size, exporter=cfg.exporter,
                       check_batch=int(pixels.shape[0]), max_abs_diff=diff, max_abs_diff_bound=cfg.max_abs_diff)
         log.info("export: ONNX vs torch max abs difference %.3g on %d photos (bound %.1g)", diff,
@@ -64,14 +69,21 @@ def _check_pixels(ctx: RunContext, n: int, res: int) -> torch.Tensor:
     return torch.cat([real, fill])
 
 
-def onnx_max_abs_diff(model, onnx_path, pixels: torch.Tensor) -> float:
-    """max |torch - onnxruntime| over both outputs for `pixels` (N, 3, R, R)."""
+def onnx_max_abs_diff(model, onnx_path, pixels: torch.Tensor, faces: torch.Tensor | None = None) -> float:
+    """max |torch - onnxruntime| over both outputs for `pixels` (N, 3, R, R) (+ aligned `faces`
+    (N, 3, 112, 112) for an identity-conditioned model: torch embeds them with the face encoder)."""
     from hypernet.hypernetwork.runtime import HypernetRuntime
 
     rt = HypernetRuntime.load(onnx_path, backend="onnx", device="cpu")
-    got = rt.predict(pixels)
+    got = rt.predict(pixels, faces=faces)
+    cfg = model.cfg
     with torch.no_grad():
-        ref = model.to("cpu").eval()(pixels)
+        identity = None
+        if cfg.uses_identity:
+            from hypernet.face_encoder import FaceEncoder
+
+            identity = FaceEncoder.load()(faces)  # (N, 512)
+        ref = model.to("cpu").eval()(pixels if cfg.uses_pixels else None, identity)
     return max(float((got[k] - ref[k]).abs().max()) for k in ("A_train", "B_train"))
 
 

@@ -34,7 +34,15 @@ def prepare_key(ctx: RunContext) -> str:
 
 
 def run_prepare(ctx: RunContext) -> None:
-    """Run (or finish, or skip) the prepare stage on this rank."""
+    """Run (or finish, or skip) the prepare stage on this rank: the latent cache, then (for an
+    identity-conditioned hypernetwork) the face-encoder embeddings (pretrain.face_embeddings)."""
+    from pretrain.face_embeddings import ensure_face_embeddings
+
+    _run_latent_cache(ctx)
+    ensure_face_embeddings(ctx)
+
+
+def _run_latent_cache(ctx: RunContext) -> None:
     out, cfg = ctx.prepared_dir, ctx.cfg.data
     key = prepare_key(ctx)
     idx_path = out / INDEX

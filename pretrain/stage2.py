@@ -3,6 +3,10 @@
     loss = alpha * diffusion loss of the base with the *predicted* LiDB on the same photo
          + beta  * mean squared error to the stage-1 LiDB of that identity
 
+With an identity-conditioned model (`stage2.model.condition` "identity"/"both") the condition
+is the face encoder's embedding of each photo, read from prepare's cache (pretrain.face_embeddings,
+computed once before training): the frozen encoder never runs per step.
+
 The recipe has fixed verbs (setup, train, validate, save_checkpoint, cleanup). Exact resume:
 checkpoints hold model, optimizer, scheduler, EMA and every rank's RNG; the data position and
 the diffusion noise are pure functions of (seed, step, micro-step, rank) (see stream.py).
@@ -24,6 +28,7 @@ from tqdm import tqdm
 from hypernet.adapters.lidb.model import LiDB
 from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
+from hypernet.hypernetwork.config import HypernetConfig
 from hypernet.hypernetwork.export import HypernetInfo, save_hypernet
 from hypernet.hypernetwork.losses import hypernet_loss, weight_mse
 from hypernet.hypernetwork.model import HyperNetwork
@@ -42,12 +47,19 @@ log = logging.getLogger(__name__)
 FINAL = "final.safetensors"
 #: stage-2 settings that do not change the trained weights (free to differ on resume).
 _FREE = ("val_every", "val_noise_draws", "ckpt_every", "keep_checkpoints", "log_every")
+_CONDITION_FIELDS = ("condition", "identity_tokens", "face_encoder", "identity_dim")
 
 
 def stage2_key(ctx: RunContext) -> str:
     d = dataclasses.asdict(ctx.cfg)
     for k in _FREE:
         d["stage2"].pop(k)
+    # Condition fields at their defaults (the pixel model) leave the key as it was before they
+    # existed, so finished pixel-conditioned runs are not redone.
+    defaults = dataclasses.asdict(HypernetConfig())
+    for k in _CONDITION_FIELDS:
+        if d["stage2"]["model"][k] == defaults[k]:
+            d["stage2"]["model"].pop(k)
     payload = {k: d[k] for k in ("base", "data", "stage1", "stage2")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -58,6 +70,9 @@ def run_stage2(ctx: RunContext) -> None:
         if ctx.dist.is_main:
             log.info("stage2: already done for these settings (%s), skipping", final)
         return
+    from pretrain.face_embeddings import ensure_face_embeddings
+
+    ensure_face_embeddings(ctx)  # once per corpus; skipped when cached (and for the pixel condition)
     recipe = Stage2Recipe(ctx)
     recipe.setup()
     try:
@@ -103,6 +118,11 @@ class Stage2Recipe:
                 f"stage2 must have training identities with stage-1 targets, got none in "
                 f"{self.ctx.stage1_dir}: run `stage1` first"
             )
+        self.emb = None
+        if self.cfg.model.uses_identity:
+            from pretrain.face_embeddings import FaceEmbeddings, embeddings_key
+
+            self.emb = FaceEmbeddings(self.ctx.prepared_dir, embeddings_key(self.ctx))
         self.stream = SampleStream(len(self.samples["train"]), self.cfg.seed, self.ctx.cfg.data.flip)
         self.text_emb = self.data.text_emb().to(self.dist.device)  # (1, 77, D)
         if self.dist.is_main:
@@ -127,7 +147,8 @@ class Stage2Recipe:
         dev = self.dist.device
         self.ddp = DDP(self.model, device_ids=[dev] if dev.type == "cuda" else None) if self.dist.distributed \
             else self.model
-        enc = [p for p in self.model.encoder.parameters() if p.requires_grad]
+        encoder = self.model.encoder
+        enc = [p for p in encoder.parameters() if p.requires_grad] if encoder is not None else []
         enc_ids = {id(p) for p in enc}
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in enc_ids]
         groups = [{"params": rest, "lr": c.lr}]
@@ -138,8 +159,10 @@ class Stage2Recipe:
         self.ema = EMA(self.model, c.ema_decay) if c.ema_decay > 0 else None
         if self.dist.is_main:
             n = sum(p.numel() for p in self.model.parameters())
-            log.info("stage2: hypernetwork %s, %.2fM parameters, %d layers x (r=%d, a=%d, b=%d)",
-                     mcfg.encoder, n / 1e6, mcfg.num_layers, mcfg.r, mcfg.a, mcfg.b)
+            enc_name = mcfg.encoder if mcfg.condition == "pixels" else (
+                mcfg.face_encoder if mcfg.condition == "identity" else f"{mcfg.encoder} + {mcfg.face_encoder}")
+            log.info("stage2: hypernetwork conditioned on %s (%s), %.2fM parameters, %d layers x (r=%d, a=%d, "
+                     "b=%d)", mcfg.condition, enc_name, n / 1e6, mcfg.num_layers, mcfg.r, mcfg.a, mcfg.b)
 
     def _resume(self, ckpt) -> None:
         state = load_checkpoint(ckpt, self.key, self.dist)
@@ -172,7 +195,8 @@ class Stage2Recipe:
 
     # 3. Training ---------------------------------------------------------------------------
     def _batch(self, pairs: list[tuple[int, bool]], split: str = "train"):
-        """-> pixels (B, 3, R, R), latents (B, 4, h, w), targets {A (B, L, r, a), B (B, L, b, r)}."""
+        """-> pixels (B, 3, R, R), latents (B, 4, h, w), targets {A (B, L, r, a), B (B, L, b, r)},
+        identity embeddings (B, 512) of the (mirrored where flipped) photos, or None (pixel condition)."""
         picked = [(self.samples[split][i], f) for i, f in pairs]
         rows = [row for (_, row), _ in picked]
         flips = torch.tensor([f for _, f in picked])  # (B,)
@@ -183,15 +207,20 @@ class Stage2Recipe:
         tidx = torch.tensor([j for (j, _), _ in picked])
         tgt = {k: v[tidx] for k, v in self.targets[split].items()}
         dev = self.dist.device
-        return pix.to(dev), lat.to(dev), {k: v.to(dev) for k, v in tgt.items()}
+        ident = self.emb.get(rows, flips).to(dev) if self.emb is not None else None  # (B, 512)
+        return pix.to(dev), lat.to(dev), {k: v.to(dev) for k, v in tgt.items()}, ident
+
+    def predict(self, model, pix: torch.Tensor, ident: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The model's prediction for a batch: pixels only where the condition uses them."""
+        return model(pix if self.cfg.model.uses_pixels else None, ident)
 
     def _loss_step(self, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         c, d = self.cfg, self.dist
         pairs = self.stream.micro_batch(self.step, micro, d.rank, d.world_size, c.grad_accum, c.batch_size)
-        pix, lat, tgt = self._batch(pairs)
+        pix, lat, tgt, ident = self._batch(pairs)
         gen = torch.Generator().manual_seed(step_seed(c.seed, self.step, micro, d.rank))
         with self.ctx.autocast():
-            pred = self.ddp(pix)  # {"A_train": (B, L, r, a), "B_train": (B, L, b, r)}
+            pred = self.predict(self.ddp, pix, ident)  # {"A_train": (B, L, r, a), "B_train": (B, L, b, r)}
             dl = None
             if c.alpha > 0:
                 self.lidb.use(pred)

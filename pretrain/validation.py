@@ -34,9 +34,9 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
     model.eval()
     for start in range(0, len(mine), recipe.cfg.batch_size):
         idx = mine[start : start + recipe.cfg.batch_size]
-        pix, lat, tgt = recipe._batch([(i, False) for i in idx], split="val")
+        pix, lat, tgt, ident = recipe._batch([(i, False) for i in idx], split="val")
         with recipe.ctx.autocast():
-            pred = model(pix)  # {"A_train": (n, L, r, a), "B_train": (n, L, b, r)}
+            pred = recipe.predict(model, pix, ident)  # {"A_train": (n, L, r, a), "B_train": (n, L, b, r)}
         sums[0] += weight_mse(pred, tgt, reduction="none").sum().item()
         sums[1] += weight_mse(zeros_like_weights(tgt), tgt, reduction="none").sum().item()
         for j in range(draws):

@@ -22,7 +22,8 @@ from serving.errors import Unauthenticated
 from serving.identities import check_name
 
 DEV_TENANT = "dev"
-_BEARER = re.compile(r"^Bearer ([\x21-\x7e]{1,512})$")
+#: The scheme is case-insensitive (RFC 7235 2.1: "bearer", "BEARER" are the same); the key is not.
+_BEARER = re.compile(r"^(?i:bearer) ([\x21-\x7e]{1,512})$")
 MIN_KEY_CHARS = 16
 
 

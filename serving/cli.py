@@ -33,14 +33,15 @@ def register(subparsers) -> None:
     serve.set_defaults(func=_serve, default_hypernet=None)
 
     client = subparsers.add_parser("client", help="call a running service")
-    client.add_argument("--target", default=DEFAULT_TARGET, help="HOST:PORT of the service")
-    client.add_argument("--api-key", default=None, help="API key (default: $HDB_API_KEY)")
-    client.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
-    client.add_argument("--ca-cert", type=Path, default=None, help="PEM root certificate (TLS)")
-    client.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+    _connection_args(client, DEFAULT_TARGET, None, False, None, None)
+    # The same options after the call's name (`hdb client health --target H:P`): there they
+    # default to SUPPRESS, so a value given before the call's name is kept unless repeated.
+    conn = argparse.ArgumentParser(add_help=False)
+    s = argparse.SUPPRESS
+    _connection_args(conn, s, s, s, s, s)
     sub = client.add_subparsers(dest="client_command", metavar="CALL", required=True)
 
-    p = sub.add_parser("personalize", help="personalise from a photo (and generate)")
+    p = sub.add_parser("personalize", parents=[conn], help="personalise from a photo (and generate)")
     p.add_argument("photo", type=Path)
     p.add_argument("--method", default="hyperdreambooth",
                    choices=["hyperdreambooth", "lidb", "lora", "textual_inversion", "dreambooth"])
@@ -55,31 +56,41 @@ def register(subparsers) -> None:
     p.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     p.set_defaults(func=_personalize)
 
-    g = sub.add_parser("generate", help="generate images of an identity (or the base)")
+    g = sub.add_parser("generate", parents=[conn], help="generate images of an identity (or the base)")
     g.add_argument("--identity", default="", help="identity id (empty: the base model)")
     g.add_argument("--prompt", required=True)
     _gen_args(g)
     g.add_argument("--out", type=Path, default=Path("out"), help="output folder")
     g.set_defaults(func=_generate)
 
-    d = sub.add_parser("delete", help="delete an identity")
+    d = sub.add_parser("delete", parents=[conn], help="delete an identity")
     d.add_argument("identity")
     d.set_defaults(func=_delete)
 
-    ls = sub.add_parser("list", help="list this key's identities")
+    ls = sub.add_parser("list", parents=[conn], help="list this key's identities")
     ls.set_defaults(func=_list)
 
-    e = sub.add_parser("export", help="export an identity as a LoRA .safetensors")
+    e = sub.add_parser("export", parents=[conn], help="export an identity (a LoRA or an embedding file)")
     e.add_argument("identity")
-    e.add_argument("--format", default="diffusers", choices=["diffusers", "kohya"])
+    e.add_argument("--format", default="", choices=["", "lora_diffusers", "lora_kohya",
+                                                    "textual_inversion", "diffusers", "kohya"],
+                   help="default: the identity's method's first format (GetServerInfo)")
     e.add_argument("--out", type=Path, default=None, help="file (default ID.FORMAT.safetensors)")
     e.set_defaults(func=_export)
 
-    i = sub.add_parser("info", help="server info (base, methods, limits, versions)")
+    i = sub.add_parser("info", parents=[conn], help="server info (base, methods, limits, versions)")
     i.set_defaults(func=_info)
 
-    h = sub.add_parser("health", help="grpc.health.v1 status")
+    h = sub.add_parser("health", parents=[conn], help="grpc.health.v1 status")
     h.set_defaults(func=_health)
+
+
+def _connection_args(p: argparse.ArgumentParser, target, api_key, tls, ca_cert, timeout) -> None:
+    p.add_argument("--target", default=target, help=f"HOST:PORT of the service (default {DEFAULT_TARGET})")
+    p.add_argument("--api-key", default=api_key, help="API key (default: $HDB_API_KEY)")
+    p.add_argument("--tls", action="store_true", default=tls, help="connect with TLS (system roots)")
+    p.add_argument("--ca-cert", type=Path, default=ca_cert, help="PEM root certificate (TLS)")
+    p.add_argument("--timeout", type=float, default=timeout, help="deadline per call, seconds")
 
 
 def _gen_args(p: argparse.ArgumentParser) -> None:

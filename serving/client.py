@@ -6,8 +6,11 @@
         for img in c.generate("a photo of ohwx person as an astronaut", ident.id, n=2):
             open(f"{img.index}.png", "wb").write(img.data)
 
-Errors are `grpc.RpcError`s: `e.code()` (a grpc.StatusCode) and `e.details()`; a full queue
-also carries trailing metadata `retry-after-ms` (see `retry_after_ms(e)`).
+Errors are `grpc.RpcError`s: `e.code()` (a grpc.StatusCode) and `e.details()`. "Busy, try
+later" (a full queue, a rate limit) is RESOURCE_EXHAUSTED *with* trailing metadata
+`retry-after-ms`: `retry_after_ms(e)` returns it, and `is_retryable(e)` is True. A request too
+large is INVALID_ARGUMENT naming the field, or, past 4x the server's limit, gRPC's own
+RESOURCE_EXHAUSTED without the hint: `is_retryable(e)` is False for both.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.stubs import SERVICE_NAME, pb, pb_grpc
-from serving.validation import IMAGE_FORMATS, LORA_FORMATS, METHOD_ENUMS
+from serving.validation import EXPORT_ENUMS, IMAGE_FORMATS, METHOD_ENUMS
 
 _IMAGE_ENUM = {name: value for value, name in IMAGE_FORMATS.items() if value}
-_LORA_ENUM = {name: value for value, name in LORA_FORMATS.items() if value}
+#: The largest message this client sends or receives by default: 4x the server's default
+#: max_message_bytes (16 MiB), so that a too-large request reaches the server and comes back as
+#: INVALID_ARGUMENT naming the field, not as this channel's own RESOURCE_EXHAUSTED.
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
 
 def retry_after_ms(error: grpc.RpcError) -> int | None:
@@ -32,6 +38,32 @@ def retry_after_ms(error: grpc.RpcError) -> int | None:
         if key == "retry-after-ms":
             return int(value)
     return None
+
+
+def is_retryable(error: grpc.RpcError) -> bool:
+    """True for "busy, try later" (RESOURCE_EXHAUSTED with a `retry-after-ms` hint, or
+    UNAVAILABLE); False for everything else, including a message too large (gRPC's own
+    RESOURCE_EXHAUSTED carries no hint), which no retry will fix."""
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        return True
+    return error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_ms(error) is not None
+
+
+class _ImageStream:
+    """A Generate call that iterates its images (`GenerateResponse.image`); everything else
+    (cancel(), code(), details(), trailing_metadata()...) is the underlying call's."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __iter__(self) -> _ImageStream:
+        return self
+
+    def __next__(self) -> pb.GeneratedImage:
+        return next(self._call).image
+
+    def __getattr__(self, name: str):
+        return getattr(self._call, name)
 
 
 class HdbClient:
@@ -43,7 +75,7 @@ class HdbClient:
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
-        max_message_bytes: int = 16 << 20,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ):
         """`api_key` defaults to $HDB_API_KEY; `tls` uses system roots or `root_certificates`."""
         opts = [("grpc.max_receive_message_length", max_message_bytes),
@@ -53,7 +85,7 @@ class HdbClient:
             self.channel = grpc.secure_channel(target, creds, options=opts)
         else:
             self.channel = grpc.insecure_channel(target, options=opts)
-        self.stub = pb_grpc.PersonalizationStub(self.channel)
+        self.stub = pb_grpc.PersonalizationServiceStub(self.channel)
         key = api_key if api_key is not None else os.environ.get("HDB_API_KEY", "")
         self._metadata = (("authorization", f"Bearer {key}"),) if key else ()
         self.timeout = timeout
@@ -88,7 +120,7 @@ class HdbClient:
 
     def personalize_events(self, photo: bytes | str | Path, method: str = "hyperdreambooth",
                            options: pb.PersonalizeOptions | None = None,
-                           timeout: float | None = None) -> Iterator[pb.PersonalizeEvent]:
+                           timeout: float | None = None) -> Iterator[pb.PersonalizeResponse]:
         """The raw event stream (accepted, progress..., identity); cancel() it to stop."""
         req = pb.PersonalizeRequest(photo=self._photo(photo), method=METHOD_ENUMS[method],
                                     options=options)
@@ -129,13 +161,14 @@ class HdbClient:
         return identity, images
 
     def get_job(self, job_id: str, timeout: float | None = None) -> pb.Job:
-        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), **self._kw(timeout))
+        return self.stub.GetJob(pb.GetJobRequest(job_id=job_id), **self._kw(timeout)).job
 
-    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[pb.PersonalizeEvent]:
+    def watch_job(self, job_id: str, timeout: float | None = None) -> Iterator[pb.WatchJobResponse]:
+        """Progress events, then the identity (`.progress` / `.identity`; cancel() to leave)."""
         return self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), **self._kw(timeout))
 
     def cancel_job(self, job_id: str, timeout: float | None = None) -> pb.Job:
-        return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), **self._kw(timeout))
+        return self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), **self._kw(timeout)).job
 
     # ------------------------------------------------------------------ generate
     @staticmethod
@@ -154,7 +187,7 @@ class HdbClient:
                         options: pb.GenerationOptions | None = None,
                         timeout: float | None = None) -> Iterator[pb.GeneratedImage]:
         req = pb.GenerateRequest(identity_id=identity_id, prompt=prompt, options=options)
-        return self.stub.Generate(req, **self._kw(timeout))
+        return _ImageStream(self.stub.Generate(req, **self._kw(timeout)))
 
     def generate(self, prompt: str, identity_id: str = "", timeout: float | None = None,
                  **generation) -> list[pb.GeneratedImage]:
@@ -166,7 +199,7 @@ class HdbClient:
     # ------------------------------------------------------------------ identities
     def get_identity(self, identity_id: str, timeout: float | None = None) -> pb.Identity:
         return self.stub.GetIdentity(pb.GetIdentityRequest(identity_id=identity_id),
-                                     **self._kw(timeout))
+                                     **self._kw(timeout)).identity
 
     def list_identities(self, page_size: int = 0, timeout: float | None = None
                         ) -> Iterator[pb.Identity]:
@@ -185,13 +218,18 @@ class HdbClient:
         self.stub.DeleteIdentity(pb.DeleteIdentityRequest(identity_id=identity_id),
                                  **self._kw(timeout))
 
-    def export_identity(self, identity_id: str, format: str = "diffusers",
+    def export_identity(self, identity_id: str, format: str = "",
                         timeout: float | None = None) -> pb.ExportIdentityResponse:
-        req = pb.ExportIdentityRequest(identity_id=identity_id, format=_LORA_ENUM[format])
+        """The identity as a file: `format` one of "lora_diffusers", "lora_kohya",
+        "textual_inversion" ("diffusers"/"kohya" mean the LoRA ones; "": the method's default)."""
+        fmt = {"diffusers": "lora_diffusers", "kohya": "lora_kohya"}.get(format, format)
+        if fmt and fmt not in EXPORT_ENUMS:
+            raise ValueError(f"`format` must be one of {sorted(EXPORT_ENUMS)}, got {format!r}")
+        req = pb.ExportIdentityRequest(identity_id=identity_id, format=EXPORT_ENUMS.get(fmt, 0))
         return self.stub.ExportIdentity(req, **self._kw(timeout))
 
     def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
-        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), **self._kw(timeout))
+        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), **self._kw(timeout)).server_info
 
     def health(self, service: str = SERVICE_NAME, timeout: float | None = 5.0) -> str:
         """"SERVING", "NOT_SERVING", ... of grpc.health.v1 (no API key needed)."""

@@ -14,9 +14,8 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from hypernet.errors import InvalidInputError
 from serving.batching import BatchPolicy, GenWork
 from serving.cancel import CancelToken
 from serving.config import ServeConfig
@@ -25,6 +24,7 @@ from serving.errors import FailedPrecondition, Unavailable
 from serving.identities import IdentityRecord, IdentityRepository, new_identity_id
 from serving.imaging import encode_image
 from serving.jobs import Job, JobManager, ProgressInfo
+from serving.logs import request_id_var
 from serving.metrics import Metrics
 from serving.queue.worker import ModelWorker, WorkItem, WorkQueue
 from serving.validation import GenerateSpec, PersonalizeSpec
@@ -37,6 +37,21 @@ MAX_CONCURRENT_DECODES = 2
 #: encode): a hung S3 endpoint then stalls store calls only. Sharing the default pool, 10 hung
 #: GetIdentity calls stalled even Generate on the bare base (found by reliability fault injection).
 STORE_THREADS = 8
+
+
+@dataclass
+class FollowUp:
+    """The images a PersonalizeAndGenerate call wants once its identity exists: the worker makes
+    (and queues, first in line) their work items right after the personalisation."""
+
+    specs: list[GenerateSpec]
+    token: CancelToken
+    items: list[list[WorkItem]] = field(default_factory=list)  # per spec; set by the worker
+
+    def close(self, queue: WorkQueue) -> None:
+        """The call is over: stop its running images, drop its queued ones."""
+        self.token.cancel("the call ended")
+        queue.discard([i for items in self.items for i in items])
 
 
 @dataclass
@@ -64,6 +79,7 @@ class ServiceCore:
             BatchPolicy(cfg.max_batch, cfg.max_wait_ms / 1000.0),
             on_batch=metrics.observe_batch,
             on_queue_wait=metrics.stage.labels("queue_wait").observe,
+            after_task=self._check_pipeline,
         )
         self.jobs = JobManager(cfg.job_retention_s, cfg.max_jobs, on_change=self._job_counts)
         self._decodes = asyncio.Semaphore(MAX_CONCURRENT_DECODES)
@@ -74,6 +90,16 @@ class ServiceCore:
         """`fn(*args)` (a blocking store/repository call) on the store's own threads."""
         return await asyncio.get_running_loop().run_in_executor(self._store_io,
                                                                 functools.partial(fn, *args))
+
+    def _check_pipeline(self) -> None:
+        """After every job (worker thread): the shared pipeline must be the base again."""
+        if self.engine.pipe is None:
+            return
+        problems, action = self.engine.restore_base()
+        if problems:
+            self.metrics.pipeline_repairs.labels(action).inc()
+            log.error("THE LAST JOB LEFT THE SHARED PIPELINE MODIFIED; %s it before the next job: %s",
+                      action, "; ".join(problems), extra={"action": action})
 
     def _job_counts(self, counts: dict[str, int]) -> None:
         for state, n in counts.items():
@@ -118,10 +144,14 @@ class ServiceCore:
             return img
 
     async def start_personalize(self, tenant: str, spec: PersonalizeSpec,
-                                deadline: float | None) -> Job:
+                                deadline: float | None, follow_up: FollowUp | None = None) -> Job:
         """Decode, queue and track a personalisation; returns its job at once.
 
         Foreground jobs carry the call's deadline; background ones run until done or cancelled.
+        With `follow_up` (PersonalizeAndGenerate), its images are queued by the worker the moment
+        the identity is ready, ahead of everything queued: a caller's images do not wait behind
+        personalisations that arrived after it (no head-of-line blocking). They are consumed
+        with `follow_up_images`.
 
         Raises:
             InvalidInputError (bad photo), QueueFull, Unavailable (draining).
@@ -131,7 +161,8 @@ class ServiceCore:
         image = await self.decode(spec.photo)
         t_decoded = time.perf_counter()
         token = CancelToken(None if spec.background else deadline)
-        job = self.jobs.create(tenant, spec.method, spec.background, token)
+        job = self.jobs.create(tenant, spec.method, spec.background, token,
+                               request_id=request_id_var.get())
 
         def run():
             self.jobs.report_running(job)
@@ -140,8 +171,13 @@ class ServiceCore:
                 token.check()  # raising inside the library's loop stops it at this step
                 self.jobs.report_progress(job, ProgressInfo(stage, step, total, loss))
 
-            return self.engine.personalize(image, spec.method, spec.options, progress,
-                                           lambda: token.stopped)
+            result = self.engine.personalize(image, spec.method, spec.options, progress,
+                                             lambda: token.stopped)
+            if follow_up is not None and not token.stopped:
+                follow_up.items = [self._image_items(s, result.loaded, follow_up.token)
+                                   for s in follow_up.specs]
+                self.queue.put_front([i for items in follow_up.items for i in items])
+            return result
 
         item = job.item = WorkItem(token=token, fn=run)
         try:
@@ -212,17 +248,28 @@ class ServiceCore:
         log.info("identity deleted", extra={"identity_id": identity_id})
         return record
 
-    async def export(self, tenant: str, identity_id: str, fmt: str) -> bytes:
+    async def export(self, tenant: str, identity_id: str, fmt: str) -> tuple[bytes, str]:
+        """(file bytes, format) of an identity; `fmt` "" = its method's default format."""
         _, loaded = await self.load_identity(tenant, identity_id)
-        data = await asyncio.to_thread(self.engine.export, loaded, fmt)
+        data, fmt = await asyncio.to_thread(self.engine.export, loaded, fmt)
         if len(data) > self.cfg.max_message_bytes - 1024:
-            raise InvalidInputError(
-                f"the exported LoRA must fit in max_message_bytes={self.cfg.max_message_bytes}, "
+            raise FailedPrecondition(
+                f"the exported file must fit in max_message_bytes={self.cfg.max_message_bytes}, "
                 f"got {len(data)} bytes"
             )
-        return data
+        return data, fmt
 
     # ------------------------------------------------------------------ generate
+    def _image_items(self, spec: GenerateSpec, loaded: Loaded | None,
+                     token: CancelToken) -> list[WorkItem]:
+        """spec.n work items (seeds seed..seed+n-1), not queued yet."""
+        works = [GenWork(spec.prompt, spec.negative_prompt, spec.seed + i, spec.steps,
+                         spec.guidance, spec.height, spec.width, identity=loaded)
+                 for i in range(spec.n)]
+        for w in works:
+            w.batch_key = self.engine.batch_key(w, loaded)
+        return [WorkItem(token=token, gen=w) for w in works]
+
     async def generate(self, spec: GenerateSpec, loaded: Loaded | None, deadline: float | None,
                        ) -> AsyncIterator[GeneratedImage]:
         """Queue spec.n images (seeds seed..seed+n-1); yield each as soon as it is encoded.
@@ -231,13 +278,27 @@ class ServiceCore:
         running batches stop at their next step.
         """
         token = CancelToken(deadline)
-        works = [GenWork(spec.prompt, spec.negative_prompt, spec.seed + i, spec.steps,
-                         spec.guidance, spec.height, spec.width, identity=loaded)
-                 for i in range(spec.n)]
-        for w in works:
-            w.batch_key = self.engine.batch_key(w, loaded)
-        items = [WorkItem(token=token, gen=w) for w in works]
+        items = self._image_items(spec, loaded, token)
         self.queue.put_all(items)
+        try:
+            async for img in self._stream(spec, items):
+                yield img
+        finally:
+            token.cancel("the call ended")  # a running batch of only our images stops
+
+    async def follow_up_images(self, follow_up: FollowUp
+                               ) -> AsyncIterator[tuple[int, GeneratedImage]]:
+        """(prompt index, image) of a finished personalisation's follow-up, prompt by prompt."""
+        try:
+            for k, (spec, items) in enumerate(zip(follow_up.specs, follow_up.items, strict=True)):
+                async for img in self._stream(spec, items):
+                    yield k, img
+        finally:
+            follow_up.close(self.queue)
+
+    async def _stream(self, spec: GenerateSpec, items: list[WorkItem]
+                      ) -> AsyncIterator[GeneratedImage]:
+        """Encode and yield queued images as they finish; drop the rest if the consumer stops."""
         pending = {asyncio.wrap_future(i.future): k for k, i in enumerate(items)}
         try:
             while pending:
@@ -251,7 +312,6 @@ class ServiceCore:
                     yield GeneratedImage(k, spec.seed + k, data, spec.format, img.width,
                                          img.height)
         finally:
-            token.cancel("the call ended")
             for fut in pending:  # nobody will read these now
                 if not fut.cancel() and not fut.cancelled():
                     fut.exception()  # retrieved: no "never retrieved" warning

@@ -34,20 +34,27 @@ from serving.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 
+#: The LoRA exports (what a LiDB, a HyperDreamBooth identity or a LoRA is, as a standard file).
+LORA_EXPORTS = ("lora_diffusers", "lora_kohya")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str  # the library's method name
-    background: bool  # always a background job (minutes of work)
+    background: bool  # always a background job (minutes of work); False: PersonalizeAndGenerate too
     module: str  # where its implementation lives
+    export_formats: tuple[str, ...] = ()  # ExportIdentity formats, the default first
 
 
 #: HYPERDREAMBOOTH goes through `hypernet.personalize`; the others through the
-#: `hypernet.methods` registry (`get_method(name)`).
+#: `hypernet.methods` registry (`get_method(name)`). DreamBooth exports nothing: its artifact is a
+#: whole pipeline (GBs at SD scale), far over any message size.
 METHODS: dict[str, MethodSpec] = {
-    "hyperdreambooth": MethodSpec("hyperdreambooth", False, "hypernet.personalize"),
-    "lidb": MethodSpec("lidb", False, "hypernet.methods.lidb"),
-    "lora": MethodSpec("lora", True, "hypernet.methods.lora"),
-    "textual_inversion": MethodSpec("textual_inversion", True, "hypernet.methods.textual_inversion"),
+    "hyperdreambooth": MethodSpec("hyperdreambooth", False, "hypernet.personalize", LORA_EXPORTS),
+    "lidb": MethodSpec("lidb", False, "hypernet.methods.lidb", LORA_EXPORTS),
+    "lora": MethodSpec("lora", True, "hypernet.methods.lora", LORA_EXPORTS),
+    "textual_inversion": MethodSpec("textual_inversion", True, "hypernet.methods.textual_inversion",
+                                    ("textual_inversion",)),
     "dreambooth": MethodSpec("dreambooth", True, "hypernet.methods.dreambooth"),
 }
 #: Longest side a decoded photo keeps while it waits in the queue (see `decode_photo`).
@@ -114,18 +121,22 @@ class Engine:
         self.device_spec = device or None
         self.dtype_spec = dtype or None
         self.pipe = None
+        self.guard = None  # serving.pipeline_guard.PipelineGuard of the loaded base
         self.fingerprint = ""
         self.base_name = ""
         self.native_size = 0
         self._hypernet = None
         self._hypernet_error = "models not loaded yet"
+        self._layer_shapes: dict[str, tuple[int, int]] = {}
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
         """Load the base (default: the embedded tiny base, built on first use). Idempotent."""
         if self.pipe is not None:
             return
+        from hypernet.adapters.inject import linear_layers
         from hypernet.base import base_fingerprint, load_pipeline
+        from serving.pipeline_guard import PipelineGuard
 
         if self.base_spec:
             path = Path(self.base_spec)
@@ -134,11 +145,43 @@ class Engine:
 
             path = default_base_dir()
         self.base_name = str(path) if self.base_spec else "embedded tiny base"
+        self._base_path = path
         self.pipe = load_pipeline(path, device=self.device_spec, dtype=self.dtype_spec,
                                   config_dir=self.base_config_dir)
+        for name in ("unet", "text_encoder", "vae"):  # inference only: training loops unfreeze
+            getattr(self.pipe, name).requires_grad_(False)  # what they train, then restore this
         self.fingerprint = base_fingerprint(self.pipe)
         self.native_size = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        self.guard = PipelineGuard(self.pipe)
+        # (n_in, n_out) of every linear layer: a LiDB export regenerates its aux bases from them
+        self._layer_shapes = {n: (m.in_features, m.out_features)
+                              for n, m in linear_layers(self.pipe)}
         self._hypernet = self._load_hypernet()
+
+    def restore_base(self) -> tuple[list[str], str]:
+        """Check that the shared pipeline is the base again (after a job); repair it in place,
+        or reload the base from disk when repairing is not enough. Model worker thread only.
+
+        Returns:
+            (what was wrong, the action: "" when nothing was, else "repaired" or "reloaded").
+        """
+        problems = self.guard.repair()
+        if not problems:
+            return [], ""
+        if not self.guard.check():
+            return problems, "repaired"
+        from hypernet.base import base_fingerprint, load_pipeline
+        from serving.pipeline_guard import PipelineGuard
+
+        pipe = load_pipeline(self._base_path, device=self.device_spec, dtype=self.dtype_spec,
+                             config_dir=self.base_config_dir)
+        for name in ("unet", "text_encoder", "vae"):
+            getattr(pipe, name).requires_grad_(False)
+        if base_fingerprint(pipe) != self.fingerprint:
+            raise RuntimeError(f"the reloaded base must have fingerprint {self.fingerprint}, got "
+                               f"{base_fingerprint(pipe)} (the base on disk changed)")
+        self.pipe, self.guard = pipe, PipelineGuard(pipe)
+        return problems, "reloaded"
 
     def _load_hypernet(self):
         """The hypernetwork runtime (default: `default_hypernet()`, e.g. the embedded tiny one).
@@ -302,9 +345,12 @@ class Engine:
             progress(getattr(ev, "stage", method), int(ev.step), int(ev.total),
                      getattr(ev, "loss", None))
 
+        from hypernet.adapters import wrappers_detached
+
         t0 = time.perf_counter()
-        artifact = m.train(self.pipe, [photo], token=opts.token, class_noun=opts.class_noun,
-                           config=config, progress=on_progress, should_stop=should_stop)
+        with wrappers_detached(self.pipe):  # peft needs plain layers; DreamBooth saves a plain UNet
+            artifact = m.train(self.pipe, [photo], token=opts.token, class_noun=opts.class_noun,
+                               config=config, progress=on_progress, should_stop=should_stop)
         t1 = time.perf_counter()
         blob = _artifact_to_bytes(artifact)
         timings = {"train": t1 - t0, "serialize": time.perf_counter() - t1}
@@ -325,15 +371,31 @@ class Engine:
 
         return Loaded(method, _artifact_from_bytes(blob, load_artifact), False)
 
-    @staticmethod
-    def export(loaded: Loaded, fmt: str) -> bytes:
-        """A LoRA `.safetensors` file ("diffusers" or "kohya") of an identity."""
-        if not hasattr(loaded.obj, "export_lora"):
-            raise InvalidInputError(
-                f"identity method `{loaded.method}` must be exportable as a LoRA, got a "
-                f"{type(loaded.obj).__name__} (only HYPERDREAMBOOTH identities export)"
-            )
-        return loaded.obj.export_lora(fmt)
+    def export(self, loaded: Loaded, fmt: str) -> tuple[bytes, str]:
+        """An identity as a file other tools load, in `fmt` (one of its method's
+        `export_formats`; "" = the method's default). Returns (the `.safetensors` bytes, fmt).
+
+        Raises:
+            FailedPrecondition: the method exports nothing (DreamBooth).
+            InvalidInputError: `fmt` is not one its method allows.
+        """
+        allowed = METHODS[loaded.method].export_formats
+        if not allowed:
+            raise FailedPrecondition(
+                f"a {loaded.method} identity cannot be exported: it is a whole pipeline, far over "
+                f"the message size; use it through Generate")
+        fmt = fmt or allowed[0]
+        if fmt not in allowed:
+            raise InvalidInputError(f"`format` must be one of {list(allowed)} for a "
+                                    f"{loaded.method} identity, got {fmt!r}")
+        obj = loaded.obj
+        if loaded.method == "hyperdreambooth":
+            return obj.export_lora(fmt.removeprefix("lora_")), fmt
+        if loaded.method == "lidb":
+            return obj.export_lora(fmt.removeprefix("lora_"), self._layer_shapes), fmt
+        if loaded.method == "lora":
+            return obj.export(fmt.removeprefix("lora_")), fmt
+        return obj.export(), fmt  # textual inversion: its embedding file
 
     # ------------------------------------------------------------------ generate
     @staticmethod
@@ -362,8 +424,13 @@ class Engine:
             per_request = generate_batch(self.pipe, [_gen_request(w) for w in works],
                                          should_stop=should_stop)
             return [images[0] for images in per_request]
+        from hypernet.adapters import wrappers_detached
         from hypernet.generate import generate
 
+        with wrappers_detached(self.pipe):  # stock loaders (peft) need plain layers
+            return self._generate_unbatched(works, should_stop, generate)
+
+    def _generate_unbatched(self, works: list[GenWork], should_stop, generate) -> list:
         # Adapters without per-sample weights: one call per run of consecutive seeds of the same
         # prompt (image i of a call uses seed + i, so this equals one call per image).
         images: list = []

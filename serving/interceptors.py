@@ -70,8 +70,12 @@ STATUS_TABLE: list[tuple[type[BaseException], grpc.StatusCode]] = [
 
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and client-facing message for an exception raised by a handler."""
+def status_for(exc: BaseException, request_id: str | None = None) -> tuple[grpc.StatusCode, str]:
+    """The status code and client-facing message for an exception raised by a handler.
+
+    `request_id`: the id an INTERNAL error's traceback was logged under (default: this call's;
+    a job's error read by GetJob names the call that started the job).
+    """
     if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError, without torch
         return S.RESOURCE_EXHAUSTED, "the model worker ran out of GPU memory; retry later"
     for cls, code in STATUS_TABLE:
@@ -79,7 +83,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
             if cls is ModuleNotFoundError:
                 return code, f"this server build lacks a model component ({exc.name})"
             return code, str(exc) or cls.__name__
-    return S.INTERNAL, f"internal error (request id {request_id_var.get()}); see the server log"
+    rid = request_id or request_id_var.get()
+    return S.INTERNAL, f"internal error (request id {rid}); see the server log"
 
 
 @dataclass
@@ -91,6 +96,26 @@ class ServerState:
     ready: bool = False
     draining: bool = False
     inflight: int = 0
+    #: Largest request accepted (the documented limit); gRPC itself accepts up to
+    #: GRPC_LIMIT_FACTOR x this, so that a request in between is our INVALID_ARGUMENT naming the
+    #: field instead of gRPC's RESOURCE_EXHAUSTED (which clients must read as "try later").
+    max_message_bytes: int = 0
+
+
+#: gRPC's own receive limit is this many times `max_message_bytes` (memory stays bounded).
+GRPC_LIMIT_FACTOR = 4
+
+
+def check_size(request, limit: int) -> None:
+    """INVALID_ARGUMENT naming the largest field when `request` is over `limit` bytes."""
+    size = request.ByteSize()
+    if not limit or size <= limit:
+        return
+    fields = [(len(v) if isinstance(v, (bytes, str)) else getattr(v, "ByteSize", lambda: 0)(),
+               f.name) for f, v in request.ListFields()]
+    name = max(fields)[1] if fields else "request"
+    raise InvalidInputError(f"`{name}` must keep the request within max_message_bytes={limit} "
+                            f"bytes, got a request of {size} bytes")
 
 
 class _BadRequest:
@@ -147,6 +172,7 @@ class ServiceInterceptor(aio.ServerInterceptor):
                 f"UTF-8), got unparseable bytes ({type(request.exc).__name__})"
             )
         if not open_:
+            check_size(request, self.state.max_message_bytes)
             # Checked before the initial metadata goes out, with no await in between: a client
             # that has the metadata knows its call was admitted, and a drain (counting it in
             # flight since _begin) lets it finish. Checked after, a SIGTERM landing during the

@@ -61,6 +61,7 @@ class Job:
     error: BaseException | None = None
     task: asyncio.Task | None = None
     item: Any = None  # its WorkItem in the model worker's queue
+    request_id: str = ""  # of the call that started it: its errors are logged under this id
     watchers: set[asyncio.Queue] = field(default_factory=set)
 
     @property
@@ -76,10 +77,12 @@ class JobManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_change = on_change or (lambda counts: None)
 
-    def create(self, tenant: str, method: str, background: bool, token: CancelToken) -> Job:
+    def create(self, tenant: str, method: str, background: bool, token: CancelToken,
+               request_id: str = "") -> Job:
         self._loop = asyncio.get_running_loop()
         self.prune()
-        job = Job(secrets.token_hex(16), tenant, method, background, token)
+        job = Job(secrets.token_hex(16), tenant, method, background, token,
+                  request_id=request_id)
         self._jobs[job.id] = job
         self._changed()
         return job

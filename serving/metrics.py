@@ -10,6 +10,8 @@ Exposed over HTTP by `serve_http` (`/metrics`, prometheus_client's text format):
     hdb_inflight_requests                RPCs being served
     hdb_jobs{state}                      personalisation jobs remembered, by state
     hdb_gpu_memory_bytes{kind}           allocated / reserved (only on a GPU)
+    hdb_pipeline_repairs_total{action}   jobs that left the shared pipeline modified, by what
+                                         fixed it ("repaired" in place, or "reloaded")
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class Metrics:
         self.jobs = Gauge("hdb_jobs", "personalisation jobs remembered", ["state"], registry=r)
         self.gpu_memory = Gauge("hdb_gpu_memory_bytes", "GPU memory of the model worker",
                                 ["kind"], registry=r)
+        self.pipeline_repairs = Counter(
+            "hdb_pipeline_repairs", "jobs that left the shared pipeline modified",
+            ["action"], registry=r)
         self._http = None
 
     def observe_batch(self, size: int, seconds: float) -> None:

@@ -28,7 +28,7 @@ from serving.config import ServeConfig
 from serving.core import ServiceCore
 from serving.engine import Engine
 from serving.identities import IdentityRepository
-from serving.interceptors import ServerState, ServiceInterceptor
+from serving.interceptors import GRPC_LIMIT_FACTOR, ServerState, ServiceInterceptor
 from serving.metrics import Metrics
 from serving.ratelimit import TenantRateLimiter
 from serving.servicer import PersonalizationServicer
@@ -118,15 +118,17 @@ class HdbServer:
         self.core = ServiceCore(cfg, engine,
                                 self.repo, self.metrics, auth_required=keyring is not None)
         self.state = ServerState(keyring, TenantRateLimiter(cfg.rate_limit_rps,
-                                                            cfg.rate_limit_burst))
+                                                            cfg.rate_limit_burst),
+                                 max_message_bytes=cfg.max_message_bytes)
         self.health = health.aio.HealthServicer()
         self.server = aio.server(
             interceptors=[ServiceInterceptor(self.state, self.metrics)],
-            options=[("grpc.max_receive_message_length", cfg.max_message_bytes),
+            options=[("grpc.max_receive_message_length",
+                      GRPC_LIMIT_FACTOR * cfg.max_message_bytes),
                      ("grpc.max_send_message_length", cfg.max_message_bytes),
                      ("grpc.so_reuseport", 0)],
         )
-        pb_grpc.add_PersonalizationServicer_to_server(PersonalizationServicer(self.core),
+        pb_grpc.add_PersonalizationServiceServicer_to_server(PersonalizationServicer(self.core),
                                                       self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -15,7 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from hypernet.errors import InvalidInputError
 from serving import validation as v
-from serving.core import GeneratedImage, ServiceCore
+from serving.cancel import CancelToken
+from serving.core import FollowUp, GeneratedImage, ServiceCore
 from serving.engine import METHODS
 from serving.identities import IdentityRecord
 from serving.imaging import FORMATS
@@ -23,10 +24,10 @@ from serving.jobs import Job, ProgressInfo
 from serving.logs import tenant_var
 from serving.stubs import pb, pb_grpc
 
-_JOB_STATES = {name: pb.JobState.Value(name) for name in
+_JOB_STATES = {name: pb.JobState.Value(f"JOB_STATE_{name}") for name in
                ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")}
-_IMAGE_FORMATS = {"PNG": pb.PNG, "JPEG": pb.JPEG, "WEBP": pb.WEBP}
-_LORA_FORMATS = {"diffusers": pb.DIFFUSERS, "kohya": pb.KOHYA}
+_IMAGE_FORMATS = {"PNG": pb.IMAGE_FORMAT_PNG, "JPEG": pb.IMAGE_FORMAT_JPEG,
+                  "WEBP": pb.IMAGE_FORMAT_WEBP}
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
@@ -64,8 +65,8 @@ def job_pb(job: Job) -> pb.Job:
         out.progress.CopyFrom(progress_pb(job.progress))
     if job.record is not None:
         out.identity.CopyFrom(identity_pb(job.record))
-    if job.error is not None:
-        code, message = status_for(job.error)
+    if job.error is not None:  # an INTERNAL error names the id its traceback was logged under
+        code, message = status_for(job.error, request_id=job.request_id or None)
         out.error_code, out.error_message = code.name, message
     return out
 
@@ -81,7 +82,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if left is None else time.monotonic() + left
 
 
-class PersonalizationServicer(pb_grpc.PersonalizationServicer):
+class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
     def __init__(self, core: ServiceCore):
         self.core = core
         self.cfg = core.cfg
@@ -102,46 +103,46 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
                 self.core.cancel(job, "the call ended")
 
     async def Personalize(self, request: pb.PersonalizeRequest, context
-                          ) -> AsyncIterator[pb.PersonalizeEvent]:
+                          ) -> AsyncIterator[pb.PersonalizeResponse]:
         spec = v.personalization(request.photo, request.method, request.options, self.cfg)
         job = await self.core.start_personalize(tenant_var.get(), spec, _deadline(context))
         try:
-            async for ev in self._watch(job, pb.PersonalizeEvent):
+            async for ev in self._watch(job, pb.PersonalizeResponse):
                 yield ev
         finally:
             job.loaded = None  # only PersonalizeAndGenerate uses the in-memory weights
 
-    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.Job:
-        return job_pb(self.core.jobs.get(tenant_var.get(), request.job_id))
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
+        return pb.GetJobResponse(job=job_pb(self.core.jobs.get(tenant_var.get(), request.job_id)))
 
     async def WatchJob(self, request: pb.WatchJobRequest, context
-                       ) -> AsyncIterator[pb.PersonalizeEvent]:
+                       ) -> AsyncIterator[pb.WatchJobResponse]:
         job = self.core.jobs.get(tenant_var.get(), request.job_id)
         async for ev in self.core.jobs.watch(job):  # watching never cancels the job
             if isinstance(ev, ProgressInfo):
-                yield pb.PersonalizeEvent(progress=progress_pb(ev))
+                yield pb.WatchJobResponse(progress=progress_pb(ev))
             else:
-                yield pb.PersonalizeEvent(identity=identity_pb(ev))
+                yield pb.WatchJobResponse(identity=identity_pb(ev))
 
-    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.Job:
+    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
         job = self.core.jobs.get(tenant_var.get(), request.job_id)
         self.core.cancel(job, "cancelled by CancelJob")
         if job.task is not None and not job.done:
-                await asyncio.wait([job.task], timeout=min(5.0, context.time_remaining() or 5.0))
-        return job_pb(job)
+            await asyncio.wait([job.task], timeout=min(5.0, context.time_remaining() or 5.0))
+        return pb.CancelJobResponse(job=job_pb(job))
 
     # ------------------------------------------------------------------ generate
     async def Generate(self, request: pb.GenerateRequest, context
-                       ) -> AsyncIterator[pb.GeneratedImage]:
+                       ) -> AsyncIterator[pb.GenerateResponse]:
         spec = v.generation(request.prompt, request.options, self.cfg, self.core.engine.native_size)
         loaded = None
         if request.identity_id:
             _, loaded = await self.core.load_identity(tenant_var.get(), request.identity_id)
         async for img in self.core.generate(spec, loaded, _deadline(context)):
-            yield image_pb(img)
+            yield pb.GenerateResponse(image=image_pb(img))
 
     async def PersonalizeAndGenerate(self, request: pb.PersonalizeAndGenerateRequest, context
-                                     ) -> AsyncIterator[pb.PersonalizeAndGenerateEvent]:
+                                     ) -> AsyncIterator[pb.PersonalizeAndGenerateResponse]:
         if request.options.background:
             raise InvalidInputError("`options.background` must be false for "
                                     "PersonalizeAndGenerate (use Personalize), got true")
@@ -149,25 +150,30 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
             raise InvalidInputError(f"`prompts` must hold 1..{self.cfg.max_prompts} prompts, got "
                                     f"{len(request.prompts)}")
         specs = [v.generation(p, request.generation, self.cfg, self.core.engine.native_size,
-                              prefix="generation") for p in request.prompts]
-        p_spec = v.personalization(request.photo, request.method, request.options, self.cfg)
-        p_spec = v.PersonalizeSpec(p_spec.photo, p_spec.method, p_spec.options, background=False)
-        job = await self.core.start_personalize(tenant_var.get(), p_spec, _deadline(context))
+                              prefix="generation", prompt_field=f"prompts[{k}]")
+                 for k, p in enumerate(request.prompts)]
+        p_spec = v.fast_method(v.personalization(request.photo, request.method, request.options,
+                                                 self.cfg))
+        follow_up = FollowUp(specs, CancelToken(_deadline(context)))
         try:
-            async for ev in self._watch(job, pb.PersonalizeAndGenerateEvent):
-                yield ev
-            loaded = job.loaded
+            job = await self.core.start_personalize(tenant_var.get(), p_spec, _deadline(context),
+                                                    follow_up)
+            try:
+                async for ev in self._watch(job, pb.PersonalizeAndGenerateResponse):
+                    yield ev
+            finally:
+                job.loaded = None
+            async for k, img in self.core.follow_up_images(follow_up):
+                yield pb.PersonalizeAndGenerateResponse(image=image_pb(img, prompt_index=k))
         finally:
-            job.loaded = None
-        for k, spec in enumerate(specs):
-            async for img in self.core.generate(spec, loaded, _deadline(context)):
-                yield pb.PersonalizeAndGenerateEvent(image=image_pb(img, prompt_index=k))
+            follow_up.close(self.core.queue)
 
     # ------------------------------------------------------------------ identities
-    async def GetIdentity(self, request: pb.GetIdentityRequest, context) -> pb.Identity:
+    async def GetIdentity(self, request: pb.GetIdentityRequest, context
+                          ) -> pb.GetIdentityResponse:
         record = await self.core.store_call(self.core.repo.get, tenant_var.get(),
                                            request.identity_id)
-        return identity_pb(record)
+        return pb.GetIdentityResponse(identity=identity_pb(record))
 
     async def ListIdentities(self, request: pb.ListIdentitiesRequest, context
                              ) -> pb.ListIdentitiesResponse:
@@ -184,21 +190,24 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
 
     async def ExportIdentity(self, request: pb.ExportIdentityRequest, context
                              ) -> pb.ExportIdentityResponse:
-        if request.format not in v.LORA_FORMATS:
-            raise InvalidInputError(f"`format` must be one of {sorted(pb.LoraFormat.keys())}, "
+        if request.format not in v.EXPORT_FORMATS:
+            raise InvalidInputError(f"`format` must be one of {sorted(pb.ExportFormat.keys())}, "
                                     f"got {request.format}")
-        fmt = v.LORA_FORMATS[request.format]
-        data = await self.core.export(tenant_var.get(), request.identity_id, fmt)
-        return pb.ExportIdentityResponse(data=data, format=_LORA_FORMATS[fmt],
+        data, fmt = await self.core.export(tenant_var.get(), request.identity_id,
+                                           v.EXPORT_FORMATS[request.format])
+        return pb.ExportIdentityResponse(data=data, format=v.EXPORT_ENUMS[fmt],
                                          filename=f"{request.identity_id}.{fmt}.safetensors")
 
-    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context
+                            ) -> pb.GetServerInfoResponse:
         c, e = self.cfg, self.core.engine
         available = e.methods()
         methods = [
             pb.MethodInfo(method=v.METHOD_ENUMS[name], background=spec.background,
                           available=available[name][0], detail=available[name][1],
-                          default_steps=e.default_steps(name))
+                          default_steps=e.default_steps(name),
+                          export_formats=[v.EXPORT_ENUMS[f] for f in spec.export_formats],
+                          personalize_and_generate=not spec.background)
             for name, spec in METHODS.items()
         ]
         limits = pb.Limits(
@@ -209,9 +218,9 @@ class PersonalizationServicer(pb_grpc.PersonalizationServicer):
             max_size=c.max_size, min_guidance=c.min_guidance, max_guidance=c.max_guidance,
             queue_capacity=c.queue_size, max_batch=c.max_batch,
         )
-        return pb.ServerInfo(
+        return pb.GetServerInfoResponse(server_info=pb.ServerInfo(
             base_model=e.base_name, base_fingerprint=e.fingerprint, methods=methods,
             limits=limits, versions=e.versions(), device=e.device, default_size=e.native_size,
             default_generate_steps=c.default_generate_steps,
             auth_required=self.core.auth_required, identity_ttl_seconds=int(c.identity_ttl_s),
-        )
+        ))

@@ -16,6 +16,6 @@ if proto_build.proto_files() and not proto_build.is_current():
 from serving._proto.hyperdreambooth.v1 import service_pb2 as pb  # noqa: E402
 from serving._proto.hyperdreambooth.v1 import service_pb2_grpc as pb_grpc  # noqa: E402
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Personalization"].full_name
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PersonalizationService"].full_name
 
 __all__ = ["SERVICE_NAME", "pb", "pb_grpc"]

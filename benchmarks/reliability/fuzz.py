@@ -257,14 +257,15 @@ def personalize_requests(draw, photo: bytes) -> tuple[pb.PersonalizeRequest, str
         o.learning_rate = draw(st.floats(2.0**-10, 0.5, width=32))
     if draw(st.booleans()):
         o.seed = draw(st.integers(0, 2**62))
-    req = pb.PersonalizeRequest(photo=photo, method=draw(st.sampled_from([pb.METHOD_UNSPECIFIED, pb.HYPERDREAMBOOTH])),
+    method = draw(st.sampled_from([pb.METHOD_UNSPECIFIED, pb.METHOD_HYPERDREAMBOOTH]))
+    req = pb.PersonalizeRequest(photo=photo, method=method,
                                 options=o)
     o = req.options  # the request holds a copy: edit that one
     if bad == "photo":
         req.photo = draw(st.one_of(st.binary(max_size=64), st.sampled_from([photo[: len(photo) // 2], photo[1:]])))
     elif bad == "method":
         req.method = draw(st.one_of(st.sampled_from([6, 99, -1, I32]), st.integers(-I32 - 1, I32)))
-        if req.method in (pb.LIDB, pb.LORA, pb.TEXTUAL_INVERSION, pb.DREAMBOOTH):
+        if req.method in (pb.METHOD_LIDB, pb.METHOD_LORA, pb.METHOD_TEXTUAL_INVERSION, pb.METHOD_DREAMBOOTH):
             req.method = 99  # valid slow methods would train for minutes: not what this fuzzes
     elif bad in ("steps", "rank"):
         setattr(o, bad, draw(hostile_i32))

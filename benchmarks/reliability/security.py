@@ -154,7 +154,7 @@ def isolation(target: str, photo: bytes, cases: Cases) -> None:
         bg_call = alice.personalize_events(photo, options=alice.options(steps=2000, background=True))
         bg_job = next(iter(bg_call)).accepted.job_id
         bg_call.cancel()  # a background job outlives its call
-        wait_until(lambda: alice.get_job(bg_job).state == pb.RUNNING, 120, "alice's background job to run")
+        wait_until(lambda: alice.get_job(bg_job).state == pb.JOB_STATE_RUNNING, 120, "alice's background job to run")
         ghost = "0" * 32  # an id that exists for nobody
         rpcs = {
             "GetIdentity": lambda i, j: bob.get_identity(i),

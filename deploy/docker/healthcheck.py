@@ -17,7 +17,7 @@ import sys
 
 #: = serving.stubs.SERVICE_NAME (tests/deploy checks they agree): SERVING only once the models
 #: are loaded, whereas the "" (whole server) entry would say the same; either works.
-SERVICE = "hyperdreambooth.v1.Personalization"
+SERVICE = "hyperdreambooth.v1.PersonalizationService"
 
 
 def main(argv: list[str] | None = None) -> int:

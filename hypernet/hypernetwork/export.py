@@ -1,5 +1,11 @@
 """Saving a trained hypernetwork: `.safetensors` (+ config JSON in metadata) and ONNX.
 
+The ONNX graph is the whole photo-to-weights path after face alignment: its inputs are
+`onnx_input_names(config)`, i.e. "pixels" (N, 3, R, R) for the pixel condition and/or "faces"
+(N, 3, 112, 112) aligned faces for the identity condition, whose frozen face encoder
+(hypernet.face_encoder) is inside the graph. The `.safetensors` file holds the hypernetwork only;
+the torch runtime loads the face encoder beside it from its own file.
+
 Both files describe themselves: the same metadata (hypernetwork config, LiDB spec, layer names,
 base fingerprint, base resolution) goes into the safetensors header and the ONNX
 `metadata_props`, so either file alone tells a caller which base it was trained for.
@@ -124,14 +130,22 @@ def load_hypernet(path: str | Path, device: str | torch.device = "cpu") -> tuple
 ONNX_EXPORTERS = ("torchscript", "dynamo")
 
 
+def onnx_input_names(cfg: HypernetConfig) -> tuple[str, ...]:
+    """The ONNX graph's inputs for `cfg.condition`: ("pixels",), ("faces",) or ("pixels", "faces")."""
+    return (("pixels",) if cfg.uses_pixels else ()) + (("faces",) if cfg.uses_identity else ())
+
+
 def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset: int = 18,
-                exporter: str = "torchscript") -> Path:
-    """Write an ONNX graph pixels (N, 3, R, R) -> A_train, B_train with a dynamic batch dim.
+                exporter: str = "torchscript", face_encoder: torch.nn.Module | None = None) -> Path:
+    """Write an ONNX graph (pixels and/or faces, see `onnx_input_names`) -> A_train, B_train with a
+    dynamic batch dim.
 
     Args:
         exporter: "torchscript" (default: ~1 s for the tiny model) or "dynamo" (torch's newer
             exporter; ~30 s on 2 cores for the same graph, same outputs within 1e-7).
             Either way the example batch is 2: dynamo specialises a batch of 1 to a constant.
+        face_encoder: the frozen face encoder put in front of an identity-conditioned model
+            (default: `FaceEncoder.load()`); unused for the pixel condition.
 
     Raises:
         InvalidInputError: unknown exporter, or "torchscript" for a model over 2 GB.
@@ -142,8 +156,16 @@ def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset
         raise InvalidInputError(f"`exporter` must be one of {ONNX_EXPORTERS}, got {exporter!r}")
     path = Path(path)
     model = model.to("cpu").float().eval()
-    example = torch.zeros(2, 3, info.resolution, info.resolution)  # (2, 3, R, R)
-    names = dict(input_names=["pixels"], output_names=["A_train", "B_train"], opset_version=opset)
+    cfg = model.cfg
+    inputs = onnx_input_names(cfg)
+    if cfg.uses_identity and face_encoder is None:
+        from hypernet.face_encoder import FaceEncoder
+
+        face_encoder = FaceEncoder.load()
+    wrapper = _OnnxWrapper(model, face_encoder.to("cpu").eval() if cfg.uses_identity else None)
+    shapes = {"pixels": (2, 3, info.resolution, info.resolution), "faces": (2, 3, 112, 112)}
+    example = tuple(torch.zeros(shapes[n]) for n in inputs)  # batch 2 each
+    names = dict(input_names=list(inputs), output_names=["A_train", "B_train"], opset_version=opset)
     meta = info.to_metadata()
     large = sum(p.numel() * 4 for p in model.parameters()) > _PROTOBUF_LIMIT
     if large and exporter != "dynamo":
@@ -156,7 +178,7 @@ def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset
             batch = torch.export.Dim("batch", min=1, max=4096)
             logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per initializer
             program = torch.onnx.export(
-                _OnnxWrapper(model), (example,), None, dynamic_shapes={"pixels": {0: batch}},
+                wrapper, example, None, dynamic_shapes=tuple({0: batch} for _ in inputs),
                 external_data=False, dynamo=True, verbose=False, **names,
             )
             program.model.metadata_props.update(meta)
@@ -167,8 +189,8 @@ def export_onnx(model: HyperNetwork, info: HypernetInfo, path: str | Path, opset
             proto = program.model_proto
         else:
             buf = io.BytesIO()
-            axes = {n: {0: "batch"} for n in ("pixels", "A_train", "B_train")}
-            torch.onnx.export(_OnnxWrapper(model), (example,), buf, dynamic_axes=axes, dynamo=False,
+            axes = {n: {0: "batch"} for n in (*inputs, "A_train", "B_train")}
+            torch.onnx.export(wrapper, example, buf, dynamic_axes=axes, dynamo=False,
                               **names)
             proto = onnx.load_from_string(buf.getvalue())
             for k, v in meta.items():
@@ -185,14 +207,19 @@ _PROTOBUF_LIMIT = 1_800_000_000
 
 
 class _OnnxWrapper(torch.nn.Module):
-    """Returns a tuple (ONNX outputs are positional)."""
+    """(pixels and/or faces, in `onnx_input_names` order) -> (A_train, B_train): a tuple, since ONNX
+    outputs are positional; the face encoder runs in front for the identity condition."""
 
-    def __init__(self, model: HyperNetwork):
+    def __init__(self, model: HyperNetwork, face_encoder: torch.nn.Module | None):
         super().__init__()
         self.model = model
+        self.face_encoder = face_encoder
+        self.inputs = onnx_input_names(model.cfg)
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(pixels)
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        named = dict(zip(self.inputs, xs, strict=True))
+        identity = self.face_encoder(named["faces"]) if self.face_encoder is not None else None  # (N, 512)
+        out = self.model(named.get("pixels"), identity)
         return out["A_train"], out["B_train"]
 
 
@@ -203,4 +230,4 @@ def _asdict(cfg: HypernetConfig) -> dict:
 
 
 __all__ = ["FORMAT", "ONNX_EXPORTERS", "ONNX_NAME", "SAFETENSORS_NAME", "HypernetInfo", "export_onnx", "load_hypernet",
-           "read_info", "save_hypernet"]
+           "onnx_input_names", "read_info", "save_hypernet"]

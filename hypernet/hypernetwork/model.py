@@ -1,8 +1,10 @@
 """The hypernetwork H(photo) -> LiDB weights of every adapted layer (paper section 3.2).
 
-    pixels (N, 3, H, W) in [-1, 1]
-      -> timm ViT (by name; local weights or random init, never a hub)  -> f (N, T, D_enc)
-      -> linear projection                                              -> f (N, T, d)
+    pixels (N, 3, H, W) in [-1, 1]                         identity (N, 512) unit embedding of the
+      -> timm ViT (by name; local weights or random init)    aligned face (frozen face encoder,
+      -> linear projection -> pixel tokens (N, T, d)          hypernet.face_encoder; cached offline)
+                                                             -> linear -> identity tokens (N, k, d)
+      f = pixel tokens | identity tokens | both, by `cfg.condition`            (N, T', d)
       theta_0 = 0
       for k in 1..s:                     theta_k = theta_{k-1} + T(f, theta_{k-1})
           layer tokens = pos_l + embed(theta_{k-1}[l])                  (N, L, d)
@@ -10,7 +12,9 @@
       -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}   the packed LiDB weight format
 
 The same decoder T runs every iteration (weights shared), as in the paper; the heads start near
-zero, so an untrained hypernetwork predicts almost no adapter.
+zero, so an untrained hypernetwork predicts almost no adapter. The face encoder is not part of this
+module: training reads its embeddings from a cache (the encoder never runs per step), and the
+runtime / ONNX export put it in front (`hypernet.hypernetwork.export`).
 """
 
 from __future__ import annotations
@@ -76,16 +80,23 @@ class HyperNetwork(nn.Module):
     def __init__(self, cfg: HypernetConfig):
         super().__init__()
         self.cfg = cfg
-        self.encoder = build_encoder(cfg)
-        if cfg.freeze_encoder:
-            self.encoder.requires_grad_(False)
-        pcfg = getattr(self.encoder, "pretrained_cfg", None) or {}
-        mean = torch.tensor(pcfg.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32)
-        std = torch.tensor(pcfg.get("std", (0.5, 0.5, 0.5)), dtype=torch.float32)
-        self.register_buffer("pixel_mean", mean.view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", std.view(1, 3, 1, 1), persistent=False)
         L, P, d = cfg.num_layers, cfg.params_per_layer, cfg.dim
-        self.proj = nn.Linear(self.encoder.num_features, d)
+        # Parameter names of the "pixels" model are unchanged, so old exports load strictly.
+        self.encoder: nn.Module | None = None
+        if cfg.uses_pixels:
+            self.encoder = build_encoder(cfg)
+            if cfg.freeze_encoder:
+                self.encoder.requires_grad_(False)
+            pcfg = getattr(self.encoder, "pretrained_cfg", None) or {}
+            mean = torch.tensor(pcfg.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32)
+            std = torch.tensor(pcfg.get("std", (0.5, 0.5, 0.5)), dtype=torch.float32)
+            self.register_buffer("pixel_mean", mean.view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("pixel_std", std.view(1, 3, 1, 1), persistent=False)
+            self.proj = nn.Linear(self.encoder.num_features, d)
+        if cfg.uses_identity:
+            # The embedding has unit norm; the projection sees it scaled to unit-variance entries.
+            self.identity_proj = nn.Linear(cfg.identity_dim, cfg.identity_tokens * d)
+            self.identity_pos = nn.Parameter(torch.randn(cfg.identity_tokens, d) * 0.02)  # (k, d)
         # Layer tokens start from a learned positional code; theta_{k-1} is added through embed.
         self.layer_pos = nn.Parameter(torch.randn(L, d) * 0.02)  # (L, d)
         self.theta_embed = nn.Linear(P, d)
@@ -99,6 +110,8 @@ class HyperNetwork(nn.Module):
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, H, W) in [-1, 1] -> image tokens (N, T, d)."""
+        if self.encoder is None:
+            raise InvalidInputError(f"`encode` needs a pixel condition, got condition {self.cfg.condition!r}")
         if pixels.dim() != 4 or pixels.shape[1] != 3:
             raise InvalidInputError(f"`pixels` must have shape (N, 3, H, W), got {tuple(pixels.shape)}")
         s = self.cfg.image_size
@@ -107,6 +120,36 @@ class HyperNetwork(nn.Module):
         x = ((pixels + 1) * 0.5 - self.pixel_mean) / self.pixel_std  # [-1,1] -> encoder's normalisation
         f = self.encoder.forward_features(x)  # (N, T, D_enc)
         return self.proj(f)  # (N, T, d)
+
+    def encode_identity(self, identity: torch.Tensor) -> torch.Tensor:
+        """identity (N, D_id) unit embeddings -> identity tokens (N, k, d)."""
+        cfg = self.cfg
+        if identity.dim() != 2 or identity.shape[1] != cfg.identity_dim:
+            raise InvalidInputError(
+                f"`identity` must have shape (N, {cfg.identity_dim}), got {tuple(identity.shape)}"
+            )
+        x = self.identity_proj(identity * cfg.identity_dim**0.5)  # (N, k * d)
+        return x.view(x.shape[0], cfg.identity_tokens, cfg.dim) + self.identity_pos  # (N, k, d)
+
+    def condition_tokens(self, pixels: torch.Tensor | None, identity: torch.Tensor | None) -> torch.Tensor:
+        """The decoder's condition f (N, T', d) for `cfg.condition`.
+
+        Raises:
+            InvalidInputError: an input the condition needs is missing.
+        """
+        cfg = self.cfg
+        parts = []
+        if cfg.uses_pixels:
+            if pixels is None:
+                raise InvalidInputError(f"`pixels` must be given for condition {cfg.condition!r}, got None")
+            parts.append(self.encode(pixels))  # (N, T, d)
+        if cfg.uses_identity:
+            if identity is None:
+                raise InvalidInputError(
+                    f"`identity` (face-encoder embeddings) must be given for condition {cfg.condition!r}, got None"
+                )
+            parts.append(self.encode_identity(identity))  # (N, k, d)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (N, T + k, d)
 
     def refine(self, f: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         """T(f, theta): one decoder pass giving the update (N, L, P) of the estimate (N, L, P)."""
@@ -118,10 +161,11 @@ class HyperNetwork(nn.Module):
         y = self.norm(x[:, n_img:])  # (N, L, d)
         return torch.einsum("nld,ldp->nlp", y, self.head_weight) + self.head_bias  # (N, L, P)
 
-    def forward(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """pixels (N, 3, H, W) in [-1, 1] -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}."""
+    def forward(self, pixels: torch.Tensor | None, identity: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """pixels (N, 3, H, W) in [-1, 1] and/or identity (N, D_id) (by `cfg.condition`; the other
+        may be None) -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}."""
         cfg = self.cfg
-        f = self.encode(pixels)  # (N, T, d)
+        f = self.condition_tokens(pixels, identity)  # (N, T', d)
         theta = f.new_zeros(f.shape[0], cfg.num_layers, cfg.params_per_layer)  # theta_0 = 0
         for _ in range(cfg.iterations):
             theta = theta + self.refine(f, theta)

@@ -3,7 +3,15 @@
     rt = HypernetRuntime.load("runs/x/export")          # dir, .safetensors or .onnx
     rt.check_base(pipe)                                  # same base + layers as it was trained for?
     weights = rt.predict(pixels)                         # (N, 3, R, R) in [-1, 1]
+    weights = rt.predict(pixels, faces=rt.faces_for(imgs))  # identity condition: faces of the photos
     lidb.use(weights)                                    # {"A_train": (N, L, r, a), "B_train": ...}
+
+An identity-conditioned hypernetwork (`config.condition` "identity"/"both") also needs the photo's
+face aligned to 112x112 (hypernet.face_alignment). Callers that still have the photo pass
+`faces=` (best: aligned at the photo's full resolution, as pretraining's embedding cache does);
+otherwise the faces are aligned from `pixels` (the R x R face crop), which works but sees fewer
+pixels. ONNX: the face encoder is inside the graph; torch: it is loaded beside the hypernetwork
+(hypernet.face_encoder.FaceEncoder, found by $HDB_FACE_ENCODER or `make setup`'s cache).
 
 onnxruntime gets the CUDA provider only when torch sees a GPU (asking for it without CUDA logs an
 error), else the CPU provider; thread spinning is off because it slows torch running in the same
@@ -33,12 +41,14 @@ Backend = Literal["auto", "onnx", "torch"]
 class HypernetRuntime:
     """A loaded hypernetwork; build it with `HypernetRuntime.load`."""
 
-    def __init__(self, info: HypernetInfo, backend: str, device: torch.device, session=None, model=None):
+    def __init__(self, info: HypernetInfo, backend: str, device: torch.device, session=None, model=None,
+                 face_encoder=None):
         self.info = info
         self.backend = backend
         self.device = device
         self._session = session
         self._model = model
+        self._face_encoder = face_encoder
 
     # --- what a caller checks against its base -------------------------------------------------
     @property
@@ -60,6 +70,11 @@ class HypernetRuntime:
     @property
     def config(self) -> HypernetConfig:
         return self.info.config
+
+    @property
+    def needs_faces(self) -> bool:
+        """True for an identity-conditioned hypernetwork: `predict` uses aligned faces."""
+        return self.info.config.uses_identity
 
     @classmethod
     def load(cls, path: str | Path, backend: Backend = "auto",
@@ -100,8 +115,13 @@ class HypernetRuntime:
                 f"`path` must hold a .safetensors hypernetwork for backend 'torch', got {str(path)!r}"
             )
         model, info = load_hypernet(st_path, device=dev)
+        face_encoder = None
+        if info.config.uses_identity:
+            from hypernet.face_encoder import FaceEncoder
+
+            face_encoder = FaceEncoder.load().to(dev)
         log.info("hypernetwork %s on torch (%s)", st_path, dev)
-        return cls(info, "torch", dev, model=model)
+        return cls(info, "torch", dev, model=model, face_encoder=face_encoder)
 
     @classmethod
     def _load_onnx(cls, path: Path, dev: torch.device) -> HypernetRuntime:
@@ -134,9 +154,11 @@ class HypernetRuntime:
                 f"hypernetwork must match the base's {len(self.layers)} LiDB layers, got a different layer set"
             )
 
-    def predict(self, pixels: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
-        """pixels (N, 3, R, R) in [-1, 1] -> {"A_train": (N, L, r, a), "B_train": (N, L, b, r)}
-        as fp32 tensors on this runtime's device.
+    def predict(self, pixels: torch.Tensor | np.ndarray,
+                faces: torch.Tensor | np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """pixels (N, 3, R, R) in [-1, 1] (+ faces (N, 3, 112, 112) in [-1, 1], aligned, for an
+        identity-conditioned model; None: aligned from `pixels`) -> {"A_train": (N, L, r, a),
+        "B_train": (N, L, b, r)} as fp32 tensors on this runtime's device.
 
         Raises:
             InvalidInputError: wrong shape (R must be the base's resolution) or non-finite values.
@@ -148,13 +170,45 @@ class HypernetRuntime:
         x = x.float()
         if not torch.isfinite(x).all():
             raise InvalidInputError("`pixels` must be finite, got NaN/inf")
+        fx = self._faces(x, faces) if self.needs_faces else None  # (N, 3, 112, 112)
         if self._session is not None:
-            A, B = self._session.run(["A_train", "B_train"], {"pixels": x.cpu().numpy()})
+            from hypernet.hypernetwork.export import onnx_input_names
+
+            given = {"pixels": x, "faces": fx}
+            feeds = {n: given[n].cpu().numpy() for n in onnx_input_names(self.config)}
+            A, B = self._session.run(["A_train", "B_train"], feeds)
             return {"A_train": torch.from_numpy(A).to(self.device),
                     "B_train": torch.from_numpy(B).to(self.device)}
         with torch.no_grad():
-            out = self._model(x.to(self.device))
+            identity = self._face_encoder(fx.to(self.device)) if fx is not None else None  # (N, 512)
+            out = self._model(x.to(self.device) if self.config.uses_pixels else None, identity)
         return {k: v.float() for k, v in out.items()}
+
+    def faces_for(self, images, detector: str = "auto") -> torch.Tensor | None:
+        """The aligned faces (N, 3, 112, 112) `predict` wants for these decoded photos (full
+        resolution: as pretraining's embedding cache saw them), or None when this hypernetwork is
+        not identity-conditioned (no detection is paid then)."""
+        if not self.needs_faces:
+            return None
+        from hypernet.face_alignment import align_faces
+
+        return align_faces(list(images), detector=detector)
+
+    def _faces(self, x: torch.Tensor, faces) -> torch.Tensor:
+        """Checked aligned faces (N, 3, 112, 112), or faces aligned from the pixels `x`."""
+        from hypernet.face_alignment import FACE_SIZE, align_faces, pixels_to_images
+
+        if faces is None:
+            log.info("hypernetwork: no aligned faces given; aligning them from the %d px crops", x.shape[-1])
+            return align_faces(pixels_to_images(x))
+        f = torch.as_tensor(faces).float()
+        if f.dim() != 4 or tuple(f.shape[1:]) != (3, FACE_SIZE, FACE_SIZE) or f.shape[0] != x.shape[0]:
+            raise InvalidInputError(
+                f"`faces` must have shape ({x.shape[0]}, 3, {FACE_SIZE}, {FACE_SIZE}), got {tuple(f.shape)}"
+            )
+        if not torch.isfinite(f).all():
+            raise InvalidInputError("`faces` must be finite, got NaN/inf")
+        return f
 
 
 def _locate(path: Path) -> tuple[Path | None, Path | None]:

@@ -90,6 +90,16 @@ class WorkQueue:
             self._cond.notify_all()
             return position
 
+    def put_front(self, items: list[WorkItem]) -> None:
+        """Enqueue `items` ahead of everything queued (the follow-up images of a call whose
+        personalisation just finished). Never refused: the call was admitted already, and its
+        follow-up is bounded by max_prompts x max_images; a closed (draining) queue still runs
+        it, since the worker finishes what is queued."""
+        with self._cond:
+            self._items[0:0] = items
+            self._on_depth(len(self._items))
+            self._cond.notify_all()
+
     def discard(self, items: list[WorkItem]) -> None:
         """Drop still-queued `items` (their caller is gone), freeing their places at once;
         their futures fail with their token's error."""
@@ -163,12 +173,16 @@ class ModelWorker:
         policy: BatchPolicy,
         on_batch: Callable[[int, float], None] | None = None,
         on_queue_wait: Callable[[float], None] | None = None,
+        after_task: Callable[[], None] | None = None,
     ):
         self.queue = queue
         self._generate = generate
         self.policy = policy
         self._on_batch = on_batch or (lambda n, s: None)
         self._on_queue_wait = on_queue_wait or (lambda s: None)
+        #: Run after every task (a personalisation job) and every failed batch, whatever the
+        #: outcome: the check that the shared pipeline is the base again (`PipelineGuard`).
+        self._after_task = after_task or (lambda: None)
         self._thread = threading.Thread(target=self._run, name="hdb-model-worker", daemon=True)
         self._busy = threading.Event()
 
@@ -199,6 +213,12 @@ class ModelWorker:
             finally:
                 self._busy.clear()
 
+    def _check_after(self) -> None:
+        try:
+            self._after_task()
+        except Exception:  # noqa: BLE001 - logged loudly; the worker must keep serving
+            log.exception("the after-task pipeline check failed")
+
     def _start(self, item: WorkItem) -> bool:
         if item.token.stopped:
             item.fail(item.token.error())
@@ -213,8 +233,10 @@ class ModelWorker:
         try:
             result = item.fn()
         except BaseException as e:  # a stop we asked for reports why (cancel vs deadline)
+            self._check_after()  # before the caller hears of it: the next job sees the base
             item.future.set_exception(item.token.error() if item.token.stopped else e)
         else:
+            self._check_after()
             item.future.set_result(result)
 
     def _run_alone(self, item: WorkItem) -> None:
@@ -245,6 +267,7 @@ class ModelWorker:
             if len(images) != len(batch):
                 raise RuntimeError(f"generate must return {len(batch)} images, got {len(images)}")
         except BaseException as e:
+            self._check_after()
             if len(batch) > 1 and isinstance(e, Exception) and not all(i.token.stopped for i in batch):
                 # One image may have caused it (its identity, its prompt): rerun the batch one
                 # image at a time so the failure stays with the request that caused it.

@@ -64,7 +64,7 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     out = tmp_path / "eval"
     argv = ["eval", "--base", str(tiny_base_dir), "--hypernet", str(hyper), "--corpus", str(three_identities),
             "--out", str(out), "--identities", "2", "--images-per-id", "2", "--gen-steps", "2", "--device", "cpu",
-            "--threads", "1", "--detector", "center"]
+            "--threads", "1", "--detector", "center", "--grid-parts", "all", "--metrics", "dlib"]
     for o in SMOKE_OVERRIDES:
         argv += ["--override", o]
     assert main(argv) == 0
@@ -75,34 +75,87 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     assert results["samples_per_condition"] == 4
     for name, e in conds.items():
         assert set(e["per_identity"]) == set(results["identities"]) and len(results["identities"]) == 2
-        for m in ("face_rec", "margin", "detection") + (("heldout_loss",) if name != "real-photo" else ()):
-            assert np.isfinite(e[m]["mean"]) and e[m]["lo"] <= e[m]["mean"] <= e[m]["hi"], (name, m)
+        assert e["n"] == 2 and set(e["metrics"]) == {"dlib"}
+        estimates = [e["metrics"]["dlib"][m] for m in ("face_rec", "margin", "detection")]
+        for est in estimates + ([e["heldout_loss"]] if name != "real-photo" else []):
+            assert np.isfinite(est["mean"]) and est["lo"] <= est["mean"] <= est["hi"], (name, est)
         assert (out / f"grid_{name}.png").is_file() == (name != "real-photo")
     # the real photos are real faces of the identity: detected, and closer to it than to the others
-    assert conds["real-photo"]["detection"]["mean"] == 1.0 and conds["real-photo"]["margin"]["mean"] > 0
+    real = conds["real-photo"]["metrics"]["dlib"]
+    assert real["detection"]["mean"] == 1.0 and real["margin"]["mean"] > 0
     assert conds["base"]["bytes"] == 0 and conds["lora"]["bytes"] > 0
     assert conds["lora"]["seconds_median"] > 0
     # the hypernetwork-only row is exactly the prediction: no fine-tune, smaller than HDB's file
     assert conds["hypernetwork"]["bytes"] < conds["hyperdreambooth"]["bytes"]
-    assert "margin_gain_vs_base" in conds["lora"] and "margin_gain_vs_base" not in conds["base"]
+    assert "margin_gain_vs_base" in conds["lora"]["metrics"]["dlib"]
+    assert "margin_gain_vs_base" not in conds["base"]["metrics"]["dlib"]
+    assert [(p["a"], p["b"]) for p in results["paired"]] == [("hypernetwork", "base"),
+                                                             ("hyperdreambooth", "fast-finetune"),
+                                                             ("hyperdreambooth", "lidb")]
+    assert all(p["n"] == 2 and np.isfinite(p["dlib"]["mean"]) for p in results["paired"])
     report = (out / "REPORT.md").read_text()
     assert f"`{SMOKE_OVERRIDES[0]}`" in report  # settings that differ from the defaults are stated
     for label in ("HyperDreamBooth", "Hypernetwork only", "Fast fine-tune", "LiDB", "LoRA", "DreamBooth",
-                  "Textual Inversion", "Base"):
+                  "Textual Inversion", "Base", "dlib ResNet", "Paired differences", "Wall time"):
         assert label in report
 
-    # a rerun reuses matching cells (the base's, untouched, even without the hypernetwork, which only
-    # the hypernet conditions depend on) and reruns changed ones (lora's)
+    # a rerun reuses matching cells (the base's, never regenerated, even without the hypernetwork, which only
+    # the hypernet conditions depend on), rescores them from their saved images with a metric added
+    # later (FaceNet), and reruns changed ones (lora's)
     i = argv.index("--hypernet")
     argv = argv[:i] + argv[i + 2:]
+    j = argv.index("--metrics")
+    argv = argv[:j] + argv[j + 2:]  # and without "--metrics dlib": both metrics
     lora_cell = out / "cells" / "lora" / f"{results['identities'][0]}.json"
     base_cell = out / "cells" / "base" / f"{results['identities'][0]}.json"
-    lora_before, base_before = lora_cell.stat().st_mtime_ns, base_cell.stat().st_mtime_ns
-    old_key = json.loads(lora_cell.read_text())["key"]
+    base_image = out / "cells" / "base" / results["identities"][0] / "seed0000.png"
+    lora_before, image_before = lora_cell.stat().st_mtime_ns, base_image.stat().st_mtime_ns
+    old_key, base_before = json.loads(lora_cell.read_text())["key"], json.loads(base_cell.read_text())
     assert main([*argv, "--conditions", "lora,base", "--identities", "1", "--override", "lora.steps=2"]) == 0
-    assert base_cell.stat().st_mtime_ns == base_before
+    base_after = json.loads(base_cell.read_text())
+    assert base_image.stat().st_mtime_ns == image_before and base_after["key"] == base_before["key"]
+    assert base_after["scores"]["dlib"] == base_before["scores"]["dlib"] and "facenet" in base_after["scores"]
     assert lora_cell.stat().st_mtime_ns != lora_before and json.loads(lora_cell.read_text())["key"] != old_key
-    assert list(json.loads((out / "results.json").read_text())["conditions"]) == ["lora", "base", "real-photo"]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["conditions"]) == ["lora", "base", "real-photo"]
+    real = results["conditions"]["real-photo"]["metrics"]["facenet"]  # FaceNet also finds the real face, and
+    assert real["detection"]["mean"] == 1.0 and real["margin"]["mean"] > 0  # puts it closer to its person
+    assert "FaceNet" in (out / "REPORT.md").read_text()
+
+
+def test_eval_on_a_merged_corpus_interleaves_parts_subsets_slow_methods_and_grids_only_shown_parts(
+        tiny_base_dir, faces_dir, tmp_path, one_thread):
+    """Labels `part:id`: the first N people come from every part, the slow methods run on a subset
+    that the report states, the margin compares within a part, and grids show only `--grid-parts`."""
+    from hypernet.eval.corpus import read_manifest
+
+    corpus = read_manifest(faces_dir / "identities.csv")
+    ids = corpus.identities[:4]
+    labels = {ids[0]: "lfw:a", ids[1]: "lfw:b", ids[2]: "caltech:c", ids[3]: "caltech:d"}
+    lines = ["file,identity"] + [f"{p},{labels[i]}" for i in ids for p in corpus.photos[i][:3]]
+    (tmp_path / "merged.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "eval"
+    assert main(["eval", "--base", str(tiny_base_dir), "--corpus", str(tmp_path / "merged.csv"), "--out", str(out),
+                 "--conditions", "lora,base", "--slow-methods-people", "2", "--override", "lora.steps=1",
+                 "--images-per-id", "1", "--gen-steps", "1", "--device", "cpu", "--threads", "1",
+                 "--detector", "center", "--metrics", "dlib"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["identities"] == ["caltech:c", "lfw:a", "caltech:d", "lfw:b"]  # round-robin over parts
+    conds = results["conditions"]
+    assert list(conds["lora"]["per_identity"]) == ["caltech:c", "lfw:a"] and conds["base"]["n"] == 4
+    gain = conds["lora"]["metrics"]["dlib"]["margin_gain_vs_base_by_part"]
+    assert gain["lfw"]["n"] == 1 and gain["caltech"]["n"] == 1
+    cell = conds["base"]["per_identity"]["lfw:a"]["scores"]["dlib"]
+    assert cell["margin"] == pytest.approx(cell["face_rec"] - cell["other_sim"])
+    report = (out / "REPORT.md").read_text()
+    assert "**Subset:** LoRA ran on the first 2" in report and "2 caltech, 2 lfw" in report
+    assert "by corpus part" in report
+    # grids: Caltech's people only (one row each: lora ran on one of them, base on both)
+    from PIL import Image
+
+    base_grid, lora_grid = Image.open(out / "grid_base.png"), Image.open(out / "grid_lora.png")
+    r = (base_grid.width - 8) // 2  # columns: the input photo, then the one sample
+    assert base_grid.height == 2 * r and lora_grid.height == r
 
 
 def test_hypernet_rows_differ_as_documented(tiny_pipe, faces_dir, tmp_path, one_thread):

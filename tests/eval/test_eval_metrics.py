@@ -14,8 +14,7 @@ from hypernet.eval.stats import bootstrap_mean, paired_difference
 def test_dlib_embeddings_are_closer_within_an_identity_than_across(faces_dir):
     from hypernet.eval.corpus import read_manifest
     from hypernet.eval.faces import FaceEmbedder, cosine
-    from hypernet.eval.runner import to_pil
-    from hypernet.photos import decode_image, preprocess
+    from hypernet.photos import decode_image, preprocess, to_pil
 
     corpus = read_manifest(faces_dir / "identities.csv")
     fe = FaceEmbedder()
@@ -32,6 +31,30 @@ def test_dlib_embeddings_are_closer_within_an_identity_than_across(faces_dir):
     assert same > across + 0.05, (same, across)
     blank = fe(Image.new("RGB", (128, 128), "grey"))
     assert not blank.detected and blank.embedding.shape == (128,)
+
+
+def test_facenet_is_a_second_independent_metric_that_separates_identities(faces_dir):
+    """FaceNet (cv2.dnn, 512-d) puts one person's photos closer than two people's, finds real faces,
+    not a blank image, and disagrees with dlib's similarities (another network, not a copy of it)."""
+    from hypernet.eval.corpus import read_manifest
+    from hypernet.eval.faces import cosine, load_face_metric
+    from hypernet.photos import decode_image, preprocess, to_pil
+
+    corpus = read_manifest(faces_dir / "identities.csv")
+    facenet, dlib = load_face_metric("facenet"), load_face_metric("dlib")
+    imgs = [to_pil(preprocess(decode_image(p), 128, detector="center"))
+            for i in corpus.identities[:2] for p in corpus.photos[i][:2]]  # a, a, b, b
+    emb, detected = facenet.embed_many(imgs)  # (4, 512), (4,)
+    assert emb.shape == (4, 512) and detected.all() and np.allclose(np.linalg.norm(emb, axis=1), 1)
+    sim = cosine(emb, emb)  # (4, 4)
+    same, across = (sim[0, 1] + sim[2, 3]) / 2, sim[:2, 2:].mean()
+    assert same > across + 0.2, (same, across)  # FaceNet separates far more than dlib's 0.05 above
+    dlib_sim = cosine(dlib.embed_many(imgs)[0], dlib.embed_many(imgs)[0])
+    assert not np.allclose(sim, dlib_sim, atol=0.05)
+    blank = facenet(Image.new("RGB", (128, 128), "grey"))
+    assert not blank.detected and blank.embedding.shape == (512,)
+    with pytest.raises(InvalidInputError, match="face metric must be one of"):
+        load_face_metric("arcface")
 
 
 def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_identities():

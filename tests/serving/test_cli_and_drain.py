@@ -49,7 +49,7 @@ def test_client_cli_round_trip(make_server, photo_bytes, tmp_path, capsys):
                     str(out)]) == 0
     identity_id = capsys.readouterr().out.strip()
     meta = json.loads((out / f"{identity_id}.json").read_text())
-    assert meta["id"] == identity_id and meta["method"] == "HYPERDREAMBOOTH"
+    assert meta["id"] == identity_id and meta["method"] == "METHOD_HYPERDREAMBOOTH"
     assert len(list(out.glob("p0-*.png"))) == 2
 
     assert run_cli([*target, "generate", "--identity", identity_id, "--prompt", "ohwx",

@@ -105,7 +105,7 @@ def test_background_job_survives_disconnect_and_can_be_cancelled(make_server, cl
     assert ev.WhichOneof("event") == "progress" and ev.progress.total == LONG
     watch.cancel()
     job = c.cancel_job(job_id)
-    assert job.state == pb.CANCELLED and job.error_code == "CANCELLED"
+    assert job.state == pb.JOB_STATE_CANCELLED and job.error_code == "CANCELLED"
     assert job.progress.step < LONG
     err = rpc_code(c.watch_job, job_id)
     assert err.code() == grpc.StatusCode.CANCELLED
@@ -120,7 +120,7 @@ def test_background_job_result_via_watch_and_get(make_server, client_for, photo_
     final = [ev for ev in c.watch_job(job_id)][-1]
     assert final.WhichOneof("event") == "identity"
     job = c.get_job(job_id)
-    assert job.state == pb.SUCCEEDED and job.identity.id == final.identity.id
+    assert job.state == pb.JOB_STATE_SUCCEEDED and job.identity.id == final.identity.id
     assert c.get_identity(final.identity.id).id == final.identity.id
 
 

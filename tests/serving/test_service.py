@@ -49,8 +49,8 @@ def test_health_and_server_info(client):
     info = client.server_info()
     assert info.default_size == 64 and info.base_fingerprint
     methods = {pb.Method.Name(m.method): m for m in info.methods}
-    assert methods["HYPERDREAMBOOTH"].available and not methods["HYPERDREAMBOOTH"].background
-    assert methods["DREAMBOOTH"].background
+    assert methods["METHOD_HYPERDREAMBOOTH"].available and not methods["METHOD_HYPERDREAMBOOTH"].background
+    assert methods["METHOD_DREAMBOOTH"].background
     assert info.limits.max_message_bytes == 2 << 20 and info.limits.max_images == 4
     assert not info.auth_required and "grpcio" in info.versions
 
@@ -67,12 +67,12 @@ def test_personalize_streams_progress_then_identity(client, photo_bytes):
     assert finetune and finetune[-1].total == STEPS
     assert [p.step for p in finetune] == sorted(p.step for p in finetune)
     ident = events[-1].identity
-    assert ident.method == pb.HYPERDREAMBOOTH and ident.artifact_bytes > 0
+    assert ident.method == pb.METHOD_HYPERDREAMBOOTH and ident.artifact_bytes > 0
     assert ident.token == "ohwx" and ident.class_noun == "person"
     for stage in ("decode", "queue", "hypernetwork", "finetune", "store", "total"):
         assert stage in ident.timings, stage
     job = client.get_job(accepted.job_id)
-    assert job.state == pb.SUCCEEDED and job.identity.id == ident.id
+    assert job.state == pb.JOB_STATE_SUCCEEDED and job.identity.id == ident.id
 
 
 def test_identity_crud(client, identity):
@@ -161,7 +161,7 @@ def test_delete_removes_every_trace(server, client, photo_bytes):
         err = rpc_code(call)
         assert err.code() == grpc.StatusCode.NOT_FOUND and ident.id in err.details()
     job = client.get_job(job_id)  # the job remains, without the identity
-    assert job.state == pb.SUCCEEDED and not job.HasField("identity")
+    assert job.state == pb.JOB_STATE_SUCCEEDED and not job.HasField("identity")
     assert rpc_code(client.watch_job, job_id).code() == grpc.StatusCode.NOT_FOUND
 
 
@@ -250,7 +250,7 @@ def test_unknown_enum_and_options_are_invalid_argument(client, photo_bytes):
 def test_invalid_utf8_prompt_is_invalid_argument(server, client):
     # Serialise a GenerateRequest by hand with bytes that are not UTF-8 in field 2 (prompt).
     raw = b"\x12\x03\xff\xfe\xfd"
-    call = client.channel.unary_stream("/hyperdreambooth.v1.Personalization/Generate",
+    call = client.channel.unary_stream("/hyperdreambooth.v1.PersonalizationService/Generate",
                                        request_serializer=lambda b: b,
                                        response_deserializer=pb.GeneratedImage.FromString)
     err = rpc_code(call, raw)
@@ -259,8 +259,8 @@ def test_invalid_utf8_prompt_is_invalid_argument(server, client):
 
 
 def test_oversized_message_is_rejected(client):
-    err = rpc_code(client.personalize, b"\xff" * (3 << 20))
-    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    err = rpc_code(client.personalize, b"\xff" * (3 << 20))  # over the 2 MiB limit
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "`photo`" in err.details()
     assert client.health() == "SERVING"
 
 
@@ -283,7 +283,7 @@ def test_metrics_endpoint(server, client, identity):
     client.generate("ohwx", identity.id, steps=1)
     text = urllib.request.urlopen(f"http://localhost:{server.server.metrics_port}/metrics",
                                   timeout=10).read().decode()
-    assert 'hdb_requests_total{code="OK",method="hyperdreambooth.v1.Personalization/Generate"}' \
+    assert 'hdb_requests_total{code="OK",method="hyperdreambooth.v1.PersonalizationService/Generate"}' \
         in text
     assert "hdb_batch_size_count" in text and "hdb_queue_depth" in text
     assert 'hdb_stage_seconds_count{stage="queue_wait"}' in text
@@ -298,9 +298,9 @@ def test_reflection_serves_the_schema(client):
     listed, described = list(stub.ServerReflectionInfo(iter([
         reflection_pb2.ServerReflectionRequest(list_services=""),
         reflection_pb2.ServerReflectionRequest(
-            file_containing_symbol="hyperdreambooth.v1.Personalization")])))
+            file_containing_symbol="hyperdreambooth.v1.PersonalizationService")])))
     names = {s.name for s in listed.list_services_response.service}
-    assert {"hyperdreambooth.v1.Personalization", "grpc.health.v1.Health"} <= names
+    assert {"hyperdreambooth.v1.PersonalizationService", "grpc.health.v1.Health"} <= names
     files = [descriptor_pb2.FileDescriptorProto.FromString(b)
              for b in described.file_descriptor_response.file_descriptor_proto]
     (ours,) = [f for f in files if f.package == "hyperdreambooth.v1"]

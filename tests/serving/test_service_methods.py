@@ -32,7 +32,7 @@ def test_lidb_runs_in_the_call_and_generates(client, photo_bytes):
     assert not events[0].accepted.background
     assert any(ev.WhichOneof("event") == "progress" for ev in events)
     ident = events[-1].identity
-    assert ident.method == pb.LIDB and ident.artifact_bytes > 0 and "train" in ident.timings
+    assert ident.method == pb.METHOD_LIDB and ident.artifact_bytes > 0 and "train" in ident.timings
     images = client.generate("a photo of ohwx person", ident.id, n=3, steps=2, seed=7)
     assert [i.seed for i in images] == [7, 8, 9] and all(i.data for i in images)
     again = client.generate("a photo of ohwx person", ident.id, n=1, steps=2, seed=8)
@@ -47,8 +47,8 @@ def _max_diff(x: pb.GeneratedImage, y: pb.GeneratedImage) -> int:
     return int(np.abs(a - b).max())
 
 
-@pytest.mark.parametrize("method,enum", [("lora", pb.LORA),
-                                         ("textual_inversion", pb.TEXTUAL_INVERSION)])
+@pytest.mark.parametrize("method,enum", [("lora", pb.METHOD_LORA),
+                                         ("textual_inversion", pb.METHOD_TEXTUAL_INVERSION)])
 def test_slow_methods_are_background_jobs(client, photo_bytes, method, enum):
     call = client.personalize_events(photo_bytes, method, client.options(steps=2, seed=0))
     first = next(iter(call))
@@ -56,7 +56,7 @@ def test_slow_methods_are_background_jobs(client, photo_bytes, method, enum):
     call.cancel()  # leaving does not stop a background job
     final = list(client.watch_job(first.accepted.job_id))[-1]
     assert final.WhichOneof("event") == "identity" and final.identity.method == enum
-    assert client.get_job(first.accepted.job_id).state == pb.SUCCEEDED
+    assert client.get_job(first.accepted.job_id).state == pb.JOB_STATE_SUCCEEDED
     (img,) = client.generate("a photo of ohwx person", final.identity.id, steps=2, seed=1)
     assert img.data
     client.delete_identity(final.identity.id)

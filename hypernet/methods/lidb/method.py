@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as save_safetensors
 
 from hypernet.adapters import LiDB, LiDBSpec, default_spec_for, lidb_layers
 from hypernet.adapters.lidb.io import LiDBFile, lidb_to_bytes, load_lidb
@@ -138,6 +139,38 @@ class LiDBArtifact:
         data = lidb_to_bytes(self.weights, self.spec, self.layers, self.base_fingerprint, extra_meta=extra)
         atomic_write_bytes(path, data)
         return len(data)
+
+    def export_lora(self, fmt: str, shapes: dict[str, tuple[int, int]]) -> bytes:
+        """This LiDB as one standard LoRA of rank r, as safetensors bytes ("diffusers" or
+        "kohya" keys): per layer A = A_train @ A_aux (r, n_in), B = B_aux @ B_train (n_out, r),
+        so B @ A is exactly the LiDB's weight delta.
+
+        Args:
+            fmt: "diffusers" or "kohya".
+            shapes: (n_in, n_out) of every adapted layer by pipeline-wide name (the frozen aux
+                bases are regenerated from them, never stored).
+
+        Raises:
+            InvalidInputError: an unknown `fmt`, or `shapes` lacks one of the layers.
+        """
+        from hypernet.adapters import to_diffusers_lora, to_kohya_lora
+        from hypernet.adapters.lidb.layer import aux_bases
+
+        if fmt not in ("diffusers", "kohya"):
+            raise InvalidInputError(f"`fmt` must be 'diffusers' or 'kohya', got {fmt!r}")
+        missing = [n for n in self.layers if n not in shapes]
+        if missing:
+            raise InvalidInputError(f"`shapes` must cover every LiDB layer, got none for {missing[:3]}")
+        A_train, B_train = self.weights["A_train"].float(), self.weights["B_train"].float()  # (L, r, a), (L, b, r)
+        factors = {}
+        for i, name in enumerate(self.layers):
+            n_in, n_out = shapes[name]
+            A_aux, B_aux = aux_bases(self.spec.seed, name, n_in, n_out, self.spec.a, self.spec.b)
+            factors[name] = (A_train[i] @ A_aux, B_aux @ B_train[i])  # (r, n_in), (n_out, r)
+        sd = (to_diffusers_lora if fmt == "diffusers" else to_kohya_lora)(factors)
+        meta = {"source": "hyperdreambooth-lidb", "token": self.token or "",
+                "base_fingerprint": self.base_fingerprint}
+        return save_safetensors(sd, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> LiDBArtifact:

@@ -95,6 +95,35 @@ class LoRAArtifact:
         atomic_write_bytes(path, data)
         return len(data)
 
+    def export(self, fmt: str) -> bytes:
+        """The LoRA as safetensors bytes: "diffusers" (the file itself, what
+        `load_lora_weights` reads) or "kohya" ("lora_unet_<path>.lora_down.weight", ".alpha").
+
+        Raises:
+            InvalidInputError: an unknown `fmt`.
+        """
+        if fmt == "diffusers":
+            return save(self.tensors, metadata={"format": "pt", **self.metadata})
+        if fmt != "kohya":
+            raise InvalidInputError(f"`fmt` must be 'diffusers' or 'kohya', got {fmt!r}")
+        prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+        out: dict[str, torch.Tensor] = {}
+        for key, value in self.tensors.items():
+            comp, _, rest = key.partition(".")
+            for ours, theirs in ((".lora.down.weight", ".lora_down.weight"),
+                                 (".lora.up.weight", ".lora_up.weight"),
+                                 (".lora_A.weight", ".lora_down.weight"),
+                                 (".lora_B.weight", ".lora_up.weight")):
+                if rest.endswith(ours) and comp in prefixes:
+                    name = prefixes[comp] + rest[: -len(ours)].replace(".", "_")
+                    out[name + theirs] = value.contiguous()
+                    if theirs == ".lora_down.weight":  # alpha = rank: scale 1, as trained
+                        out[name + ".alpha"] = torch.tensor(float(value.shape[0]))
+                    break
+            else:
+                raise InvalidInputError(f"LoRA tensor names must be diffusers LoRA keys, got {key!r}")
+        return save(out, metadata={"format": "pt", **self.metadata})
+
     @classmethod
     def load(cls, path: str | Path) -> LoRAArtifact:
         path = Path(path)

@@ -68,6 +68,9 @@ def _fit(pipe, call: TrainCall, config: TIMethodConfig) -> TIArtifact:
     pixels = call.pixels(pipe)  # (N, 3, R, R)
     prompt = call.prompt(config.prompt)
     init = _class_init(pipe, class_noun, config.num_vectors)  # (k, D)
+    # resizing (and diffusers' unload) make new embedding modules, trainable by default: put the
+    # caller's flag back afterwards, so the pipeline is left exactly as it was
+    was_trainable = te.get_input_embeddings().weight.requires_grad
     tok.add_tokens(tokens)
     try:
         te.resize_token_embeddings(len(tok), mean_resizing=False)
@@ -88,6 +91,7 @@ def _fit(pipe, call: TrainCall, config: TIMethodConfig) -> TIArtifact:
         if isinstance(current, _TokenRows):
             te.set_input_embeddings(current.base)
         _drop_tokens(pipe, tokens)
+        te.get_input_embeddings().weight.requires_grad_(was_trainable)
     return TIArtifact(token, vectors, call.metadata(KIND, prompt, result.losses[-1], config))
 
 
@@ -116,12 +120,17 @@ class TIArtifact:
         self.token, self.vectors = token, vectors  # (k, D)
         self.metadata = dict(metadata or {})
         self._applied: set[int] = set()
+        self._trainable: dict[int, bool] = {}  # per pipeline: its embedding's requires_grad
 
     def save(self, path: str | Path) -> int:
-        meta = {"format": "pt", **{k: v for k, v in self.metadata.items() if k != "format"}}
-        data = save({self.token: self.vectors.contiguous()}, metadata=meta)
+        data = self.export()
         atomic_write_bytes(path, data)
         return len(data)
+
+    def export(self) -> bytes:
+        """The embedding file as bytes ({token: (k, D)}), what `load_textual_inversion` reads."""
+        meta = {"format": "pt", **{k: v for k, v in self.metadata.items() if k != "format"}}
+        return save({self.token: self.vectors.contiguous()}, metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> TIArtifact:
@@ -154,6 +163,8 @@ class TIArtifact:
             raise IncompatibleAdapterError(
                 f"embedding must have the text encoder's width {width}, got {self.vectors.shape[1]}"
             )
+        # load/unload make new embedding modules (trainable by default): remove() restores this
+        self._trainable[id(pipe)] = pipe.text_encoder.get_input_embeddings().weight.requires_grad
         try:
             pipe.load_textual_inversion({self.token: self.vectors.clone()}, token=self.token)
         except ValueError as e:
@@ -164,3 +175,6 @@ class TIArtifact:
         if id(pipe) in self._applied:
             self._applied.discard(id(pipe))
             _drop_tokens(pipe, self.tokens)
+            flag = self._trainable.pop(id(pipe), None)
+            if flag is not None:
+                pipe.text_encoder.get_input_embeddings().weight.requires_grad_(flag)

@@ -1,0 +1,89 @@
+"""Identity-conditioned pretraining: `prepare` caches the face encoder's embeddings once, stage 2
+trains from that cache (the encoder never runs per step), and the export's ONNX graph (face encoder
+inside) matches torch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hypernet.errors import EnvironmentProblem
+from pretrain.corpus import lfw_image
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("id-corpus")
+    for i in range(5):
+        (root / f"person{i}").mkdir()
+        lfw_image(i).save(root / f"person{i}" / "a.png")
+        lfw_image(i + 20).save(root / f"person{i}" / "b.png")
+    return root
+
+
+def overrides(base, corpus, condition: str) -> list[str]:
+    return [
+        f"base={base}", f'data.corpus=["{corpus}"]', "data.detector=center", "data.val_fraction=0.3",
+        "data.shard_size=4", "stage1.train.steps=2", "stage2.steps=3", "stage2.batch_size=2",
+        "stage2.warmup_steps=1", "stage2.val_every=3", "stage2.ckpt_every=3", "stage2.log_every=1",
+        "stage2.val_noise_draws=1", f"stage2.model.condition={condition}", "stage2.model.depth=1",
+        "stage2.model.dim=32", "stage2.model.heads=2", "stage2.model.iterations=2",
+        "stage2.model.encoder_kwargs={patch_size: 16, depth: 1, embed_dim: 32, num_heads: 2}",
+        "export.check_batch=2", "threads=1",
+    ]
+
+
+def test_identity_pipeline_caches_embeddings_once_and_exports(tmp_path, tiny_base_dir, corpus,
+                                                              face_encoder_file, monkeypatch):
+    from hypernet.face_alignment import align_face
+    from hypernet.face_encoder import FaceEncoder
+    from hypernet.hypernetwork import HypernetRuntime
+    from pretrain.cache import PreparedData
+    from pretrain.cli import run_stages
+
+    ov = overrides(tiny_base_dir, corpus, "both")
+    run_stages(None, tmp_path, ["prepare"], ov, distributed=False)
+    emb_dir = tmp_path / "prepared" / "face_embeddings"
+    shards = sorted(emb_dir.glob("shard-*.safetensors"))
+    assert len(shards) == 3  # 10 photos / 4 per shard, row-aligned with the prepared shards
+    # A cached row is the encoder's embedding of that photo's aligned face (and of its mirror).
+    data = PreparedData(tmp_path / "prepared")
+    idx = data.index["identities"]["person2"]
+    (s, r), src = idx["rows"][1], idx["sources"][1]
+    from hypernet.photos import decode_image
+
+    face = align_face(decode_image(src), detector="center").face[None]  # (1, 3, 112, 112)
+    enc = FaceEncoder.load(face_encoder_file)
+    cached = load_file(str(emb_dir / f"shard-{s:05d}.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(cached["emb"][r], enc(face)[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cached["emb_flip"][r], enc(face.flip(-1))[0], atol=1e-5, rtol=1e-4)
+
+    # Stage 1 + 2 with the encoder made unloadable: training reads the cache only.
+    def no_encoder(*a, **k):
+        raise EnvironmentProblem("the face encoder must not be loaded during stage 2")
+
+    monkeypatch.setattr(FaceEncoder, "load", no_encoder)
+    run_stages(None, tmp_path, ["prepare", "stage1", "stage2"], ov, distributed=False)
+    summary = json.loads((tmp_path / "stage2" / "summary.json").read_text())
+    assert summary["step"] == 3 and summary["val/weight_mse"] >= 0
+    monkeypatch.undo()
+    run_stages(None, tmp_path, ["export"], ov, distributed=False)
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert report["config"]["condition"] == "both" and report["max_abs_diff"] <= 1e-4
+    rt = HypernetRuntime.load(tmp_path / "export", backend="onnx")
+    pred = rt.predict(data.pixels(idx["rows"]), faces=torch.zeros(2, 3, 112, 112))
+    assert pred["A_train"].shape[0] == 2
+
+
+def test_pixel_condition_computes_no_embeddings(tmp_path, tiny_base_dir, corpus):
+    from pretrain.cli import run_stages
+
+    run_stages(None, tmp_path, ["prepare"], overrides(tiny_base_dir, corpus, "pixels"), distributed=False)
+    assert (tmp_path / "prepared" / "index.json").is_file()
+    assert not (tmp_path / "prepared" / "face_embeddings").exists()
