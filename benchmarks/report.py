@@ -199,6 +199,29 @@ def _sd15(doc: dict, out: Path) -> list[str]:
     return lines
 
 
+def _bases(doc: dict, out: Path) -> list[str]:
+    res = doc["results"]
+    lines = ["## 2b. Bases beyond SD 1.5 at real shape (meta device)", "",
+             "The family's default LiDB (attention projections of every transformer block; for SD3/FLUX also the "
+             "joint-attention context projections, and FLUX's single-stream q/k/v) on each real architecture, built "
+             "on the meta device. Files are real, written from zero tensors of the real shapes.", ""]
+    rows = []
+    for name, r in res.items():
+        s = r["spec"]
+        rows.append([name, f"{r['denoiser_params']:,}", r["layers"], r["narrowest_layer"],
+                     f"{s['a']}/{s['b']}/{s['r']}", f"{r['lidb_params']:,}", fb(r["lidb_bytes"]),
+                     fb(r["hypernetwork_only_identity"]["bytes"]), fb(r["hyperdreambooth_identity"]["bytes"]),
+                     fb(r["lora_export_bytes"]), fb(r["lidb_a100_b100"]["bytes"]),
+                     fx(r["identity_bytes_over_sd15"], 2)])
+    lines += [table(["base", "denoiser params", "layers", "narrowest", "a/b/r", "LiDB params", "LiDB file",
+                     "identity (LiDB only)", "identity + relaxed r4", "LoRA export (r=1)", "LiDB at a=b=100",
+                     "identity vs SD 1.5"], rows), ""]
+    kinds = sorted({k for r in res.values() for k in r["layers_by_projection"]})
+    rows = [[name] + [r["layers_by_projection"].get(k, 0) for k in kinds] for name, r in res.items()]
+    lines += ["Adapted layers per projection:", "", table(["base", *kinds], rows), ""]
+    return lines
+
+
 def _hypernet(doc: dict, out: Path) -> list[str]:
     res = doc["results"]
     rows = [[k, fs(med(v["torch_s"])), fs(med(v["onnx_s"])), fx(v["onnx_speedup"], 2), f"{v['max_abs_diff']:.1e}"]
@@ -328,9 +351,10 @@ def _gpu(doc: dict, out: Path) -> list[str]:
     return lines + [f"On **{res['gpu']}**:", "", table(["what", "median"], rows), ""]
 
 
-SECTIONS = {"methods": _methods, "sd15_scale": _sd15, "hypernet_inference": _hypernet,
+SECTIONS = {"methods": _methods, "sd15_scale": _sd15, "bases_scale": _bases, "hypernet_inference": _hypernet,
             "service_load": _service, "batching": _batching, "stage1_batching": _stage1, "gpu": _gpu}
-ORDER = ("methods", "sd15_scale", "hypernet_inference", "service_load", "batching", "stage1_batching", "gpu")
+ORDER = ("methods", "sd15_scale", "bases_scale", "hypernet_inference", "service_load", "batching", "stage1_batching",
+         "gpu")
 
 
 # ---------------------------------------------------------------------------- plots

@@ -108,8 +108,8 @@ def test_methods_section_rows(tiny_run):
 def test_report_has_every_section_and_plot(tiny_run):
     out, _ = tiny_run
     report = (out / "REPORT.md").read_text()
-    for title in ("## Headline numbers", "## 1. Personalisation", "## 2. SD 1.5 scale", "## 3. Hypernetwork",
-                  "## 4. Service under load", "## 5. Batching", "## 6. Stage 1", "## 7. GPU",
+    for title in ("## Headline numbers", "## 1. Personalisation", "## 2. SD 1.5 scale", "## 2b. Bases beyond",
+                  "## 3. Hypernetwork", "## 4. Service under load", "## 5. Batching", "## 6. Stage 1", "## 7. GPU",
                   "Tiny (smoke-test) mode"):
         assert title in report
     for png in ("sd15_sizes.png", "hypernet_inference.png", "service_load.png", "batching.png"):
@@ -146,3 +146,18 @@ def test_summarize_calls_separates_backpressure_from_failures():
     assert s["throughput_rps"] == pytest.approx(1.5) and s["images_per_s"] == pytest.approx(3.0)
     text = format_summary({**s, "scenario": "generate", "users": 4, "target": "h:1", "window_s": 2.0, "drain_s": 0.5})
     assert "failures 2" in text and "RESOURCE_EXHAUSTED 1" in text and "p50 200 ms" in text
+
+
+@pytest.mark.parametrize("name,layers,params", [("sd15", 128, 25_600), ("sdxl-base-1.0", 560, 44_800),
+                                                ("sd3-medium", 191, 38_200), ("flux.1-dev", 266, 53_200)])
+def test_bases_scale_sizes_at_real_shape(tmp_path, name, layers, params):
+    """Each real base (meta device): its default LiDB's layer count and parameters, and an
+    identity under ~250 KB at r = 1 (issue 17); SD 1.5 keeps the paper's 25,600."""
+    from benchmarks.bases_scale import IDENTITY_BUDGET_BYTES, base_sizes
+
+    r = base_sizes(name, tmp_path, full=False)
+    assert (r["layers"], r["lidb_params"], r["spec"]["r"]) == (layers, params, 1)
+    assert r["narrowest_layer"] >= max(r["spec"]["a"], r["spec"]["b"])  # one a, b fits every layer
+    assert params * 4 < r["lidb_bytes"] < r["hypernetwork_only_identity"]["bytes"] < IDENTITY_BUDGET_BYTES
+    if name.startswith("flux"):
+        assert r["layers_by_projection"]["add_q_proj"] == 19 and r["layers_by_projection"]["to_q"] == 19 + 38
