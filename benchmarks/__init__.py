@@ -10,6 +10,7 @@ One module per benchmark, each with `NAME` and `run(ctx) -> Outcome`; `benchmark
 """
 
 #: Module names under `benchmarks`, in run order (cheap and self-contained first).
-BENCHMARKS = ("gpu", "hypernet_inference", "batching", "sd15_scale", "service_load", "methods")
+BENCHMARKS = ("gpu", "hypernet_inference", "batching", "stage1_batching", "sd15_scale", "bases_scale",
+              "service_load", "methods")
 
 __all__ = ["BENCHMARKS"]

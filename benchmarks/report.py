@@ -121,6 +121,11 @@ def _headline(docs: dict[str, dict]) -> list[str]:
     b = docs.get("batching", {}).get("results", {})
     for size, row in b.items():
         rows.append([f"8 identities batched vs sequential, {size}", fx(row.get("speedup"), 2), "target >= 3x"])
+    s1 = docs.get("stage1_batching", {})
+    k = f"K={s1.get('settings', {}).get('default_identities_per_call')}"
+    if k in s1.get("results", {}):
+        rows.append([f"Stage 1, {k} identities per UNet call vs 1 (CPU time)",
+                     fx(s1["results"][k]["cpu"]["speedup_vs_K1"], 2), "-"])
     ov = docs.get("service_load", {}).get("results", {}).get("overhead", {})
     for cfg, rpcs in ov.items():
         for rpc, row in rpcs.items():
@@ -132,7 +137,7 @@ def _headline(docs: dict[str, dict]) -> list[str]:
     g = docs.get("gpu", {}).get("results", {})
     if g:
         rows.append(["GPU", g.get("gpu") if g.get("available") else "not available",
-                     "see section 6" if g.get("available") else "no CUDA device in this session"])
+                     "see section 7" if g.get("available") else "no CUDA device in this session"])
     return ["## Headline numbers", "", table(["what", "ours", "reference / target"], rows), ""] if rows else []
 
 
@@ -191,6 +196,29 @@ def _sd15(doc: dict, out: Path) -> list[str]:
               f"{fx(st['ratios']['full_over_lora'], 2)}.", ""]
     if _plot_sizes(sz, out / "sd15_sizes.png"):
         lines += ["![sizes](sd15_sizes.png)", ""]
+    return lines
+
+
+def _bases(doc: dict, out: Path) -> list[str]:
+    res = doc["results"]
+    lines = ["## 2b. Bases beyond SD 1.5 at real shape (meta device)", "",
+             "The family's default LiDB (attention projections of every transformer block; for SD3/FLUX also the "
+             "joint-attention context projections, and FLUX's single-stream q/k/v) on each real architecture, built "
+             "on the meta device. Files are real, written from zero tensors of the real shapes.", ""]
+    rows = []
+    for name, r in res.items():
+        s = r["spec"]
+        rows.append([name, f"{r['denoiser_params']:,}", r["layers"], r["narrowest_layer"],
+                     f"{s['a']}/{s['b']}/{s['r']}", f"{r['lidb_params']:,}", fb(r["lidb_bytes"]),
+                     fb(r["hypernetwork_only_identity"]["bytes"]), fb(r["hyperdreambooth_identity"]["bytes"]),
+                     fb(r["lora_export_bytes"]), fb(r["lidb_a100_b100"]["bytes"]),
+                     fx(r["identity_bytes_over_sd15"], 2)])
+    lines += [table(["base", "denoiser params", "layers", "narrowest", "a/b/r", "LiDB params", "LiDB file",
+                     "identity (LiDB only)", "identity + relaxed r4", "LoRA export (r=1)", "LiDB at a=b=100",
+                     "identity vs SD 1.5"], rows), ""]
+    kinds = sorted({k for r in res.values() for k in r["layers_by_projection"]})
+    rows = [[name] + [r["layers_by_projection"].get(k, 0) for k in kinds] for name, r in res.items()]
+    lines += ["Adapted layers per projection:", "", table(["base", *kinds], rows), ""]
     return lines
 
 
@@ -297,18 +325,36 @@ def _batching(doc: dict, out: Path) -> list[str]:
     return lines
 
 
+def _stage1(doc: dict, out: Path) -> list[str]:
+    res, s = doc["results"], doc["settings"]
+    ks = [k for k in res if k.startswith("K=")]
+    rows = [[k, c, fs(res[k][c]["seconds_per_identity_step"]),
+             f"{res[k][c]['identities_per_hour_at_production_steps']:,.0f}", fx(res[k][c]["speedup_vs_K1"], 2)]
+            for c in ("cpu", "wall") for k in ks]
+    return ["## 6. Stage 1: K identities per UNet call", "",
+            f"{s['base']}; LiDB a={s['lidb']['a']} b={s['lidb']['b']} r={s['lidb']['r']} on {s['lidb']['layers']} "
+            f"layers; batch {s['batch_size_per_identity']} per identity; each variant fits the same "
+            f"{s['identities_fitted_per_variant']} identities ({s['timed_steps']} step each), K per call; "
+            f"{s['torch_threads']} torch thread(s), one process. Identities/hour are at the production "
+            f"{s['production_steps']} steps; `torchrun --nproc-per-node 2` runs two such processes.", "",
+            table(["K", "clock", "s per identity-step", "identities / h / process", "speedup vs K=1"], rows), "",
+            f"Identity 0 fitted alone vs in a chunk of {max(int(k[2:]) for k in ks)}: max weight difference "
+            f"{res['alone_vs_chunk_max_abs_diff']:.2e} (weights up to {res['weights_max_abs']:.2e}).", ""]
+
+
 def _gpu(doc: dict, out: Path) -> list[str]:
     res = doc["results"]
-    lines = ["## 6. GPU", ""]
+    lines = ["## 7. GPU", ""]
     if not res.get("available"):
         return lines + [f"**Not measured: {res.get('reason')}.** No GPU figures are reported or estimated.", ""]
     rows = [[k, fs(med(v))] for k, v in res.items() if isinstance(v, dict) and "median" in v]
     return lines + [f"On **{res['gpu']}**:", "", table(["what", "median"], rows), ""]
 
 
-SECTIONS = {"methods": _methods, "sd15_scale": _sd15, "hypernet_inference": _hypernet,
-            "service_load": _service, "batching": _batching, "gpu": _gpu}
-ORDER = ("methods", "sd15_scale", "hypernet_inference", "service_load", "batching", "gpu")
+SECTIONS = {"methods": _methods, "sd15_scale": _sd15, "bases_scale": _bases, "hypernet_inference": _hypernet,
+            "service_load": _service, "batching": _batching, "stage1_batching": _stage1, "gpu": _gpu}
+ORDER = ("methods", "sd15_scale", "bases_scale", "hypernet_inference", "service_load", "batching", "stage1_batching",
+         "gpu")
 
 
 # ---------------------------------------------------------------------------- plots
@@ -447,10 +493,10 @@ def write_report(out_dir: str | Path = RESULTS_DIR) -> Path:
     return path
 
 
-if __name__ == "__main__":
-    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))
-
-
 def _ci(ci) -> str:
     """[lo, hi] fractions -> "[-1.2%, +3.4%]"; "-" when the run predates the interval."""
     return f"[{fpct(ci[0])}, {fpct(ci[1])}]" if ci else "-"
+
+
+if __name__ == "__main__":
+    print(write_report(Path(sys.argv[1]) if len(sys.argv) > 1 else RESULTS_DIR))

@@ -13,12 +13,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     bsub = p.add_subparsers(dest="base_command", metavar="ACTION", required=True)
     tiny = bsub.add_parser(
         "make-tiny",
-        help="write a tiny SD-architecture pipeline with random weights",
-        description="Write a tiny Stable Diffusion pipeline (UNet/VAE/CLIP text encoder of a few "
-        "million parameters, the real CLIP tokenizer) that loads with "
-        "StableDiffusionPipeline.from_pretrained(DIR). Same seed -> byte-identical weights.",
+        help="write a tiny pipeline (SD 1.x, SDXL, SD3 or FLUX layout) with random weights",
+        description="Write a tiny pipeline of the chosen family (denoiser, VAE and text encoders of a few "
+        "million parameters, the real CLIP tokenizer, an offline-built T5 tokenizer for SD3/FLUX) that "
+        "loads with the family's stock diffusers pipeline class (StableDiffusionPipeline, "
+        "StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline).from_pretrained(DIR). "
+        "Same arch and seed -> byte-identical files.",
     )
     tiny.add_argument("dir", type=Path, help="output directory")
+    tiny.add_argument("--arch", default="sd15", choices=["sd15", "sdxl", "sd3", "flux"],
+                      help="base family (default sd15: SD 1.x/2.x layout)")
     tiny.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     tiny.set_defaults(func=_make_tiny)
     single = bsub.add_parser(
@@ -41,9 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _make_tiny(args: argparse.Namespace) -> int:
     from hypernet.base.tiny import make_tiny_pipeline
 
-    out = make_tiny_pipeline(args.dir, seed=args.seed)
+    out = make_tiny_pipeline(args.dir, seed=args.seed, arch=args.arch)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"wrote tiny base to {out} ({size:,} bytes)")
+    print(f"wrote tiny base ({args.arch}) to {out} ({size:,} bytes)")
     return 0
 
 

@@ -28,7 +28,8 @@ _OVERRIDE = "override:"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("stage", choices=(*STAGES, "all"), help="which stage to run (all: in order)")
     p.add_argument("--config", default="tiny-cpu",
-                   help="YAML/TOML file, or a shipped config name: tiny-cpu, sd15-gpu (default tiny-cpu)")
+                   help="YAML/TOML file, or a shipped config name: tiny-cpu, face-world-cpu, sd15-gpu "
+                        "(default tiny-cpu)")
     p.add_argument("--output-dir", type=Path, required=True, help="the run folder (created; reused to resume)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set stage2.steps=50 (repeatable)")

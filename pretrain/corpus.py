@@ -57,7 +57,10 @@ def resolve_corpus(candidates: list[str]) -> str:
 
 
 def read_corpus(corpus: str, cfg: DataConfig) -> list[PhotoRef]:
-    """All candidate photos of `corpus`, sorted by (identity, source), capped per `cfg`."""
+    """All candidate photos of `corpus`, sorted by (identity, source), capped per identity by `cfg`.
+
+    Every identity is kept: `cfg.max_identities` picks what stage 1 fits (`select_identities`).
+    """
     if corpus == LFW:
         refs = [PhotoRef(f"lfw-{i:03d}", f"{LFW}#{i}") for i in range(cfg.lfw_count)]
     else:
@@ -73,9 +76,8 @@ def read_corpus(corpus: str, cfg: DataConfig) -> list[PhotoRef]:
     by_id: dict[str, list[str]] = {}
     for r in refs:
         by_id.setdefault(r.identity, []).append(r.source)
-    ids = sorted(by_id)[: cfg.max_identities]
     out = []
-    for ident in ids:
+    for ident in sorted(by_id):
         for src in sorted(by_id[ident])[: cfg.max_images_per_identity]:
             out.append(PhotoRef(ident, src))
     if not out:
@@ -95,6 +97,20 @@ def split_identities(identities: list[str], cfg: DataConfig) -> tuple[list[str],
     random.Random(cfg.split_seed).shuffle(shuffled)
     val = sorted(shuffled[:n_val])
     return sorted(set(ids) - set(val)), val
+
+
+def select_identities(identities: list[str], n: int | None, seed: int) -> list[str]:
+    """`n` of `identities` (all when None), ordered by a seeded hash of each name.
+
+    A hash order rather than the sorted names: the first 1,000 of LFW's sorted names all start
+    with A-C, and a part of a merged corpus (`lfw:`, `caltech:`) would come whole or not at all.
+    Each name's rank depends only on (seed, name), so the choice is nested (n = 2,000 keeps the
+    first 1,000) and the same on every machine and rank.
+    """
+    def rank(ident: str) -> bytes:
+        return hashlib.sha256(f"{seed}:{ident}".encode()).digest()
+
+    return sorted(set(identities), key=rank)[:n]
 
 
 def identity_slug(identity: str) -> str:
@@ -155,4 +171,5 @@ def _read_jsonl(path: Path) -> list[PhotoRef]:
     return refs
 
 
-__all__ = ["PhotoRef", "identity_slug", "lfw_image", "read_corpus", "resolve_corpus", "split_identities"]
+__all__ = ["PhotoRef", "identity_slug", "lfw_image", "read_corpus", "resolve_corpus", "select_identities",
+           "split_identities"]

@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
 from pretrain.cache import PreparedData, read_shard_meta, shard_name
-from pretrain.config import LFW
+from pretrain.config import LFW, PREPARE_FREE_FIELDS
 from pretrain.context import RunContext
 from pretrain.distributed import barrier
 
@@ -46,8 +46,9 @@ def embeddings_key(ctx: RunContext) -> str:
 
     from hypernet.face_encoder import ONNX_SHA256
 
-    # section_key("data") is pretrain.prepare.prepare_key (prepare imports this module: no circle)
-    payload = [ctx.cfg.section_key("data"), ctx.cfg.stage2.model.face_encoder, ONNX_SHA256, _detector(ctx)]
+    # = pretrain.prepare.prepare_key (prepare imports this module: no circle)
+    prepared = ctx.cfg.section_key("data", exclude=PREPARE_FREE_FIELDS)
+    payload = [prepared, ctx.cfg.stage2.model.face_encoder, ONNX_SHA256, _detector(ctx)]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 

@@ -21,7 +21,7 @@ from hypernet.files import atomic_write_bytes
 from hypernet.photos import decode_image, preprocess
 from hypernet.training.data import encode_images, encode_prompts
 from pretrain.cache import INDEX, PROMPTS, read_shard_meta, shard_name, write_shard
-from pretrain.config import LFW
+from pretrain.config import LFW, PREPARE_FREE_FIELDS
 from pretrain.context import RunContext
 from pretrain.corpus import PhotoRef, read_corpus, resolve_corpus, split_identities
 from pretrain.distributed import barrier
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def prepare_key(ctx: RunContext) -> str:
-    return ctx.cfg.section_key("data")
+    """Every data setting but `max_identities`, which picks what stage 1 fits, not what is prepared."""
+    return ctx.cfg.section_key("data", exclude=PREPARE_FREE_FIELDS)
 
 
 def run_prepare(ctx: RunContext) -> None:

@@ -1,16 +1,19 @@
 """Stage `stage1`: one pre-optimised LiDB per identity - the hypernetwork's regression targets.
 
-Identities are dealt round-robin to ranks (sorted, identity i on rank i % world). Each result is
-written atomically as `identities/<slug>.safetensors` (the standard LiDB file, with identity,
-split and final loss in its metadata), so a restarted job skips what is done. Held-out
-identities get targets too: validation measures weight-space error against them (they are never
-trained on). Each identity's seed derives from its name, so results do not depend on the rank
-layout. Rank 0 writes `index.json` last.
+Which identities: `data.max_identities` of the prepared ones, a seeded, nested sample
+(`pretrain.corpus.select_identities`), dealt round-robin to ranks in that order. Each rank fits
+its list in fixed chunks of `stage1.identities_per_call` (K) identities, all K through one UNet
+call per step (`hypernet.methods.lidb.train_lidb_batch`: each keeps its own loss, clipping and
+AdamW state, so a result matches a fit alone up to float round-off). As soon as a chunk finishes
+each result is written atomically as `identities/<slug>.safetensors` (the standard LiDB file,
+with identity, split and final loss in its metadata), so a restarted job skips what is done.
+Held-out identities get targets too: validation measures weight-space error against them (they
+are never trained on). Each identity's seed derives from its name. Rank 0 writes `index.json`
+last.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -27,7 +30,7 @@ from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
 from pretrain.cache import PreparedData
 from pretrain.context import RunContext
-from pretrain.corpus import identity_slug
+from pretrain.corpus import identity_slug, select_identities
 from pretrain.distributed import barrier
 from pretrain.stream import step_seed
 
@@ -37,7 +40,18 @@ INDEX = "index.json"
 
 
 def stage1_key(ctx: RunContext) -> str:
+    """The whole stage's key (the index): every data and stage-1 setting."""
     return ctx.cfg.section_key("data", "stage1")
+
+
+def target_key(ctx: RunContext) -> str:
+    """What one identity's file depends on (stored in it; a file under another key is redone).
+
+    Leaves out `data.max_identities` (which identities are fitted, not how: raising it keeps the
+    files already fitted) and `stage1.identities_per_call` (how many share a UNet call: only float
+    round-off differs).
+    """
+    return ctx.cfg.section_key("data", "stage1", exclude=("data.max_identities", "stage1.identities_per_call"))
 
 
 def make_spec(ctx: RunContext) -> LiDBSpec:
@@ -45,6 +59,11 @@ def make_spec(ctx: RunContext) -> LiDBSpec:
     over = {"r": c.r, "seed": c.spec_seed}
     over.update({k: getattr(c, k) for k in ("a", "b") if getattr(c, k) is not None})
     return default_spec_for(ctx.pipe(), **over)
+
+
+def fit_order(ctx: RunContext, data: PreparedData) -> list[str]:
+    """The identities stage 1 fits, in fitting order: `data.max_identities` of the prepared ones."""
+    return select_identities(data.identities(), ctx.cfg.data.max_identities, ctx.cfg.data.split_seed)
 
 
 def run_stage1(ctx: RunContext) -> None:
@@ -58,33 +77,40 @@ def run_stage1(ctx: RunContext) -> None:
     data = PreparedData(ctx.prepared_dir)
     spec = make_spec(ctx)
     layers = lidb_layers(ctx.pipe(), spec)
-    ids = data.identities()
+    ids = fit_order(ctx, data)
     mine = ids[ctx.dist.rank :: ctx.dist.world_size]
+    per_call = ctx.cfg.stage1.identities_per_call
+    # Fixed chunks of this rank's list: a restart regroups nothing, so it refits bit-identically.
+    chunks = [mine[i : i + per_call] for i in range(0, len(mine), per_call)]
+    tkey = target_key(ctx)
+    todo = [c for c in chunks if not all(_done(_path(ctx, i), tkey) for i in c)]
+    n_todo = sum(len(c) for c in todo)
     if ctx.dist.is_main:
-        log.info("stage1: %d identities over %d ranks, LiDB a=%d b=%d r=%d on %d layers, %d steps each",
-                 len(ids), ctx.dist.world_size, spec.a, spec.b, spec.r, len(layers),
-                 ctx.cfg.stage1.train.steps)
-    text_emb = data.text_emb()  # (1, 77, D)
-    todo = [i for i in mine if not _done(_path(ctx, i), key)]
-    if len(todo) < len(mine):
-        log.info("stage1: rank %d: %d of its %d identities already done", ctx.dist.rank,
-                 len(mine) - len(todo), len(mine))
-    # One handle per rank, reset to its fresh init for every identity (aux bases drawn once).
+        log.info("stage1: %d of %d prepared identities over %d ranks, %d per UNet call; LiDB a=%d b=%d r=%d "
+                 "on %d layers, %d steps each", len(ids), len(data.identities()), ctx.dist.world_size, per_call,
+                 spec.a, spec.b, spec.r, len(layers), ctx.cfg.stage1.train.steps)
+    if n_todo < len(mine):
+        log.info("stage1: rank %d: %d of its %d identities already done", ctx.dist.rank, len(mine) - n_todo, len(mine))
+    # One handle per rank (aux bases drawn once); every chunk starts from its fresh init.
     handle = LiDB(ctx.pipe(), spec, name="stage1", layers=layers)
     init = handle.state_dict()
-    t0 = time.monotonic()
+    text_emb = data.text_emb()  # (1, 77, D)
+    t0, done = time.monotonic(), 0
     try:
-        for n, ident in enumerate(tqdm(todo, desc="stage1", unit="identity", disable=not ctx.dist.is_main)):
-            _fit_identity(ctx, data, ident, _path(ctx, ident), spec, layers, text_emb, key, handle, init)
-            if ctx.dist.is_main:
-                el = time.monotonic() - t0
-                log.info("stage1: %s done (%d/%d on rank 0), ~%.0f s left", ident, n + 1, len(todo),
-                         el / (n + 1) * (len(todo) - n - 1))
+        with tqdm(total=n_todo, desc="stage1", unit="identity", disable=not ctx.dist.is_main) as bar:
+            for chunk in todo:
+                _fit_chunk(ctx, data, chunk, spec, layers, text_emb, tkey, handle, init)
+                done += len(chunk)
+                bar.update(len(chunk))
+                if ctx.dist.is_main:
+                    el = time.monotonic() - t0
+                    log.info("stage1: %d/%d identities on rank 0 (%.0f/h), ~%.0f s left", done, n_todo,
+                             3600 * done / el, el / done * (n_todo - done))
     finally:
         handle.remove()
     barrier()
     if ctx.dist.is_main:
-        _write_index(ctx, data, ids, spec, layers, key)
+        _write_index(ctx, data, sorted(ids), spec, layers, key)
     barrier()
 
 
@@ -101,19 +127,28 @@ def _done(path: Path, key: str) -> bool:
         return False  # torn or foreign file: redo it
 
 
-def _fit_identity(ctx, data, ident, path, spec, layers, text_emb, key, handle, init) -> None:
-    from hypernet.methods.lidb import train_lidb
+def _fit_chunk(ctx, data, chunk, spec, layers, text_emb, key, handle, init) -> None:
+    """Fit `chunk` together (each identity seeded by its name) and write the files missing.
 
-    rows = data.rows(ident)
+    A chunk cut short is refitted whole, never regrouped, so every file a restart writes is
+    bit-identical to what the uninterrupted run would have written.
+    """
+    from hypernet.methods.lidb import LiDBFitData, train_lidb_batch
+
     dev, c = ctx.dist.device, ctx.cfg.stage1.train
-    tcfg = dataclasses.replace(c, seed=step_seed(c.seed, *ident.encode()) % 2**31, progress_bar=False)
-    weights, final_loss = train_lidb(
-        ctx.pipe(), data.latents(rows).to(dev), text_emb.to(dev), spec, tcfg,
-        flipped=data.latents(rows, flip=True).to(dev), handle=handle, init=init, stage="stage1",
-    )
-    meta = {"identity": ident, "split": data.index["identities"][ident]["split"],
-            "final_loss": repr(float(final_loss)), "stage1_key": key}
-    atomic_write_bytes(path, lidb_to_bytes(weights, spec, layers, ctx.fingerprint(), extra_meta=meta))
+    items = []
+    for ident in chunk:
+        rows = data.rows(ident)
+        items.append(LiDBFitData(data.latents(rows).to(dev), data.latents(rows, flip=True).to(dev),
+                                 seed=step_seed(c.seed, *ident.encode()) % 2**31))
+    fits = train_lidb_batch(ctx.pipe(), handle, items, text_emb.to(dev), c, init=init)
+    for ident, (weights, final_loss) in zip(chunk, fits, strict=True):
+        path = _path(ctx, ident)
+        if _done(path, key):
+            continue  # written before an interruption: left as it is
+        meta = {"identity": ident, "split": data.index["identities"][ident]["split"],
+                "final_loss": repr(float(final_loss)), "stage1_key": key}
+        atomic_write_bytes(path, lidb_to_bytes(weights, spec, layers, ctx.fingerprint(), extra_meta=meta))
 
 
 def _write_index(ctx, data, ids, spec, layers, key) -> None:
@@ -161,4 +196,4 @@ def load_stage1(root: str | Path) -> Stage1Outputs:
     return Stage1Outputs(root, LiDBSpec.from_json(d["spec"]), d["layers"], d["base_fingerprint"], d["identities"])
 
 
-__all__ = ["Stage1Outputs", "load_stage1", "make_spec", "run_stage1", "stage1_key"]
+__all__ = ["Stage1Outputs", "fit_order", "load_stage1", "make_spec", "run_stage1", "stage1_key", "target_key"]

@@ -128,6 +128,10 @@ class Engine:
         self._hypernet = None
         self._hypernet_error = "models not loaded yet"
         self._layer_shapes: dict[str, tuple[int, int]] = {}
+        #: Where method artifacts are serialised on their way to and from the store: the store's
+        #: own hidden temp area when it has a disk (set by the server), so personalisation writes
+        #: nothing outside it; None (an S3 store) means the system temp dir.
+        self.scratch_dir: Path | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def load(self) -> None:
@@ -355,13 +359,12 @@ class Engine:
             artifact = m.train(self.pipe, photos, token=opts.token, class_noun=opts.class_noun,
                                config=config, progress=on_progress, should_stop=should_stop)
         t1 = time.perf_counter()
-        blob = _artifact_to_bytes(artifact)
+        blob = _artifact_to_bytes(artifact, self.scratch_dir)
         timings = {"train": t1 - t0, "serialize": time.perf_counter() - t1}
         return Personalized(Loaded(method, artifact, False), blob, timings)
 
     # ------------------------------------------------------------------ identities
-    @staticmethod
-    def load_identity(blob: bytes, method: str) -> Loaded:
+    def load_identity(self, blob: bytes, method: str) -> Loaded:
         """A stored blob back into a generate-ready personalisation (no pipeline needed)."""
         if method == "hyperdreambooth":
             from hypernet.identity import Identity
@@ -372,7 +375,7 @@ class Engine:
                                     f"got {method!r}")
         from hypernet.methods import load_artifact
 
-        return Loaded(method, _artifact_from_bytes(blob, load_artifact), False)
+        return Loaded(method, _artifact_from_bytes(blob, load_artifact, self.scratch_dir), False)
 
     def export(self, loaded: Loaded, fmt: str) -> tuple[bytes, str]:
         """An identity as a file other tools load, in `fmt` (one of its method's
@@ -462,12 +465,19 @@ def _gen_request(w: GenWork):
                       guidance=w.guidance, height=w.height, width=w.width, num_images=1)
 
 
-def _artifact_to_bytes(artifact) -> bytes:
+def _scratch(scratch_dir: Path | None) -> tempfile.TemporaryDirectory:
+    """A private temp dir in `scratch_dir` (a dot name: stores never list it), else the system's."""
+    if scratch_dir is not None:
+        scratch_dir.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(prefix=".hdb-artifact-", suffix=".tmp", dir=scratch_dir)
+
+
+def _artifact_to_bytes(artifact, scratch_dir: Path | None = None) -> bytes:
     """An Artifact as bytes: its `save` writes a file (or, DreamBooth, a folder: tarred).
 
-    This writes model output to a private temp dir, never the uploaded photo.
+    This writes model output (never the uploaded photo) to a private temp dir in `scratch_dir`.
     """
-    with tempfile.TemporaryDirectory(prefix="hdb-artifact-") as d:
+    with _scratch(scratch_dir) as d:
         path = Path(d) / "artifact.safetensors"
         artifact.save(path)
         if path.is_file():
@@ -478,9 +488,9 @@ def _artifact_to_bytes(artifact) -> bytes:
         return buf.getvalue()
 
 
-def _artifact_from_bytes(blob: bytes, load_artifact) -> Any:
+def _artifact_from_bytes(blob: bytes, load_artifact, scratch_dir: Path | None = None) -> Any:
     """Undo `_artifact_to_bytes` and load with the library's content-sniffing loader."""
-    with tempfile.TemporaryDirectory(prefix="hdb-artifact-") as d:
+    with _scratch(scratch_dir) as d:
         if blob[:8] and tarfile.is_tarfile(io.BytesIO(blob)):
             with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
                 tar.extractall(d, filter="data")

@@ -115,6 +115,8 @@ class HdbServer:
         self.repo = IdentityRepository(store, cfg.identity_ttl_s)
         engine = self._engine or Engine(cfg.base, cfg.hypernet, cfg.device, cfg.dtype,
                                         cfg.base_config_dir, default_hypernet=self._default_hypernet)
+        root = getattr(store, "root", None)  # a local store: artifacts pass through its temp area
+        engine.scratch_dir = Path(root) / ".scratch" if root is not None else None
         self.core = ServiceCore(cfg, engine,
                                 self.repo, self.metrics, auth_required=keyring is not None)
         self.state = ServerState(keyring, TenantRateLimiter(cfg.rate_limit_rps,

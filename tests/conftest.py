@@ -8,10 +8,41 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+#: The data checkout beside the repository. `HDB_SHARED_DIR` overrides it (point it at an empty
+#: folder to see what a clone without ../shared runs); benchmarks/assets.py honours it too.
+SHARED = Path(os.environ.get("HDB_SHARED_DIR") or ROOT.parent / "shared")
 FACES = SHARED / "data" / "faces" / "caltech"
+TAEF2_DIR = SHARED / "data" / "models" / "taef2"
+
+#: What `@pytest.mark.needs_shared(*names)` can ask for (no names: the face photos), by the file
+#: whose presence means the data is there.
+SHARED_DATA = {
+    "faces": FACES / "identities.csv",
+    "taef2": TAEF2_DIR / "taef2_encoder.pth",
+}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _forbid_real_shared() -> None:
+    """With `HDB_SHARED_DIR` set (a clone without ../shared, emulated), any file opened under the
+    real ../shared is an error: a test that reads it by another path would otherwise pass here
+    and fail on such a clone."""
+    import sys
+
+    real = str((ROOT.parent / "shared").resolve()) + os.sep
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(args[0]))
+            if path.startswith(real):
+                raise PermissionError(f"{path} is under the real ../shared, hidden by HDB_SHARED_DIR={SHARED}")
+
+    sys.addaudithook(hook)
+
+
+if os.environ.get("HDB_SHARED_DIR"):
+    _forbid_real_shared()
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +74,47 @@ def tiny_pipe(tiny_base_dir):
     return load_pipeline(tiny_base_dir, device="cpu", dtype="fp32")
 
 
-@pytest.fixture(scope="session")
-def faces_dir() -> Path:
-    """The real Caltech face photos; skips the test when ../shared is absent."""
-    if not (FACES / "identities.csv").is_file():
-        pytest.skip(f"real face photos not available: {FACES} is absent (../shared not checked out)")
-    return FACES
+def missing_shared(names: tuple[str, ...]) -> list[Path]:
+    """The files among `names` (keys of SHARED_DATA; none means "faces") that are absent."""
+    unknown = [n for n in names if n not in SHARED_DATA]
+    if unknown:
+        raise ValueError(f"needs_shared names must be among {sorted(SHARED_DATA)}, got {unknown}")
+    return [SHARED_DATA[n] for n in (names or ("faces",)) if not SHARED_DATA[n].is_file()]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one place that skips for missing ../shared data: tests marked `needs_shared` whose
+    data is absent are skipped with the missing path as the reason (`-ra` prints it)."""
+    for item in items:
+        names = tuple(n for m in item.iter_markers("needs_shared") for n in m.args)
+        if item.get_closest_marker("needs_shared") is None:
+            continue
+        missing = missing_shared(names)
+        if missing:
+            item.add_marker(pytest.mark.skip(reason=(
+                f"needs ../shared: {', '.join(map(str, missing))} absent (HDB_SHARED_DIR={SHARED})")))
+
+
+def _shared_path(request, name: str, path: Path) -> Path:
+    """A ../shared path for a test that must say so: unmarked tests fail here, loudly, instead of
+    skipping quietly (the marker is the only skip)."""
+    marker_names = {n for m in request.node.iter_markers("needs_shared") for n in (m.args or ("faces",))}
+    if name not in marker_names:
+        raise RuntimeError(f"{request.node.nodeid} uses ../shared {name} ({path}): it must be marked "
+                           f"@pytest.mark.needs_shared({name!r}), got marks for {sorted(marker_names)}")
+    return path
+
+
+@pytest.fixture()
+def faces_dir(request) -> Path:
+    """The real Caltech face photos (tests must be marked `needs_shared`, see above)."""
+    return _shared_path(request, "faces", FACES)
+
+
+@pytest.fixture()
+def taef2_dir(request) -> Path:
+    """The real TAEF2 autoencoder weights (tests must be marked `needs_shared("taef2")`)."""
+    return _shared_path(request, "taef2", TAEF2_DIR)
 
 
 @pytest.fixture(autouse=True)

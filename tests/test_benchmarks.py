@@ -55,8 +55,24 @@ def test_result_contents(tiny_run):
     assert set(hyper) == {"batch1", "batch8"}
     assert all(r["max_abs_diff"] < 1e-4 for r in hyper.values())  # onnx export agrees with torch
 
+    # Batching: the recorded figures are consistent with the timings they come from. The speedup
+    # itself is deliberately not bounded here: one tiny-mode repeat on a shared 2-core machine
+    # (brief 10-50x slowdowns) cannot bound a speed ratio; full mode records it with its machine.
+    from benchmarks.batching import N_IDENTITIES, TARGET_SPEEDUP
+
     batching = _doc(out, "batching")["results"]
-    assert all(r["speedup"] > 0 and r["max_pixel_diff_batched_vs_sequential"] <= 2 for r in batching.values())
+    assert batching
+    for r in batching.values():
+        seq, bat = r["sequential_s"]["median"], r["batched_s"]["median"]
+        assert seq > 0 and bat > 0
+        assert r["speedup"] == pytest.approx(seq / bat)
+        assert r["meets_target"] == (r["speedup"] >= TARGET_SPEEDUP)
+        assert r["batched_images_per_s"] == pytest.approx(N_IDENTITIES / bat)
+        assert r["max_pixel_diff_batched_vs_sequential"] <= 2
+
+    stage1 = _doc(out, "stage1_batching")["results"]
+    assert stage1["alone_vs_chunk_max_abs_diff"] < 1e-4  # a chunk-mate changes only float round-off
+    assert all(stage1[k][c]["speedup_vs_K1"] > 0 for k in ("K=1", "K=4") for c in ("cpu", "wall"))
 
     service = _doc(out, "service_load")["results"]
     for scenario, points in service["sweep"].items():
@@ -68,19 +84,33 @@ def test_result_contents(tiny_run):
     gpu = _doc(out, "gpu")["results"]
     assert "available" in gpu and (gpu["available"] or gpu["reason"])
 
+    # The methods section needs the real faces: it runs exactly when they are there, and
+    # otherwise says why it skipped (its rows are checked by the needs_shared test below).
+    from benchmarks.assets import FACES_MISSING, faces_available
+
     methods = _doc(out, "methods")["results"]
-    if "skipped" not in methods:
-        rows = methods["rows"]
-        assert set(rows) == {"hyperdreambooth", "hypernetwork", "lidb", "lora", "textual-inversion", "dreambooth"}
-        assert all(r["wall_s"]["median"] > 0 and r["artifact_bytes"] > 0 for r in rows.values())
-        assert rows["dreambooth"]["artifact_bytes"] > rows["hyperdreambooth"]["artifact_bytes"]
+    assert ("skipped" in methods) == (not faces_available())
+    if "skipped" in methods:
+        assert methods == {"skipped": FACES_MISSING}
+
+
+@pytest.mark.needs_shared
+def test_methods_section_rows(tiny_run):
+    out, _ = tiny_run
+    methods = _doc(out, "methods")["results"]
+    assert "skipped" not in methods, methods
+    rows = methods["rows"]
+    assert set(rows) == {"hyperdreambooth", "hypernetwork", "lidb", "lora", "textual-inversion", "dreambooth"}
+    assert all(r["wall_s"]["median"] > 0 and r["artifact_bytes"] > 0 for r in rows.values())
+    assert rows["dreambooth"]["artifact_bytes"] > rows["hyperdreambooth"]["artifact_bytes"]
 
 
 def test_report_has_every_section_and_plot(tiny_run):
     out, _ = tiny_run
     report = (out / "REPORT.md").read_text()
-    for title in ("## Headline numbers", "## 1. Personalisation", "## 2. SD 1.5 scale", "## 3. Hypernetwork",
-                  "## 4. Service under load", "## 5. Batching", "## 6. GPU", "Tiny (smoke-test) mode"):
+    for title in ("## Headline numbers", "## 1. Personalisation", "## 2. SD 1.5 scale", "## 2b. Bases beyond",
+                  "## 3. Hypernetwork", "## 4. Service under load", "## 5. Batching", "## 6. Stage 1", "## 7. GPU",
+                  "Tiny (smoke-test) mode"):
         assert title in report
     for png in ("sd15_sizes.png", "hypernet_inference.png", "service_load.png", "batching.png"):
         assert (out / png).stat().st_size > 1000
@@ -116,3 +146,18 @@ def test_summarize_calls_separates_backpressure_from_failures():
     assert s["throughput_rps"] == pytest.approx(1.5) and s["images_per_s"] == pytest.approx(3.0)
     text = format_summary({**s, "scenario": "generate", "users": 4, "target": "h:1", "window_s": 2.0, "drain_s": 0.5})
     assert "failures 2" in text and "RESOURCE_EXHAUSTED 1" in text and "p50 200 ms" in text
+
+
+@pytest.mark.parametrize("name,layers,params", [("sd15", 128, 25_600), ("sdxl-base-1.0", 560, 44_800),
+                                                ("sd3-medium", 191, 38_200), ("flux.1-dev", 266, 53_200)])
+def test_bases_scale_sizes_at_real_shape(tmp_path, name, layers, params):
+    """Each real base (meta device): its default LiDB's layer count and parameters, and an
+    identity under ~250 KB at r = 1 (issue 17); SD 1.5 keeps the paper's 25,600."""
+    from benchmarks.bases_scale import IDENTITY_BUDGET_BYTES, base_sizes
+
+    r = base_sizes(name, tmp_path, full=False)
+    assert (r["layers"], r["lidb_params"], r["spec"]["r"]) == (layers, params, 1)
+    assert r["narrowest_layer"] >= max(r["spec"]["a"], r["spec"]["b"])  # one a, b fits every layer
+    assert params * 4 < r["lidb_bytes"] < r["hypernetwork_only_identity"]["bytes"] < IDENTITY_BUDGET_BYTES
+    if name.startswith("flux"):
+        assert r["layers_by_projection"]["add_q_proj"] == 19 and r["layers_by_projection"]["to_q"] == 19 + 38

@@ -12,7 +12,6 @@ from hdb.cli import main
 from hypernet.errors import InvalidInputError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
 from hypernet.face_world import FaceWorldConfig, _load_crops
-from tests.test_taef2 import TAEF2_DIR
 
 
 @pytest.fixture()
@@ -27,6 +26,7 @@ def small_corpus(faces_dir, tmp_path):
     return path
 
 
+@pytest.mark.needs_shared
 def test_split_is_seeded_and_keeps_identities_with_few_photos_in_training(faces_dir):
     corpus = read_manifest(faces_dir / "identities.csv")
     a, b = split_identities(corpus, 7, seed=0), split_identities(corpus, 7, seed=0)
@@ -38,6 +38,7 @@ def test_split_is_seeded_and_keeps_identities_with_few_photos_in_training(faces_
         split_identities(corpus, 22, seed=0)
 
 
+@pytest.mark.needs_shared
 def test_crops_at_the_default_margin_equal_the_product_preprocessing(faces_dir):
     from hypernet.photos import load_photos
 
@@ -54,15 +55,15 @@ def test_config_validation():
         FaceWorldConfig(caption_dropout=1.0)
 
 
-def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tmp_path):
-    if not (TAEF2_DIR / "taef2_encoder.pth").is_file():
-        pytest.skip(f"TAEF2 weights not available: {TAEF2_DIR} is absent")
+@pytest.mark.needs_shared("faces", "taef2")
+def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, taef2_dir, tmp_path):
     from hypernet.base import load_pipeline
     from hypernet.face_world import FaceWorldTrainer
 
     out = tmp_path / "world"
-    args = ["base", "train-face-world", "--corpus", str(small_corpus), "--out", str(out), "--batch-size", "2",
-            "--holdout", "1", "--width", "32", "--export-every", "2", "--grid-samples", "1", "--threads", "1"]
+    common = ["--corpus", str(small_corpus), "--batch-size", "2", "--holdout", "1", "--width", "32",
+              "--export-every", "2", "--grid-samples", "1", "--threads", "1", "--taef2", str(taef2_dir)]
+    args = ["base", "train-face-world", "--out", str(out), *common]
     assert main([*args, "--steps", "2"]) == 0
     split = IdentitySplit.load(out / "split.json")
     assert len(split.holdout) == 1 and len(split.train) == 2
@@ -84,8 +85,17 @@ def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tmp
     assert main([*args, "--steps", "3"]) == 2
     assert main([*args, "--steps", "3", "--resume"]) == 0
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    # ... and resumes exactly: weights, EMA and optimizer equal those of 3 uninterrupted steps
+    straight = tmp_path / "straight"
+    assert main(["base", "train-face-world", "--out", str(straight), *common, "--steps", "3"]) == 0
+    for name in ("unet.safetensors", "ema.safetensors"):
+        a, b = load_file(str(out / "checkpoint" / name)), load_file(str(straight / "checkpoint" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{name} differs after --resume"
+    opt_a, opt_b = (torch.load(d / "checkpoint" / "optim.pt", weights_only=False)["opt"]["state"]
+                    for d in (out, straight))
+    assert all(torch.equal(opt_a[i]["exp_avg_sq"], opt_b[i]["exp_avg_sq"]) for i in opt_a)
     # training used only the training identities' photos: 6 photos x 1 margin... x2 flips
-    trainer = FaceWorldTrainer(small_corpus, out, FaceWorldConfig(width=32, margins=(0.5, 0.4, 0.6)), TAEF2_DIR)
+    trainer = FaceWorldTrainer(small_corpus, out, FaceWorldConfig(width=32, margins=(0.5, 0.4, 0.6)), taef2_dir)
     trainer._setup_split()
     corpus = read_manifest(small_corpus)
     assert set(trainer.files) == set(corpus.files(split.train))

@@ -186,7 +186,8 @@ def test_runtime_backends_agree_and_describe_the_base(exported):
     torch_rt = HypernetRuntime.load(out / "hypernet.safetensors", backend="torch", device="cpu")
     x = pixels(3)
     a, b = onnx_rt.predict(x), torch_rt.predict(x)
-    assert (a["A_train"] - b["A_train"]).abs().max() < 1e-4
+    for k in ("A_train", "B_train"):
+        assert a[k].shape == b[k].shape and (a[k] - b[k]).abs().max() < 1e-4, k
     for rt in (onnx_rt, torch_rt):
         assert (rt.spec, rt.layers, rt.base_fingerprint, rt.resolution) == (
             LiDBSpec(a=4, b=5, r=2), [f"unet.l{i}" for i in range(3)], "f" * 16, 64)

@@ -10,18 +10,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from hypernet.base.taef2 import TAEF2, load_taef2
 from hypernet.errors import InvalidInputError, ModelNotFoundError
-from tests.conftest import SHARED
-
-TAEF2_DIR = SHARED / "data" / "models" / "taef2"
 
 
-@pytest.fixture(scope="module")
-def taef2_dir():
-    if not (TAEF2_DIR / "taef2_encoder.pth").is_file():
-        pytest.skip(f"TAEF2 weights not available: {TAEF2_DIR} is absent (../shared not checked out)")
-    return TAEF2_DIR
-
-
+@pytest.mark.needs_shared("faces", "taef2")
 def test_real_weights_load_strictly_and_round_trip_a_face_above_30_db(taef2_dir, faces_dir):
     from hypernet.photos import load_photos
 

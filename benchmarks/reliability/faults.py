@@ -71,7 +71,7 @@ def audit_store(store, acked: set[str], tenant: str = "dev", root: Path | None =
     for identity_id, key in sorted(metas.items()):
         try:
             record = IdentityRecord.from_json(store.get(key))
-            Engine.load_identity(store.get(f"blob/{tenant}/{identity_id}.bin"), record.method)
+            Engine().load_identity(store.get(f"blob/{tenant}/{identity_id}.bin"), record.method)
             out.complete.append(identity_id)
         except Exception:  # noqa: BLE001 - any failure to read it back is a half-written identity
             out.half_written.append(identity_id)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import sys
@@ -86,8 +87,18 @@ def _scan(folder: Path, patterns: list[bytes]) -> list[str]:
     return hits
 
 
-def photos_never_touch_disk(rig: Rig, methods: tuple[str, ...] = ("hyperdreambooth", "lidb")) -> dict[str, Any]:
-    """Personalise (and PersonalizeAndGenerate) with a distinctive photo while watching writes."""
+#: Every personalisation method the service offers (client names).
+ALL_METHODS = ("hyperdreambooth", "lidb", "lora", "textual_inversion", "dreambooth")
+
+
+def photos_never_touch_disk(rig: Rig, methods: tuple[str, ...] = ALL_METHODS) -> dict[str, Any]:
+    """Personalise (and PersonalizeAndGenerate) with a distinctive photo while watching writes.
+
+    The one write allowed outside the store: DreamBooth's class-prior images, which the base
+    generates from the class prompt (not from the photo) into the shared class-image cache by
+    design; they are listed apart and searched for the photo like everything else."""
+    from hypernet.defaults import cache_dir
+
     photo, rows = distinctive_photo()
     tmp = rig.work / "watched-tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -106,11 +117,15 @@ def photos_never_touch_disk(rig: Rig, methods: tuple[str, ...] = ("hyperdreamboo
                     photo, ["a photo of ohwx person"], options=c.options(steps=1),
                     generation=c.generation(steps=1)))[0]
             writes = sorted(set(watcher.paths))
-            outside = [p for p in writes if not Path(p).resolve().is_relative_to(store_root)]
+            class_cache = (cache_dir() / "class-images").resolve()
+            class_images = [p for p in writes if Path(p).resolve().is_relative_to(class_cache)]
+            outside = [p for p in writes if not Path(p).resolve().is_relative_to(store_root) and p not in class_images]
             out["files_written"] = len(writes)
             out["writes_outside_store"] = outside
+            out["class_image_writes"] = len(class_images)
             out["store_files"] = sum(1 for p in store_root.rglob("*") if p.is_file())
-            out["photo_found_in"] = _scan(store_root, needles(photo, rows)) + _scan(tmp, needles(photo, rows))
+            out["photo_found_in"] = (_scan(store_root, needles(photo, rows)) + _scan(tmp, needles(photo, rows))
+                                     + (_scan(class_cache, needles(photo, rows)) if class_cache.is_dir() else []))
             out["temp_files_left"] = sum(1 for p in tmp.rglob("*") if p.is_file())
     finally:
         tempfile.tempdir = saved_tempdir
@@ -219,15 +234,21 @@ def scan_logs(lines: list[str], secrets: list[str], photo: bytes, rows: list[byt
             "non_json_lines": len(non_json), "non_json_sample": [ln[:160] for ln in non_json[:3]]}
 
 
-def logs_clean(rig: Rig, *, log_level: str = "DEBUG") -> dict[str, Any]:
-    """`hdb serve` (S3 store via moto, API keys, DEBUG) under `log_workload`; scan its stderr."""
+def logs_clean(rig: Rig, *, log_level: str = "DEBUG", s3: bool = True) -> dict[str, Any]:
+    """`hdb serve` (API keys, DEBUG, JSON logs; an S3 store via moto, or with `s3=False`, the
+    short mode `make test` runs, a local store) under `log_workload`; scan its stderr."""
     photo, rows = distinctive_photo(seed=11)
     keys = {"alice": "alice-secret-" + "a1b2c3d4e5f6" * 2}
-    with moto_s3() as moto:
-        proc = ServerProcess(rig, store=f"s3://{BUCKET}/logs-{time.time_ns()}", log_level=log_level, name="logs",
-                             extra=["--api-keys", ",".join(f"{t}:{k}" for t, k in keys.items()),
-                                    "--s3-endpoint-url", moto.endpoint],
-                             env={k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")})
+    extra = ["--api-keys", ",".join(f"{t}:{k}" for t, k in keys.items())]
+    with contextlib.ExitStack() as stack:
+        if s3:
+            moto = stack.enter_context(moto_s3())
+            store, env = f"s3://{BUCKET}/logs-{time.time_ns()}", {
+                k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+            extra += ["--s3-endpoint-url", moto.endpoint]
+        else:
+            store, env = str(rig.work / f"logs-store-{time.time_ns()}"), {}
+        proc = ServerProcess(rig, store=store, log_level=log_level, name="logs", extra=extra, env=env)
         try:
             proc.wait_serving()
             secrets = log_workload(proc.target, keys, photo)
@@ -235,6 +256,7 @@ def logs_clean(rig: Rig, *, log_level: str = "DEBUG") -> dict[str, Any]:
             proc.stop()
     res = scan_logs(proc.lines, secrets, photo, rows)
     res["log_level"] = log_level
+    res["store"] = "s3" if s3 else "local"
     return res
 
 

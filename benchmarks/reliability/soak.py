@@ -83,8 +83,10 @@ def _sampler(pid: int, t0: float, stop: threading.Event, out: list[tuple[float, 
 
 
 def run(rig: Rig, photo: bytes, *, duration: float, users: int = 6, in_process: bool = False,
-        sample_every: float = 2.0, gen_steps: int = 2, ttl_s: float = 90.0) -> dict[str, Any]:
-    """Serve (a `hdb serve` subprocess, or in this process), load it for `duration` seconds."""
+        sample_every: float = 2.0, gen_steps: int = 2, ttl_s: float = 90.0, min_renewals: int = 0,
+        max_extra_s: float = 240.0) -> dict[str, Any]:
+    """Serve (a `hdb serve` subprocess, or in this process), load it for `duration` seconds, then
+    on until `min_renewals` identities were renewed (at most `max_extra_s` more seconds)."""
     keys = ",".join(f"{t}:{k}" for t, k in KEYS)
     settings = dict(identity_ttl_s=ttl_s, sweep_interval_s=min(5.0, ttl_s / 4), queue_size=32, max_batch=8)
     if in_process:
@@ -105,7 +107,7 @@ def run(rig: Rig, photo: bytes, *, duration: float, users: int = 6, in_process: 
             cfg_file.write_text(json.dumps({
                 "target": target, "keys": KEYS, "renew_s": ttl_s / 3, "photo": str(photo_file),
                 "users": users, "duration": duration, "wait_min": 0.5, "wait_max": 1.5, "timeout": 120.0,
-                "gen_steps": gen_steps}))
+                "gen_steps": gen_steps, "min_renewals": min_renewals, "max_extra_s": max_extra_s}))
             stop, rss = threading.Event(), []
             t0 = time.monotonic()
             sampler = threading.Thread(target=_sampler, args=(pid, t0, stop, rss, sample_every), daemon=True)
@@ -113,7 +115,7 @@ def run(rig: Rig, photo: bytes, *, duration: float, users: int = 6, in_process: 
             try:
                 proc_l = subprocess.run([sys.executable, "-m", "benchmarks.reliability.soak_locust", "--config-json",
                                          str(cfg_file), "--out", str(out_file)], cwd=ROOT, capture_output=True,
-                                        text=True, timeout=duration + 300)
+                                        text=True, timeout=duration + max_extra_s + 300)
             finally:
                 stop.set()
                 sampler.join(10)

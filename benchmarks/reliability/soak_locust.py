@@ -174,6 +174,12 @@ def _main(cfg: dict[str, Any]) -> dict[str, Any]:
     runner = env.create_local_runner()
     runner.start(cfg["users"], spawn_rate=cfg["users"])
     gevent.sleep(cfg["duration"])
+    # Then until the run has seen what it is for (a loaded machine reaches it later, not never):
+    # at least `min_renewals` renewals, i.e. identities that expired while users kept calling.
+    deadline = time.monotonic() + cfg.get("max_extra_s", 0.0)
+    while (sum(1 for c in calls if c[1] == "personalize_renew" and c[2] == "OK") < cfg.get("min_renewals", 0)
+           and time.monotonic() < deadline):
+        gevent.sleep(0.2)
     runner.quit()
     runner.greenlet.join(timeout=60)
     return {"calls": calls, "duration_s": time.monotonic() - t_start, "users": cfg["users"]}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from hypernet.errors import InvalidInputError
+
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer -> (A (r, n_in), B (n_out, r))
 
 
@@ -32,14 +34,26 @@ def to_diffusers_lora(factors: Factors) -> dict[str, torch.Tensor]:
     return sd
 
 
-_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+_KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 
 
 def to_kohya_lora(factors: Factors) -> dict[str, torch.Tensor]:
-    """kohya-ss keys ("lora_unet_<path_with_underscores>.lora_down.weight", ".alpha" = rank)."""
+    """kohya-ss keys ("lora_unet_<path_with_underscores>.lora_down.weight", ".alpha" = rank).
+
+    UNet bases only (SD 1.x/2.x, SDXL): kohya's SD3/FLUX files name the original checkpoint's
+    fused blocks (`double_blocks_0_img_attn_qkv`), which diffusers' separate q/k/v projections do
+    not map to one-to-one; export those bases in the diffusers format.
+
+    Raises:
+        InvalidInputError: a layer outside the UNet and the CLIP text encoders.
+    """
     sd: dict[str, torch.Tensor] = {}
     for name, (A, B) in factors.items():
         comp, _, path = name.partition(".")
+        if comp not in _KOHYA_PREFIX:
+            raise InvalidInputError(
+                f"kohya export must only hold UNet or CLIP text-encoder layers, got {name!r} "
+                "(export SD3/FLUX adapters in the diffusers format)")
         key = _KOHYA_PREFIX[comp] + path.replace(".", "_")
         sd[f"{key}.lora_down.weight"] = A.detach().to("cpu", torch.float32).contiguous()
         sd[f"{key}.lora_up.weight"] = B.detach().to("cpu", torch.float32).contiguous()

@@ -3,8 +3,9 @@
 Layers are named across the whole pipeline as "<component>.<module path>", e.g.
 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" or
 "text_encoder.text_model.encoder.layers.0.self_attn.q_proj", so one adapter can span the UNet
-and the text encoder. Any object with `unet` / `text_encoder` attributes works (a diffusers
-pipeline, or a plain namespace holding meta-device models in shape tests).
+and the text encoder. SD3/FLUX layers live under "transformer." (e.g.
+"transformer.single_transformer_blocks.0.attn.to_q"). Any object with these component attributes
+works (a diffusers pipeline, or a plain namespace holding meta-device models in shape tests).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 from hypernet.adapters.layer import AdaptedLinear
 from hypernet.errors import IncompatibleAdapterError, InvalidInputError
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 def components(pipe) -> Iterator[tuple[str, nn.Module]]:

@@ -1,4 +1,4 @@
-"""A tiny Stable-Diffusion-architecture pipeline with random weights.
+"""A tiny Stable-Diffusion-architecture pipeline with random weights (SDXL/SD3/FLUX: `tiny_archs.py`).
 
 It has every component of SD 1.x (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, the real
 CLIP tokenizer, SD's noise schedule) at a few million parameters, so the whole product runs on a
@@ -15,7 +15,9 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from hypernet.base.arch import ARCHS, Arch
 from hypernet.base.tokenizer import MODEL_MAX_LENGTH, write_clip_tokenizer
+from hypernet.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +85,27 @@ def tiny_text_config() -> CLIPTextConfig:
     )
 
 
-def make_tiny_pipeline(out_dir: str | Path, seed: int = 0) -> Path:
-    """Write a tiny SD pipeline to `out_dir`; same `seed` -> byte-identical weight files.
+def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, arch: Arch = "sd15") -> Path:
+    """Write a tiny pipeline of `arch` to `out_dir`; same `seed` -> byte-identical files.
 
-    The directory loads with `StableDiffusionPipeline.from_pretrained(out_dir)`.
+    The directory loads with the family's stock class (`StableDiffusionPipeline`,
+    `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline`, `FluxPipeline`).from_pretrained(out_dir),
+    and with `load_pipeline(out_dir)`.
+
+    Raises:
+        InvalidInputError: `arch` is not one of `ARCHS`.
     """
+    if arch not in ARCHS:
+        raise InvalidInputError(f"`arch` must be one of {list(ARCHS)}, got {arch!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if arch != "sd15":
+        from hypernet.base.tiny_archs import BUILDERS
+
+        index = {"_diffusers_version": _diffusers_version(), **BUILDERS[arch](out, seed)}
+        (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        log.info("wrote tiny %s pipeline (seed %d) to %s", arch, seed, out)
+        return out
     # Each component gets its own seeded generator state so adding one never changes another.
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**tiny_unet_config())

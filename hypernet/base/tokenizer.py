@@ -32,10 +32,11 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def write_clip_tokenizer(out_dir: str | Path) -> Path:
+def write_clip_tokenizer(out_dir: str | Path, pad_token: str = "<|endoftext|>") -> Path:
     """Write the SD 1.x tokenizer (vocab.json, merges.txt, tokenizer_config.json) to `out_dir`.
 
     Ids match OpenAI's: "a photo of a person" -> [49406, 320, 1125, 539, 320, 2533, 49407].
+    `pad_token` "!" (id 0) is the OpenCLIP convention of SDXL's and SD3's second tokenizer.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def write_clip_tokenizer(out_dir: str | Path) -> Path:
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
         "do_lower_case": True,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

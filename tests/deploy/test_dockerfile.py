@@ -283,8 +283,10 @@ def test_healthcheck_follows_the_servers_health(request, dockerfile, live_server
 def test_healthcheck_fails_when_nothing_listens(dockerfile):
     import socket
 
-    with socket.socket() as s:  # a port that was free a moment ago and now has no server
+    # Held bound but never listening while the check runs: connections are refused, and nothing
+    # else can take the port meanwhile (a port released first may be reused by then).
+    with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    out = _run_healthcheck(dockerfile, sys.executable, port)
+        out = _run_healthcheck(dockerfile, sys.executable, port)
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr

@@ -58,6 +58,7 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.mark.needs_shared
 def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pipe, tiny_base_dir, three_identities,
                                                                      tmp_path, one_thread):
     hyper = _random_hypernet(tiny_pipe, tmp_path / "hypernet")
@@ -123,6 +124,7 @@ def test_eval_smoke_every_condition_writes_table_json_grids_and_resumes(tiny_pip
     assert "FaceNet" in (out / "REPORT.md").read_text()
 
 
+@pytest.mark.needs_shared
 def test_eval_on_a_merged_corpus_interleaves_parts_subsets_slow_methods_and_grids_only_shown_parts(
         tiny_base_dir, faces_dir, tmp_path, one_thread):
     """Labels `part:id`: the first N people come from every part, the slow methods run on a subset
@@ -158,6 +160,7 @@ def test_eval_on_a_merged_corpus_interleaves_parts_subsets_slow_methods_and_grid
     assert base_grid.height == 2 * r and lora_grid.height == r
 
 
+@pytest.mark.needs_shared
 def test_hypernet_rows_differ_as_documented(tiny_pipe, faces_dir, tmp_path, one_thread):
     """hypernetwork = the prediction alone; fast-finetune = the same fine-tune from a zero prediction."""
     from hypernet.errors import InvalidInputError

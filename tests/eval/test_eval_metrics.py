@@ -11,6 +11,7 @@ from hypernet.eval.conditions import parse_overrides
 from hypernet.eval.stats import bootstrap_mean, paired_difference
 
 
+@pytest.mark.needs_shared
 def test_dlib_embeddings_are_closer_within_an_identity_than_across(faces_dir):
     from hypernet.eval.corpus import read_manifest
     from hypernet.eval.faces import FaceEmbedder, cosine
@@ -33,6 +34,7 @@ def test_dlib_embeddings_are_closer_within_an_identity_than_across(faces_dir):
     assert not blank.detected and blank.embedding.shape == (128,)
 
 
+@pytest.mark.needs_shared
 def test_facenet_is_a_second_independent_metric_that_separates_identities(faces_dir):
     """FaceNet (cv2.dnn, 512-d) puts one person's photos closer than two people's, finds real faces,
     not a blank image, and disagrees with dlib's similarities (another network, not a copy of it)."""

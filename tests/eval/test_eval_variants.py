@@ -63,6 +63,7 @@ def test_three_photo_and_relax_variants_personalise_as_named(tiny_pipe, tiny_hyp
         personalise(tiny_pipe, "hyperdreambooth-3photos", photo_paths[0], **kw)
 
 
+@pytest.mark.needs_shared
 def test_eval_with_a_three_photo_variant_holds_back_three_inputs(tiny_pipe, tiny_base_dir, tiny_hypernet,
                                                                  faces_dir, tmp_path):
     """Every condition is scored against the photos after the first 3, so 1 vs 3 stays paired;

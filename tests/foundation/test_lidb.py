@@ -85,6 +85,59 @@ def test_merge_matches_forward_and_unmerge_restores_exactly(tiny_pipe):
     torch.testing.assert_close(_unet_out(tiny_pipe), unmerged, atol=0, rtol=0)
 
 
+def test_merge_stack_two_kinds_out_of_order_unmerge_and_removal_while_merged(tiny_pipe):
+    """The stack README promises: a LiDB and a LoRA merged on the same layers equal their forward
+    terms; unmerging out of order is refused and changes nothing; removing an adapter while
+    merged keeps the other's effect; removing both restores the base weights bit-exactly."""
+    from hypernet.adapters import LoRA
+
+    base_w = {k: v.clone() for k, v in tiny_pipe.unet.state_dict().items()}
+    lidb = LiDB(tiny_pipe, default_spec_for(tiny_pipe))
+    lidb.load_state_dict(_random_weights(lidb, 4))
+    lora = LoRA(tiny_pipe, lidb.layer_names, r=2, name="second")
+    lora.load_state_dict({k: torch.randn(v.shape, generator=torch.Generator().manual_seed(5)) * 0.3
+                          for k, v in lora.state_dict().items()})
+    both = _unet_out(tiny_pipe)
+    with lidb.disabled():
+        only_lora = _unet_out(tiny_pipe)
+    assert (both - only_lora).abs().max() > 1e-3 and (only_lora - _base_out(tiny_pipe, lidb, lora)).abs().max() > 1e-3
+    first = lidb.layers[lidb.layer_names[0]]
+
+    lidb.merge()
+    lora.merge()
+    assert first.merged_adapters == ["lidb", "second"] and first.active_adapters() == []
+    torch.testing.assert_close(_unet_out(tiny_pipe), both, atol=1e-5, rtol=1e-5)
+    merged_w = {n: layer.base_layer.weight.clone() for n, layer in lidb.layers.items()}
+    with pytest.raises(InvalidInputError, match="must be the last merged adapter 'second', got 'lidb'"):
+        lidb.unmerge()
+    assert all(torch.equal(layer.base_layer.weight, merged_w[n]) for n, layer in lidb.layers.items())
+    assert first.merged_adapters == ["lidb", "second"]
+
+    lora.unmerge()  # in order: the LoRA's forward term is back, the LiDB stays merged
+    assert first.merged_adapters == ["lidb"] and first.active_adapters() == ["second"]
+    torch.testing.assert_close(_unet_out(tiny_pipe), both, atol=1e-5, rtol=1e-5)
+    lora.merge()
+
+    lidb.remove()  # under the LoRA on the stack: both come off, the LoRA runs unmerged again
+    assert all("lidb" not in layer.adapters for layer in lidb.layers.values())
+    assert first.merged_adapters == [] and first.active_adapters() == ["second"]
+    torch.testing.assert_close(_unet_out(tiny_pipe), only_lora, atol=1e-5, rtol=1e-5)
+    lora.remove()
+    after = {k.replace("base_layer.", ""): v for k, v in tiny_pipe.unet.state_dict().items()}
+    assert all(torch.equal(after[k], base_w[k]) for k in base_w)
+
+
+def _base_out(pipe, *handles) -> torch.Tensor:
+    """The UNet output with every adapter in `handles` disabled."""
+    for h in handles:
+        h.enable(False)
+    try:
+        return _unet_out(pipe)
+    finally:
+        for h in handles:
+            h.enable(True)
+
+
 def test_merge_refuses_non_finite_weights(tiny_pipe):
     lidb = LiDB(tiny_pipe, default_spec_for(tiny_pipe))
     w = _random_weights(lidb, 3)

@@ -112,3 +112,40 @@ def test_argument_errors_exit_cleanly(argv, match, tmp_path, capsys):
         argv = argv + ["--out", str(tmp_path / "imgs")]
     rc = main(argv)
     assert rc in (2, 3) and match in capsys.readouterr().err
+
+
+def test_train_checkpoint_dir_resumes_exactly_through_the_cli(tiny_base_dir, photos, tmp_path, caplog):
+    """`hdb train --checkpoint-dir` continues a cancelled run of the same settings (made here
+    with the library's own cancel, deterministic: no signal timing) and ends bit-identical to an
+    uninterrupted `hdb train`; the finished run removes the checkpoint."""
+    import logging
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hdb.cli import build_parser
+    from hdb.train import build_config
+    from hypernet.base import load_pipeline
+    from hypernet.methods import get_method
+    from hypernet.training import TrainingCancelled
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return ["train", "--method", "lora", "--base", str(tiny_base_dir), "--images", str(photos), "--out",
+                str(out), "--steps", "4", "--rank", "2", "--lr", "1e-2", "--detector", "center", "--no-progress",
+                *extra]
+
+    assert main(argv(tmp_path / "straight.safetensors")) == 0
+    ckpt = tmp_path / "ckpt"
+    resume_argv = argv(tmp_path / "resumed.safetensors", "--checkpoint-dir", str(ckpt))
+    config = build_config(build_parser().parse_args(resume_argv))
+    polls = iter(range(100))
+    with pytest.raises(TrainingCancelled):
+        get_method("lora").train(load_pipeline(tiny_base_dir, device="cpu", dtype="fp32"), photos, config=config,
+                                 checkpoint_dir=ckpt, should_stop=lambda: next(polls) >= 2, detector="center")
+    assert torch.load(ckpt / "checkpoint.pt", weights_only=True)["step"] == 2
+    caplog.set_level(logging.INFO, logger="hypernet.training.loop")
+    assert main(resume_argv) == 0
+    assert "resumed from step 2 of 4" in caplog.text
+    assert not (ckpt / "checkpoint.pt").exists()
+    a, b = load_file(str(tmp_path / "straight.safetensors")), load_file(str(tmp_path / "resumed.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

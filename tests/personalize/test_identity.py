@@ -93,7 +93,7 @@ def test_batched_generation_equals_one_by_one(tiny_pipe, make_identity):
     assert np.abs(np.asarray(plain, dtype=int) - np.asarray(singles[0][0], dtype=int)).max() > 10
 
 
-def test_failure_inside_generation_leaves_pipeline_clean(tiny_pipe, make_identity):
+def test_cancellation_inside_generation_leaves_pipeline_clean(tiny_pipe, make_identity):
     ident = make_identity(tiny_pipe, seed=7)
     base = generate_batch(tiny_pipe, [GenRequest("a person", None, seed=0, steps=3)])[0][0]
     calls = []
@@ -105,6 +105,34 @@ def test_failure_inside_generation_leaves_pipeline_clean(tiny_pipe, make_identit
     with pytest.raises(Cancelled):
         generate_batch(tiny_pipe, [GenRequest("a person", ident, seed=0, steps=3)], should_stop=stop)
     assert _no_identity_active(tiny_pipe)
+    again = generate_batch(tiny_pipe, [GenRequest("a person", None, seed=0, steps=3)])[0][0]
+    assert np.array_equal(np.asarray(base), np.asarray(again))
+
+
+def test_exception_inside_the_unet_leaves_pipeline_clean(tiny_pipe, make_identity):
+    """README: generation never leaves an identity applied, even when it raises. A real error
+    mid-UNet (a module raising on the second denoising step, as an OOM would) in `generate_batch`,
+    the path the service uses: no adapter active, the scheduler put back, the base image intact."""
+    ident = make_identity(tiny_pipe, seed=8)
+    base = generate_batch(tiny_pipe, [GenRequest("a person", None, seed=0, steps=3)])[0][0]
+    scheduler = tiny_pipe.scheduler
+    calls = []
+
+    def fail_on_second_step(module, args, output):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated failure inside the UNet")
+
+    hook = tiny_pipe.unet.mid_block.register_forward_hook(fail_on_second_step)
+    try:
+        with pytest.raises(RuntimeError, match="simulated failure inside the UNet"):
+            generate_batch(tiny_pipe, [GenRequest("a person", ident, seed=0, steps=3),
+                                       GenRequest("a person", None, seed=0, steps=3)])
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # it failed mid-generation, with the identity attached
+    assert adapted_layers(tiny_pipe) and _no_identity_active(tiny_pipe)
+    assert tiny_pipe.scheduler is scheduler
     again = generate_batch(tiny_pipe, [GenRequest("a person", None, seed=0, steps=3)])[0][0]
     assert np.array_equal(np.asarray(base), np.asarray(again))
 

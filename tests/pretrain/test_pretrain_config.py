@@ -9,7 +9,7 @@ from pretrain.cli import collect_overrides
 from pretrain.config import CONFIG_DIR, load_config
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "sd15-gpu"])
+@pytest.mark.parametrize("name", ["tiny-cpu", "sd15-gpu", "face-world-cpu"])
 def test_shipped_configs_load(name):
     cfg = load_config(name)
     assert cfg.stage2.steps > 0 and cfg.stage1.train.steps > 0
@@ -35,6 +35,7 @@ def test_overrides_reach_nested_dataclasses_and_parse_as_yaml():
     ("stage1.train.lr_scheduler=wild", "lr_scheduler"),
     ("no-equals-sign", "section.key=value"),
     ("data.val_fraction=1.5", "val_fraction"),
+    ("stage1.identities_per_call=0", "identities_per_call"),
 ])
 def test_bad_values_are_rejected_with_the_key(override, match):
     with pytest.raises(InvalidInputError, match=match):

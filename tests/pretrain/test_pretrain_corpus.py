@@ -35,7 +35,21 @@ def test_csv_jsonl_and_folder_layouts_agree(tmp_path):
         got[name] = [(r.identity, r.source.rsplit("/", 1)[1]) for r in refs]
     assert got["csv"] == got["jsonl"] == got["tree"] == [("ann", "a1.jpg"), ("ann", "a2.jpg"), ("bob", "b1.jpg")]
     capped = read_corpus(str(tmp_path / "tree"), DataConfig(max_identities=1, max_images_per_identity=1))
-    assert [(r.identity, r.source.rsplit("/", 1)[1]) for r in capped] == [("ann", "a1.jpg")]
+    # max_identities picks what stage 1 fits, not what is prepared: every identity stays here.
+    assert [(r.identity, r.source.rsplit("/", 1)[1]) for r in capped] == [("ann", "a1.jpg"), ("bob", "b1.jpg")]
+
+
+def test_select_identities_is_seeded_nested_and_spread_over_the_names():
+    from pretrain.corpus import select_identities
+
+    ids = [f"lfw:{c}{i:03d}" for c in "ABCDEFGH" for i in range(100)] + [f"caltech:{i}" for i in range(20)]
+    first = select_identities(ids, 100, seed=0)
+    assert len(first) == 100 == len(set(first)) and set(first) <= set(ids)
+    assert select_identities(list(reversed(ids)), 100, seed=0) == first  # input order is irrelevant
+    assert select_identities(ids, 300, seed=0)[:100] == first  # nested: raising n keeps these
+    assert select_identities(ids, 100, seed=1) != first
+    assert len({i.split(":")[1][0] for i in first if i.startswith("lfw:")}) == 8  # not just the A names
+    assert select_identities(ids, None, seed=0) == select_identities(ids, len(ids), seed=0)
 
 
 def test_manifest_errors_name_the_problem(tmp_path):
@@ -75,6 +89,7 @@ def test_identity_slug_is_safe_and_unique():
     assert "/" not in a and a != b
 
 
+@pytest.mark.needs_shared
 def test_real_caltech_manifest(faces_dir):
     refs = read_corpus(str(faces_dir / "identities.csv"), DataConfig())
     assert len(refs) == 350 and len({r.identity for r in refs}) == 22

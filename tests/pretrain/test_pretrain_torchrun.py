@@ -33,6 +33,7 @@ def torchrun(stage: str, out: Path, base: Path, corpus: Path) -> list[str]:
         "-m", "pretrain", stage, "--config", "tiny-cpu", "--output-dir", str(out),
         "--base", str(base), "--data.corpus", json.dumps([str(corpus)]), "--data.detector", "center",
         "--data.val_fraction", "0.2", "--stage1.train.steps", "6",
+        "--stage1.identities_per_call", "3",  # 5 identities per rank: chunks of 3 and 2
         "--stage2.steps", str(STEPS), "--stage2.batch_size", "2", "--stage2.grad_accum", "2",
         "--stage2.warmup_steps", "2", "--stage2.lr", "0.001", "--stage2.ema_decay", "0.5",
         "--stage2.ckpt_every", str(CKPT_EVERY), "--stage2.val_every", "6", "--stage2.log_every", "2",
@@ -77,6 +78,21 @@ def test_torchrun_pipeline_resumes_exactly_and_exports(tmp_path, tiny_base_dir, 
     assert res.returncode == 0, res.stderr[-4000:]
     idx = json.loads((a / "prepared" / "index.json").read_text())
     assert idx["counts"]["skipped"] == 1 and idx["counts"]["val_identities"] == 2
+
+    # Stage 1 sharded over 2 ranks in chunks of 3 = one process fitting one identity per call, up
+    # to float round-off: an identity's fit depends neither on its rank nor on its chunk-mates.
+    from pretrain.cli import run_stages
+    from pretrain.stage1 import load_stage1
+
+    shutil.copytree(a / "prepared", tmp_path / "c" / "prepared")
+    run_stages("tiny-cpu", tmp_path / "c", ["stage1"], [
+        f"base={tiny_base_dir}", f"data.corpus={json.dumps([str(corpus)])}", "data.detector=center",
+        "data.val_fraction=0.2", "stage1.train.steps=6", "stage1.identities_per_call=1"], distributed=False)
+    sharded, alone = load_stage1(a / "stage1"), load_stage1(tmp_path / "c" / "stage1")
+    assert sorted(sharded.identities) == sorted(alone.identities) == [f"p{i:02d}" for i in range(10)]
+    ids = sorted(sharded.identities)
+    for k, v in sharded.targets(ids).items():
+        torch.testing.assert_close(alone.targets(ids)[k], v, atol=1e-5, rtol=1e-4)
 
     # Run B: same settings; killed (SIGKILL, every process) once the first checkpoint exists.
     for d in ("prepared", "stage1"):

@@ -105,11 +105,20 @@ def test_calls_need_a_valid_key(auth_server, client_for):
     assert client_for(auth_server, api_key=ALICE).server_info().auth_required
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["cold-cache", "warm-cache"])
 def test_tenants_cannot_see_each_others_identities_or_jobs(auth_server, client_for,
-                                                          photo_bytes):
+                                                          photo_bytes, warm):
+    """warm: alice has just generated with her identity, so its weights sit in the server's
+    identity cache when bob probes it; the cache must not answer for another tenant."""
     alice, bob = client_for(auth_server, api_key=ALICE), client_for(auth_server, api_key=BOB)
     events = list(alice.personalize_events(photo_bytes, options=alice.options(steps=0)))
     job_id, ident = events[0].accepted.job_id, events[-1].identity
+    cached = lambda: [k for k in auth_server.server.repo._cache if ident.id in k]  # noqa: E731
+    if warm:
+        assert alice.generate("ohwx", ident.id, steps=1)
+        assert cached(), "alice's identity should now be in the identity cache"
+    else:
+        assert not cached()
     not_found = [
         lambda: bob.get_identity(ident.id),
         lambda: bob.generate("ohwx", ident.id, steps=1),

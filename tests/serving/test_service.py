@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import json
+import re
 import struct
 import zlib
 
@@ -165,13 +165,19 @@ def test_delete_removes_every_trace(server, client, photo_bytes):
     assert rpc_code(client.watch_job, job_id).code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_photos_never_reach_the_store(server, client, photo_bytes):
-    client.personalize(photo_bytes, options=client.options(steps=0))
-    for path in server.server.repo.store.root.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            assert photo_bytes[16:64] not in data
-            assert path.parts[-3] in ("meta", "blob")
+def test_photos_never_reach_the_store(server, client):
+    """A noisy photo whose bytes and decoded pixel rows are searched for (the reliability scan's
+    needles: chunks from its middle, not a header every PNG shares)."""
+    from benchmarks.reliability.privacy import distinctive_photo, needles
+
+    photo, rows = distinctive_photo(seed=3)
+    client.personalize(photo, options=client.options(steps=0))
+    files = [p for p in server.server.repo.store.root.rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        assert not any(n in data for n in needles(photo, rows)), path
+        assert path.parts[-3] in ("meta", "blob")
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -308,12 +314,23 @@ def test_reflection_serves_the_schema(client):
     assert "google/protobuf/timestamp.proto" in ours.dependency
 
 
-def test_logs_carry_request_ids_and_no_secrets(server, client, photo_bytes, caplog):
+def test_logs_carry_request_ids_and_no_photo(server, client, caplog):
+    """Every line logged while serving a call carries its request id (what `ContextFilter` adds
+    in `hdb serve`'s handler), and no form of the photo. Keys and prompts need an authenticated
+    server at DEBUG: tests/reliability/test_privacy.py runs that scan on a real `hdb serve`."""
     import logging
 
-    caplog.set_level(logging.INFO)
-    client.personalize(photo_bytes, options=client.options(steps=0))
+    from benchmarks.reliability.privacy import distinctive_photo, scan_logs
+    from serving.logs import ContextFilter, JsonFormatter
+
+    caplog.handler.addFilter(ContextFilter())
+    caplog.set_level(logging.DEBUG)
+    photo, rows = distinctive_photo(seed=5)
+    client.personalize(photo, options=client.options(steps=0))
     rpc_lines = [r for r in caplog.records if r.name == "serving.rpc"]
-    assert rpc_lines and all(getattr(r, "request_id", "") or True for r in rpc_lines)
-    blob = "\n".join(json.dumps(vars(r), default=str) for r in caplog.records)
-    assert photo_bytes[16:48].hex() not in blob and "Bearer" not in blob
+    assert rpc_lines and all(re.fullmatch(r"[0-9a-f]{16}", r.request_id) for r in rpc_lines), \
+        [vars(r).get("request_id") for r in rpc_lines]
+    assert len({r.request_id for r in rpc_lines}) == 1  # one call, one id
+    fmt = JsonFormatter()
+    found = scan_logs([fmt.format(r) + "\n" for r in caplog.records], [], photo, rows)
+    assert not found["photo_found"] and found["lines"] == len(caplog.records)

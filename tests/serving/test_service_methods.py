@@ -50,7 +50,9 @@ def _max_diff(x: pb.GeneratedImage, y: pb.GeneratedImage) -> int:
 @pytest.mark.parametrize("method,enum", [("lora", pb.METHOD_LORA),
                                          ("textual_inversion", pb.METHOD_TEXTUAL_INVERSION)])
 def test_slow_methods_are_background_jobs(client, photo_bytes, method, enum):
-    call = client.personalize_events(photo_bytes, method, client.options(steps=2, seed=0))
+    base = client.generate("a photo of ohwx person", steps=2, seed=1)[0]
+    # a high learning rate: 2 steps that visibly change the image (the defaults barely move it)
+    call = client.personalize_events(photo_bytes, method, client.options(steps=2, seed=0, learning_rate=0.05))
     first = next(iter(call))
     assert first.accepted.background and first.accepted.method == enum
     call.cancel()  # leaving does not stop a background job
@@ -58,7 +60,9 @@ def test_slow_methods_are_background_jobs(client, photo_bytes, method, enum):
     assert final.WhichOneof("event") == "identity" and final.identity.method == enum
     assert client.get_job(first.accepted.job_id).state == pb.JOB_STATE_SUCCEEDED
     (img,) = client.generate("a photo of ohwx person", final.identity.id, steps=2, seed=1)
-    assert img.data
+    assert _max_diff(img, base) > 1, f"the {method} identity did not change the image"
+    # ... and was removed after: the same base call gives the same image as before
+    assert _max_diff(base, client.generate("a photo of ohwx person", steps=2, seed=1)[0]) == 0
     client.delete_identity(final.identity.id)
 
 

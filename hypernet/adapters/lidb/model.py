@@ -37,12 +37,27 @@ def lidb_layers(pipe, spec: LiDBSpec) -> list[str]:
     return [n for n, _ in chosen]
 
 
+#: Per base family, the aux sizes (a, b) of the default spec at r = 1. The paper's a = b = 100 where
+#: the identity file stays under ~250 KB; SDXL adapts 560 layers (SD 1.5: 128), so a = b = 40
+#: keeps its identity at ~220 KB (44,800 parameters; 100 would be 112,000 and ~480 KB).
+#: Real-shape figures: benchmarks/bases_scale.py. Every default layer of the real bases is at least
+#: 320 wide (SDXL 640, SD3 1536, FLUX 3072), so one a and one b fit every layer.
+DEFAULT_AUX: dict[str, tuple[int, int]] = {"sd15": (100, 100), "sdxl": (40, 40), "sd3": (100, 100),
+                                           "flux": (100, 100)}
+
+
 def default_spec_for(pipe, **overrides) -> LiDBSpec:
-    """The paper's a = b = 100, shrunk to the narrowest layer on small bases (tiny: 32)."""
+    """The family's default a, b (`DEFAULT_AUX`), shrunk to the narrowest layer on small bases
+    (the tiny bases: 32), plus `overrides`."""
+    from hypernet.base.arch import pipeline_arch
+
     probe = LiDBSpec(a=1, b=1, text_encoder=overrides.get("text_encoder", False))
     chosen = [m for n, m in linear_layers(pipe) if probe.selects(n)]
+    if not chosen:
+        raise InvalidInputError(f"pipeline must have layers the LiDB spec selects, got none among {probe.patterns}")
     width = min(min(m.in_features, m.out_features) for m in chosen)
-    kw = dict(a=min(100, width), b=min(100, width))
+    a, b = DEFAULT_AUX[pipeline_arch(pipe)]
+    kw = dict(a=min(a, width), b=min(b, width))
     kw.update(overrides)
     return LiDBSpec(**kw)
 
