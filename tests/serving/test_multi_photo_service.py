@@ -114,3 +114,9 @@ def test_client_cli_takes_several_files(server, tmp_path, capsys):
     assert args.func(args) == 0
     identity_id = capsys.readouterr().out.strip()
     assert _num_photos(server, identity_id) == 3
+
+
+def test_lidb_trains_on_several_photos(client):
+    """The classic methods' path (`hypernet.methods`) takes all the photos too."""
+    ident = client.personalize([_photo(k) for k in range(3)], "lidb", client.options(steps=1, seed=0))
+    assert ident.method == pb.METHOD_LIDB and ident.artifact_bytes > 0
