@@ -142,12 +142,16 @@ def edge_cases(c, photo: bytes, tally: Tally, max_message_bytes: int) -> list[di
         rows.append({"name": name, "code": code, "ok": tally.record("edge", code, err, name, set(expect))})
 
     inv, ok = ("INVALID_ARGUMENT",), ("OK",)
-    # --- messages larger than the server accepts
+    # --- messages larger than the server accepts: over `max_message_bytes` the server names the field
+    # (INVALID_ARGUMENT: "too big", not retryable); gRPC's own transport cap (4x) answers RESOURCE_EXHAUSTED
     code, err = code_of(lambda: c.personalize(b"\xff" * (max_message_bytes + 1)))
     rows.append({"name": "photo_over_max_message_bytes", "code": code,
-                 "ok": tally.record("edge", code, err, "oversized photo", {"RESOURCE_EXHAUSTED"})})
+                 "ok": tally.record("edge", code, err, "oversized photo", {"INVALID_ARGUMENT"})})
     raw("prompt_over_max_message_bytes", "Generate",
-        b"\x12" + _varint(max_message_bytes + 10) + b"a" * (max_message_bytes + 10), True, ("RESOURCE_EXHAUSTED",))
+        b"\x12" + _varint(max_message_bytes + 10) + b"a" * (max_message_bytes + 10), True, inv)
+    over = 4 * max_message_bytes + 10
+    raw("message_over_transport_limit", "Generate", b"\x12" + _varint(over) + b"a" * over, True,
+        ("RESOURCE_EXHAUSTED",))
     # --- invalid UTF-8 in every string field of a few requests
     raw("invalid_utf8_prompt", "Generate", _utf8_bad_generate(), True)
     raw("invalid_utf8_identity_id", "GetIdentity", b"\x0a\x02\xc3\x28", False)

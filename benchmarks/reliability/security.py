@@ -60,7 +60,7 @@ def malformed_and_brute_force(target: str, cases: Cases, n_random: int) -> None:
     with client(target, api_key="") as c:
         headers = {
             "missing": None, "empty": "", "no_scheme": ALICE, "basic_scheme": f"Basic {ALICE}",
-            "lowercase_bearer": f"bearer {ALICE}", "bearer_only": "Bearer", "bearer_space": "Bearer ",
+            "lowercase_bearer_wrong_key": f"bearer {BOB}x", "bearer_only": "Bearer", "bearer_space": "Bearer ",
             "two_keys": f"Bearer {ALICE} {BOB}", "key_plus_one_char": f"Bearer {ALICE}x",
             "key_minus_one_char": f"Bearer {ALICE[:-1]}", "key_one_char_changed": f"Bearer {ALICE[:-1]}X",
             "prefix_of_key": f"Bearer {ALICE[:16]}", "key_513_chars": "Bearer " + "k" * 513,
@@ -189,7 +189,7 @@ def isolation(target: str, photo: bytes, cases: Cases) -> None:
         # alice still has everything, and bob's CancelJob did not touch her running job
         cases.check("isolation", "owner still reads the identity", "OK",
                     code_of(lambda: alice.get_identity(ident.id))[0])
-        cases.check("isolation", "owner's background job still runs", "RUNNING",
+        cases.check("isolation", "owner's background job still runs", "JOB_STATE_RUNNING",
                     pb.JobState.Name(alice.get_job(bg_job).state))
         alice.cancel_job(bg_job)  # (it holds the model worker)
         cases.check("isolation", "owner generates with it", "OK",
@@ -242,7 +242,7 @@ def tls(rig: Rig, cases: Cases) -> None:
                                  options=[("grpc.ssl_target_name_override", "evil.example")]) as ch:
             from serving.stubs import pb_grpc
 
-            code, _ = code_of(lambda: pb_grpc.PersonalizationStub(ch).GetServerInfo(
+            code, _ = code_of(lambda: pb_grpc.PersonalizationServiceStub(ch).GetServerInfo(
                 pb.GetServerInfoRequest(), metadata=(("authorization", f"Bearer {ALICE}"),), timeout=10))
         cases.check("tls", "certificate for another host name", "UNAVAILABLE", code)
 

@@ -48,9 +48,12 @@ def _eval_loss(pipe, pixels, prompt=PROMPT) -> float:
 
 
 def _models_state(pipe) -> dict[str, torch.Tensor]:
+    """The base weights by their plain names. An idle `AdaptedLinear` wrapper (no adapter in it)
+    computes exactly what the bare Linear does; a training run may leave or unwrap such idle
+    wrappers that earlier tests on the shared pipeline left, so `.base_layer` is not compared."""
     sd = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
     sd.update({f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()})
-    return sd
+    return {k.replace(".base_layer.", "."): v for k, v in sd.items()}
 
 
 def _eval_mode_image(pipe) -> np.ndarray:

@@ -22,7 +22,8 @@ def test_named_edge_cases_get_precise_statuses(server, client_for, photo_bytes):
     bad = [r for r in rows if not r["ok"]]
     assert not bad and not tally.crashes and not tally.imprecise, (bad, tally.crashes, tally.imprecise)
     codes = {r["name"]: r["code"] for r in rows}
-    assert codes["photo_over_max_message_bytes"] == "RESOURCE_EXHAUSTED"
+    assert codes["photo_over_max_message_bytes"] == codes["prompt_over_max_message_bytes"] == "INVALID_ARGUMENT"
+    assert codes["message_over_transport_limit"] == "RESOURCE_EXHAUSTED"
     assert codes["invalid_utf8_prompt"] == codes["prompt_10k_tokens"] == codes["guidance_nan"] == "INVALID_ARGUMENT"
     assert codes["prompt_1000_emoji"] == "OK"  # far over CLIP's 77 tokens: truncated, not an error
     assert fuzz.healthy(c)
