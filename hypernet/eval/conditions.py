@@ -164,8 +164,8 @@ def _zero_prediction(runtime):
 
     zero = copy.copy(runtime)
 
-    def predict(pixels):
-        return {k: torch.zeros_like(v) for k, v in runtime.predict(pixels).items()}
+    def predict(pixels, faces=None):
+        return {k: torch.zeros_like(v) for k, v in runtime.predict(pixels, faces=faces).items()}
 
     def decode(tokens):  # several photos combined in embedding space
         return {k: torch.zeros_like(v) for k, v in runtime.decode(tokens).items()}
