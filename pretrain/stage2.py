@@ -140,7 +140,7 @@ class Stage2Recipe:
 
     def _setup_model(self) -> None:
         c, spec = self.cfg, self.s1.spec
-        mcfg = dataclasses.replace(c.model, num_layers=len(self.s1.layers), a=spec.a, b=spec.b, r=spec.r)
+        mcfg = c.model.for_lidb(len(self.s1.layers), spec.a, spec.b, spec.r)  # heads from stage 1's spec
         self.model_cfg = mcfg
         torch.manual_seed(c.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         self.model = HyperNetwork(mcfg).to(self.dist.device)
@@ -317,7 +317,7 @@ class Stage2Recipe:
         if self.ema is not None:
             self.ema.copy_to(model)
         info = HypernetInfo(self.model_cfg, self.s1.spec, self.s1.layers, self.s1.base_fingerprint,
-                            self.data.resolution)
+                            self.data.resolution, arch=self.ctx.arch())
         save_hypernet(self.ctx.stage2_dir / FINAL, model, info, extra_meta={"stage2_key": self.key})
         from pretrain.metrics import read_metrics
 
