@@ -90,13 +90,9 @@ class RunContext:
         """The training/prediction size: configured, else the base's native one."""
         if self.cfg.data.resolution:
             return self.cfg.data.resolution
-        from hypernet.base.arch import denoiser
+        from hypernet.methods._common import pipe_resolution  # every family (FLUX: the VAE's size)
 
-        pipe = self.pipe()
-        latent = getattr(denoiser(pipe).config, "sample_size", None)  # UNet, SD3: the latent side
-        if latent is None:  # FLUX's transformer has none: its VAE's image size
-            return int(pipe.vae.config.sample_size)
-        return int(latent * pipe.vae_scale_factor)
+        return pipe_resolution(self.pipe())
 
     def write_config(self) -> None:
         """Record the resolved config next to the outputs (rank 0)."""

@@ -147,8 +147,8 @@ def _fit_chunk(ctx, data, chunk, spec, layers, cond, key, handle, init) -> None:
         items.append(LiDBFitData(data.latents(rows).to(dev), data.latents(rows, flip=True).to(dev),
                                  seed=step_seed(c.seed, *ident.encode()) % 2**31))
     text_emb, pooled = cond
-    extra = {} if pooled is None else {"pooled": pooled.to(dev)}  # SD 1.x: no pooled text
-    fits = train_lidb_batch(ctx.pipe(), handle, items, text_emb.to(dev), c, init=init, **extra)
+    fits = train_lidb_batch(ctx.pipe(), handle, items, text_emb.to(dev), c, init=init,
+                            pooled=None if pooled is None else pooled.to(dev))  # SD 1.x: no pooled text
     for ident, (weights, final_loss) in zip(chunk, fits, strict=True):
         path = _path(ctx, ident)
         if _done(path, key):
