@@ -123,8 +123,8 @@ def test_sdxl_textual_inversion_loads_into_both_encoders_with_stock_diffusers(pi
     # both encoders' vectors trained away from their class-noun init
     from hypernet.methods.textual_inversion.method import _class_init
 
-    assert not torch.allclose(art.vectors, _class_init(pipe.tokenizer, pipe.text_encoder, "person", 1))
-    assert not torch.allclose(art.vectors_2, _class_init(pipe.tokenizer_2, pipe.text_encoder_2, "person", 1))
+    assert not torch.allclose(art.vectors, _class_init(pipe, "person", 1))
+    assert not torch.allclose(art.vectors_2, _class_init(pipe, "person", 1, pipe.tokenizer_2, pipe.text_encoder_2))
     path = tmp_path / "ti.safetensors"
     art.save(path)
     assert set(load_file(str(path))) == {"clip_l", "clip_g"}

@@ -70,8 +70,10 @@ def _encoders(pipe) -> list[tuple]:
     return pairs
 
 
-def _class_init(tok, te, class_noun: str, k: int) -> torch.Tensor:
-    """(k, D) copies of the class noun's embedding (the mean over its BPE pieces)."""
+def _class_init(pipe, class_noun: str, k: int, tok=None, te=None) -> torch.Tensor:
+    """(k, D) copies of the class noun's embedding (the mean over its BPE pieces) in encoder `te`
+    with tokenizer `tok` (default the pipeline's first)."""
+    tok, te = tok or pipe.tokenizer, te or pipe.text_encoder
     ids = tok(class_noun, add_special_tokens=False).input_ids
     emb = te.get_input_embeddings().weight
     return emb[ids].detach().float().mean(0, keepdim=True).repeat(k, 1)
@@ -87,7 +89,7 @@ def _fit(pipe, call: TrainCall, config: TIMethodConfig) -> TIArtifact:
         raise InvalidInputError(f"`token` must not already be an added token of this pipeline, got {token!r}")
     pixels = call.pixels(pipe)  # (N, 3, R, R)
     prompt = call.prompt(config.prompt)
-    inits = [_class_init(tok, te, class_noun, config.num_vectors) for tok, te in pairs]  # (k, D_i) each
+    inits = [_class_init(pipe, class_noun, config.num_vectors, tok, te) for tok, te in pairs]  # (k, D_i) each
     # resizing (and diffusers' unload) make new embedding modules, trainable by default: put the
     # caller's flags back afterwards, so the pipeline is left exactly as it was
     was_trainable = [te.get_input_embeddings().weight.requires_grad for _, te in pairs]
