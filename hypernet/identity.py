@@ -169,10 +169,13 @@ _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cached_fingerprint(pipe) -> str:
-    """`base_fingerprint`, computed once per UNet object (it is on the per-request hot path)."""
-    fp = _FINGERPRINTS.get(pipe.unet)
+    """`base_fingerprint`, computed once per denoiser object (it is on the per-request hot path)."""
+    from hypernet.base.arch import denoiser
+
+    net = denoiser(pipe)
+    fp = _FINGERPRINTS.get(net)
     if fp is None:
-        fp = _FINGERPRINTS[pipe.unet] = base_fingerprint(pipe)
+        fp = _FINGERPRINTS[net] = base_fingerprint(pipe)
     return fp
 
 
