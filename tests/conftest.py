@@ -66,6 +66,22 @@ def tiny_base_dir(tmp_path_factory) -> Path:
     return make_tiny_pipeline(tmp_path_factory.mktemp("tiny-base"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_arch_dir(tmp_path_factory):
+    """`tiny_arch_dir(arch)` -> a tiny pipeline directory of that arch (seed 0), written once per
+    session on first use (SDXL/SD3/FLUX take ~1 s each; most sessions need few of them)."""
+    from hypernet.base.tiny import make_tiny_pipeline
+
+    made: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in made:
+            made[arch] = make_tiny_pipeline(tmp_path_factory.mktemp(f"tiny-{arch}"), seed=0, arch=arch)
+        return made[arch]
+
+    return get
+
+
 @pytest.fixture()
 def tiny_pipe(tiny_base_dir):
     """A fresh CPU fp32 pipeline per test (loading the tiny base takes ~0.3 s)."""

@@ -1,4 +1,4 @@
-"""The shared training loop and its parts: config, cached data, losses, checkpoints.
+"""The shared training loop and its parts: config, cached data, losses, per-arch objectives, checkpoints.
 
 The names below load lazily (PEP 562): `hypernet.training.config` is read by CLI parsers that
 must start without importing torch and diffusers.
@@ -16,14 +16,17 @@ if TYPE_CHECKING:  # the names, for type checkers and linters
         TrainData,
         build_train_data,
         embed_ids,
+        encode_conditioning,
         encode_images,
         encode_prompts,
         tokenize,
     )
     from hypernet.training.loop import ProgressEvent, TrainingCancelled, TrainResult, train
     from hypernet.training.losses import diffusion_loss, make_noise_scheduler, snr
+    from hypernet.training.objectives import Objective, objective_for
 
 __all__ = [
+    "Objective",
     "ProgressEvent",
     "TrainConfig",
     "TrainData",
@@ -32,9 +35,11 @@ __all__ = [
     "build_train_data",
     "diffusion_loss",
     "embed_ids",
+    "encode_conditioning",
     "encode_images",
     "encode_prompts",
     "make_noise_scheduler",
+    "objective_for",
     "snr",
     "tokenize",
     "train",
@@ -43,11 +48,13 @@ __all__ = [
 _HOME = {
     "TrainConfig": "hypernet.training.config",
     **dict.fromkeys(
-        ("TrainData", "build_train_data", "embed_ids", "encode_images", "encode_prompts", "tokenize"),
+        ("TrainData", "build_train_data", "embed_ids", "encode_conditioning", "encode_images", "encode_prompts",
+         "tokenize"),
         "hypernet.training.data",
     ),
     **dict.fromkeys(("ProgressEvent", "TrainingCancelled", "TrainResult", "train"), "hypernet.training.loop"),
     **dict.fromkeys(("diffusion_loss", "make_noise_scheduler", "snr"), "hypernet.training.losses"),
+    **dict.fromkeys(("Objective", "objective_for"), "hypernet.training.objectives"),
 }
 
 

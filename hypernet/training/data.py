@@ -16,17 +16,18 @@ from hypernet.errors import InvalidInputError
 
 @torch.no_grad()
 def encode_images(pipe, pixels: torch.Tensor, flip: bool = False, batch_size: int = 8) -> torch.Tensor:
-    """VAE-encode photos to the latents the UNet trains on.
+    """VAE-encode photos to the latents the denoiser trains on.
 
-    Uses the posterior mean (not a sample) so cached latents are deterministic, times the VAE's
-    scaling factor (0.18215 for SD 1.x) - the scale the UNet was trained at.
+    Uses the posterior mean (not a sample) so cached latents are deterministic, minus the VAE's
+    shift factor (SD3, FLUX; 0 elsewhere) times its scaling factor (0.18215 for SD 1.x) - the
+    scale the denoiser was trained at.
 
     Args:
         pixels: (N, 3, H, W) in [-1, 1], as `hypernet.photos.load_photos` returns.
         flip: encode the horizontally mirrored photos instead.
 
     Returns:
-        (N, 4, H/8, W/8) float32 on the VAE's device.
+        (N, C, H/8, W/8) float32 on the VAE's device (C = 4; 16 on SD3/FLUX).
     """
     if pixels.dim() != 4 or pixels.shape[1] != 3:
         raise InvalidInputError(f"`pixels` must have shape (N, 3, H, W), got {tuple(pixels.shape)}")
@@ -44,24 +45,35 @@ def encode_images(pipe, pixels: torch.Tensor, flip: bool = False, batch_size: in
 
 
 def tokenize(pipe, prompts: str | list[str]) -> torch.Tensor:
-    """Prompt(s) -> (N, 77) token ids, padded and truncated to the encoder's context length."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    tok = pipe.tokenizer
-    return tok(
-        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+    """Prompt(s) -> token ids for text-side training: (N, 77) on SD 1.x, (N, 2, 77) on SDXL (one row
+    per tokenizer); see `hypernet.training.objectives`."""
+    from hypernet.training.objectives import objective_for
+
+    return objective_for(pipe).tokenize(pipe, prompts)
 
 
 def embed_ids(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    """(N, 77) ids -> (N, 77, D) last hidden states (what SD's UNet cross-attends to)."""
+    """(N, 77) ids -> (N, 77, D) last hidden states (what SD 1.x's UNet cross-attends to)."""
     p = next(text_encoder.parameters())
     return text_encoder(input_ids.to(p.device))[0]
 
 
 @torch.no_grad()
+def encode_conditioning(pipe, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt(s) -> (text_emb (N, L, D), pooled (N, P) or None) float32, no grad: the base
+    family's conditioning (`hypernet.training.objectives`); pooled is None on SD 1.x."""
+    from hypernet.training.objectives import objective_for
+
+    return objective_for(pipe).encode_prompts(pipe, prompts)
+
+
+@torch.no_grad()
 def encode_prompts(pipe, prompts: str | list[str]) -> torch.Tensor:
-    """Prompt(s) -> (N, 77, D) float32 text embeddings, no grad (cached for the whole run)."""
-    return embed_ids(pipe.text_encoder, tokenize(pipe, prompts)).float()
+    """Prompt(s) -> (N, L, D) float32 text embeddings, no grad (cached for the whole run).
+
+    The sequence part of `encode_conditioning`; SDXL/SD3/FLUX denoisers also need its pooled part.
+    """
+    return encode_conditioning(pipe, prompts)[0]
 
 
 @dataclass
@@ -70,10 +82,12 @@ class TrainData:
 
     latents: (N, 4, h, w) VAE latents of the photos.
     flipped: (N, 4, h, w) latents of the mirrored photos, or None (no flip augmentation).
-    text_emb: (N or 1, 77, D) cached prompt embeddings (1 row: shared by every photo);
+    text_emb: (N or 1, L, D) cached prompt embeddings (1 row: shared by every photo);
         used when the text encoder does not train.
-    input_ids: (N or 1, 77) prompt token ids; needed when the text encoder (or a token
-        embedding) trains, so embeddings must be recomputed every step.
+    pooled: (N or 1, P) cached pooled text embeddings (SDXL, SD3, FLUX; None on SD 1.x),
+        rows aligned with `text_emb`.
+    input_ids: (N or 1, 77) prompt token ids ((N or 1, 2, 77) on SDXL); needed when the text
+        encoder (or a token embedding) trains, so embeddings must be recomputed every step.
     prior / prior_loss_weight: DreamBooth's class-prior set, drawn alongside every batch
         (same batch size) and weighted into the loss.
     """
@@ -81,6 +95,7 @@ class TrainData:
     latents: torch.Tensor
     flipped: torch.Tensor | None = None
     text_emb: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None
     prior: TrainData | None = None
     prior_loss_weight: float = 1.0
@@ -95,7 +110,7 @@ class TrainData:
             )
         if self.text_emb is None and self.input_ids is None:
             raise InvalidInputError("TrainData must have `text_emb` or `input_ids`, got neither")
-        for k in ("text_emb", "input_ids"):
+        for k in ("text_emb", "pooled", "input_ids"):
             t = getattr(self, k)
             if t is not None and t.shape[0] not in (1, n):
                 raise InvalidInputError(f"`{k}` must have 1 or {n} rows, got {t.shape[0]}")
@@ -139,9 +154,11 @@ def build_train_data(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if len(prompts) not in (1, pixels.shape[0]):
         raise InvalidInputError(f"`prompt` must be one string or {pixels.shape[0]}, got {len(prompts)}")
+    text_emb, pooled = encode_conditioning(pipe, prompts)
     return TrainData(
         latents=encode_images(pipe, pixels),
         flipped=encode_images(pipe, pixels, flip=True) if flip else None,
-        text_emb=encode_prompts(pipe, prompts),
+        text_emb=text_emb,
+        pooled=pooled,
         input_ids=tokenize(pipe, prompts) if keep_ids else None,
     )

@@ -1,6 +1,8 @@
 """The one training loop: every method (and pretraining, and fast personalisation) uses it.
 
-Methods differ only in which parameters train and what data they bring; this loop owns the rest:
+Methods differ only in which parameters train and what data they bring; the base family's
+objective (conditioning, noise, timesteps, target and denoiser call: `hypernet.training.objectives`)
+is plugged in per pipeline; this loop owns the rest:
 AdamW, the LR schedule, gradient accumulation, gradient checkpointing, autocast on CUDA, seeded
 draws (bit-reproducible on CPU), progress reporting, cancellation and exact resume.
 
@@ -22,11 +24,12 @@ from diffusers.optimization import get_scheduler
 from torch import nn
 from tqdm.auto import tqdm
 
+from hypernet.base.arch import denoiser
 from hypernet.errors import HdbError, IncompatibleAdapterError, InvalidInputError
 from hypernet.training.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoint
 from hypernet.training.config import TrainConfig
-from hypernet.training.data import TrainData, embed_ids
-from hypernet.training.losses import diffusion_loss, make_noise_scheduler
+from hypernet.training.data import TrainData
+from hypernet.training.objectives import Objective, objective_for
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,9 @@ def train(
     unet: nn.Module | None = None,
     text_encoder: nn.Module | None = None,
     stage: str = "train",
+    objective: Objective | None = None,
 ) -> TrainResult:
-    """Optimise `params` with the diffusion loss on `data`.
+    """Optimise `params` with the base family's diffusion loss on `data`.
 
     Args:
         params: what trains; every other parameter of the UNet / text encoder is frozen for the
@@ -94,8 +98,11 @@ def train(
             encoder or token-embedding training) instead of using the cached ones.
         extra_loss: added to each micro-batch's loss, called with the step (regularisers).
         after_step: called after each optimizer step (e.g. re-projecting parameters).
-        unet / text_encoder: the models to run, when not the pipe's own (DreamBooth trains a copy).
+        unet / text_encoder: the models to run, when not the pipe's own (DreamBooth trains a copy):
+            `unet` is the denoiser (a UNet or an SD3/FLUX transformer), `text_encoder` replaces
+            the first text encoder.
         stage: the name reported in progress events.
+        objective: the loss and conditioning to use; default `objective_for(pipe)`.
 
     Returns:
         TrainResult with one loss per step (the mean over its micro-batches).
@@ -103,16 +110,21 @@ def train(
     Raises:
         TrainingCancelled, InvalidInputError, IncompatibleAdapterError (checkpoint of another run).
     """
-    unet = pipe.unet if unet is None else unet
-    text_encoder = pipe.text_encoder if text_encoder is None else text_encoder
-    run = _Run(pipe, list(params), data, cfg, unet, text_encoder, text_encoder_trains, extra_loss, checkpoint_dir)
+    objective = objective_for(pipe) if objective is None else objective
+    unet = denoiser(pipe) if unet is None else unet
+    text_encoders = [m for m in objective.text_encoders(pipe) if m is not None]
+    if text_encoder is not None:
+        text_encoders[0] = text_encoder
+    run = _Run(pipe, list(params), data, cfg, unet, text_encoders, text_encoder_trains, extra_loss, checkpoint_dir,
+               objective)
     return run.train(progress=progress, should_stop=should_stop, after_step=after_step, stage=stage)
 
 
 class _Run:
     """One run's state; `train` drives setup -> steps -> cleanup."""
 
-    def __init__(self, pipe, params, data, cfg, unet, text_encoder, text_encoder_trains, extra_loss, checkpoint_dir):
+    def __init__(self, pipe, params, data, cfg, unet, text_encoders, text_encoder_trains, extra_loss, checkpoint_dir,
+                 objective):
         if not params:
             raise InvalidInputError("`params` must hold at least one parameter to train, got none")
         if text_encoder_trains and data.input_ids is None:
@@ -120,12 +132,11 @@ class _Run:
         if not text_encoder_trains and data.text_emb is None:
             raise InvalidInputError("`data.text_emb` must be set when the text encoder is frozen, got None")
         self.pipe, self.params, self.data, self.cfg = pipe, params, data, cfg
-        self.unet, self.text_encoder = unet, text_encoder
+        self.unet, self.text_encoders, self.objective = unet, text_encoders, objective
         self.text_encoder_trains, self.extra_loss = text_encoder_trains, extra_loss
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.device = next(unet.parameters()).device
-        self.noise_scheduler = make_noise_scheduler(pipe)
-        self.models = [m for m in (unet, text_encoder) if m is not None]
+        self.models = [unet, *text_encoders]
 
     # 1. Setup ------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -233,7 +244,7 @@ class _Run:
         return contextlib.nullcontext()
 
     def _loss(self) -> torch.Tensor:
-        """One micro-batch: instance (+ prior) examples in one UNet call."""
+        """One micro-batch: instance (+ prior) examples in one denoiser call."""
         cfg, data = self.cfg, self.data
         lat, idx = data.sample(cfg.batch_size, self.gen, cfg.flip)  # (B, 4, h, w), (B,)
         parts = [(lat, idx, data)]
@@ -241,20 +252,24 @@ class _Run:
             plat, pidx = data.prior.sample(cfg.batch_size, self.gen, cfg.flip)
             parts.append((plat, pidx, data.prior))
         with self._autocast():
-            embs = [self._text(d, i) for _, i, d in parts]
-            latents = torch.cat([p[0] for p in parts]).to(self.device)  # (B or 2B, 4, h, w)
-            per = diffusion_loss(
-                self.unet, self.noise_scheduler, latents, torch.cat(embs), self.gen, cfg.min_snr_gamma, reduction="none"
+            conds = [self._text(d, i) for _, i, d in parts]
+            latents = torch.cat([p[0] for p in parts]).to(self.device)  # (B or 2B, C, h, w)
+            pooled = None if conds[0][1] is None else torch.cat([c[1] for c in conds])  # (B or 2B, P)
+            per = self.objective.loss(
+                self.unet, latents, torch.cat([c[0] for c in conds]), self.gen, cfg.min_snr_gamma, pooled=pooled,
+                reduction="none",
             )  # (B or 2B,)
         loss = per[: cfg.batch_size].mean()
         if data.prior is not None:
             loss = loss + data.prior_loss_weight * per[cfg.batch_size :].mean()
         return loss
 
-    def _text(self, data: TrainData, idx: torch.Tensor) -> torch.Tensor:
+    def _text(self, data: TrainData, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(text_emb (B, L, D), pooled (B, P) or None) of the drawn rows."""
         if self.text_encoder_trains:
-            return embed_ids(self.text_encoder, data.text_rows("input_ids", idx))  # (B, 77, D)
-        return data.text_rows("text_emb", idx).to(self.device)
+            return self.objective.embed_ids(data.text_rows("input_ids", idx), self.text_encoders)
+        pooled = None if data.pooled is None else data.text_rows("pooled", idx).to(self.device)
+        return data.text_rows("text_emb", idx).to(self.device), pooled
 
     def accumulate(self) -> float:
         """grad_accum micro-batches of forward + backward; parameters are not touched yet."""

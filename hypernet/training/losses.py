@@ -1,4 +1,8 @@
-"""The denoising loss every method trains with, per the base's own noise schedule."""
+"""The DDPM-family denoising loss (SD 1.x/2.x, SDXL), per the base's own noise schedule.
+
+Flow-matching bases (SD3, FLUX) and the per-arch conditioning live in `hypernet.training.objectives`,
+whose SD 1.x/SDXL objectives call `diffusion_loss` itself.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ def diffusion_loss(
     reduction: str = "mean",
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    added_cond_kwargs: dict | None = None,
 ) -> torch.Tensor:
     """MSE between the UNet's prediction and its target on randomly noised latents.
 
@@ -48,6 +53,8 @@ def diffusion_loss(
         min_snr_gamma: weight each sample by min(SNR, gamma) / SNR (epsilon) or
             min(SNR, gamma) / (SNR + 1) (v) - Hang et al. 2023, faster convergence.
         reduction: "mean" -> scalar; "none" -> (B,) per-sample losses.
+        added_cond_kwargs: passed to the UNet (SDXL's pooled text and time ids; see
+            `hypernet.training.objectives`).
 
     Returns:
         The loss (fp32).
@@ -73,7 +80,8 @@ def diffusion_loss(
     else:
         raise InvalidInputError(f"`prediction_type` must be epsilon, v_prediction or sample, got {ptype!r}")
     p = next(unet.parameters())
-    pred = unet(noisy.to(p.dtype), timesteps, encoder_hidden_states=text_emb.to(p.dtype)).sample
+    pred = unet(noisy.to(p.dtype), timesteps, encoder_hidden_states=text_emb.to(p.dtype),
+                added_cond_kwargs=added_cond_kwargs).sample
     per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma is not None:
         s = snr(scheduler, timesteps)
