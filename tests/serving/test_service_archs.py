@@ -62,7 +62,12 @@ def test_server_info_reports_the_family_and_its_size(client, arch):
 
 
 def test_photo_in_identity_out_images_out(client, arch, photo_bytes):
-    ident = client.personalize(photo_bytes, options=client.options(steps=0, seed=1))
+    """HyperDreamBooth: the hypernetwork's prediction, then the fast fine-tune with the family's
+    objective (flow matching on FLUX), streamed as progress."""
+    events = list(client.personalize_events(photo_bytes, options=client.options(steps=2, seed=1)))
+    stages = {ev.progress.stage for ev in events if ev.WhichOneof("event") == "progress"}
+    assert {"hypernetwork", "finetune"} <= stages, stages
+    ident = events[-1].identity
     assert ident.id and ident.method == pb.METHOD_HYPERDREAMBOOTH
     images = client.generate(PROMPT, ident.id, n=2, steps=2, seed=3)
     assert len(images) == 2 and [im.seed for im in images] == [3, 4]
