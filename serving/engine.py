@@ -207,8 +207,8 @@ class Engine:
                 # end in a family mismatch
                 raise ModelNotFoundError(
                     f"no hypernetwork for this {self.arch} base: `hypernet` must be an export pretrained on "
-                    f"it (--hypernet; `hdb pretrain` with a {self.arch} config), got none; LIDB personalises "
-                    f"without one")
+                    f"it (--hypernet; `hdb pretrain` with a {self.arch} config), got none; the other methods "
+                    f"listed need none")
             elif self.default_hypernet is not None:
                 path = self.default_hypernet()
             else:
@@ -484,12 +484,10 @@ class Engine:
         return images
 
 
-#: The pipeline components that hold weights, over the four families (absent ones are skipped).
-MODEL_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
-
-
 def _freeze(pipe) -> None:
     """Inference only: training loops unfreeze what they train, then restore this."""
+    from serving.pipeline_guard import MODEL_COMPONENTS
+
     for name in MODEL_COMPONENTS:
         model = getattr(pipe, name, None)
         if model is not None:

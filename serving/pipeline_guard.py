@@ -32,7 +32,7 @@ from hypernet.batch_generate import BATCH_LIDB, BATCH_RELAXED
 PERSISTENT_ADAPTERS = frozenset({BATCH_LIDB, BATCH_RELAXED})
 #: Every weight-holding component of the four families (SD 1.x/2.x, SDXL, SD3, FLUX); absent ones
 #: are skipped.
-_MODELS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+MODEL_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 #: (tokenizer, text encoder) pairs whose vocabulary Textual Inversion may grow (SDXL: both CLIPs).
 _TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
@@ -96,7 +96,7 @@ class PipelineGuard:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        models = {k: getattr(pipe, k) for k in _MODELS if getattr(pipe, k, None) is not None}
+        models = {k: getattr(pipe, k) for k in MODEL_COMPONENTS if getattr(pipe, k, None) is not None}
         self._grad_flags = {k: {n: p.requires_grad for n, p in _base_params(m).items()}
                             for k, m in models.items()}
         self.base = _Snapshot(models, {k: _mode(m) for k, m in models.items()},

@@ -11,11 +11,12 @@ import grpc
 import numpy as np
 import pytest
 from conftest import random_hypernet_dir
-from hdb_serving_helpers import rpc_code, wait_until
+from hdb_serving_helpers import rpc_code, start_serve_process, wait_until
 from PIL import Image
 
 from hypernet.base import make_tiny_pipeline
 from hypernet.base.tiny import TINY_RESOLUTION
+from serving.client import HdbClient
 from serving.stubs import pb
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.usefixtures("one_torch_thread")]
@@ -125,22 +126,35 @@ def test_sizes_are_checked_against_the_family(client, arch):
     assert (im.width, im.height) == (TINY_RESOLUTION + m, TINY_RESOLUTION)
 
 
-def test_no_hypernetwork_for_the_family_reports_hyperdreambooth_unavailable(arch, base_dir, make_server_on,
-                                                                              client_for, photo_bytes):
-    """`hdb serve --base DIR` without --hypernet on an SDXL/FLUX base: the embedded default
-    hypernetwork is the tiny SD 1.x base's, so it is not built (it could only mismatch);
-    HYPERDREAMBOOTH is listed unavailable with the reason, and fails FAILED_PRECONDITION."""
-    from serving.engine import Engine
+def test_hdb_serve_on_a_flux_base_without_a_hypernetwork(tmp_path, photo_bytes):
+    """`hdb serve --base FLUX_DIR` (no --hypernet), the real command in a subprocess: the base's
+    family and size in GetServerInfo; the embedded default hypernetwork belongs to the tiny SD 1.x
+    base, so it is not built (it could only mismatch): HYPERDREAMBOOTH is listed unavailable with
+    the reason and fails FAILED_PRECONDITION, while generation serves."""
+    base = make_tiny_pipeline(tmp_path / "flux", seed=0, arch="flux")
+    cache = tmp_path / "cache"
+    proc, port, logs = start_serve_process(tmp_path, base, env={"HDB_CACHE_DIR": str(cache)})
+    try:
+        with HdbClient(f"localhost:{port}") as c:
+            wait_until(lambda: _health(c) == "SERVING" or proc.poll() is not None, timeout=300, what="SERVING")
+            assert _health(c) == "SERVING", "".join(logs[-20:])
+            info = c.server_info()
+            assert info.base_arch == pb.BASE_ARCH_FLUX and info.default_size == TINY_RESOLUTION
+            methods = {m.method: m for m in info.methods}
+            hdb = methods[pb.METHOD_HYPERDREAMBOOTH]
+            assert not hdb.available and "no hypernetwork for this flux base" in hdb.detail, hdb.detail
+            assert pb.METHOD_LIDB in methods
+            assert rpc_code(c.personalize, photo_bytes).code() == grpc.StatusCode.FAILED_PRECONDITION
+            im = c.generate(PROMPT, "", steps=1, seed=0)[0]
+            assert (im.width, im.height) == (TINY_RESOLUTION, TINY_RESOLUTION)
+        assert not list(cache.glob("*hypernet*"))  # nothing was built
+    finally:
+        proc.kill()
+        proc.wait()
 
-    def must_not_build():
-        raise AssertionError("the SD 1.x default hypernetwork was built for a non-SD 1.x base")
 
-    factory = make_server_on(base_dir, "")
-    bg = factory(engine=Engine(str(base_dir), "", "cpu", "fp32", default_hypernet=must_not_build))
-    c = client_for(bg)
-    methods = {m.method: m for m in c.server_info().methods}
-    hdb = methods[pb.METHOD_HYPERDREAMBOOTH]
-    assert not hdb.available and f"no hypernetwork for this {arch} base" in hdb.detail
-    assert pb.METHOD_LIDB in methods
-    err = rpc_code(c.personalize, photo_bytes)
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+def _health(client: HdbClient) -> str:
+    try:
+        return client.health(timeout=5)
+    except grpc.RpcError as e:
+        return e.code().name
