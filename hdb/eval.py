@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run DreamBooth, LoRA and Textual Inversion on only the first N people (default all)")
     p.add_argument("--other-train-ids", type=int, default=64,
                    help="training people per corpus part the margin compares against (default 64)")
+    p.add_argument("--inputs", type=int, default=None, metavar="N",
+                   help="photos held back as inputs per person (default: the most any condition takes, e.g. 3 "
+                        "with a -3photos variant); give the same N to runs of other condition lists to pair them")
     p.add_argument("--grid-parts", default="caltech",
                    help="comma-separated corpus parts whose people appear in grids, or 'all' (default caltech)")
     p.set_defaults(func=_eval)
@@ -63,7 +66,7 @@ def _eval(args: argparse.Namespace) -> int:
         overrides=parse_overrides(args.override), gen_steps=args.gen_steps, guidance=args.guidance,
         seed=args.seed, device=args.device, num_threads=args.threads,
         detector=args.detector, metrics=_csv(args.metrics), slow_methods_people=args.slow_methods_people,
-        other_train_ids=args.other_train_ids, grid_parts=_csv(args.grid_parts),
+        other_train_ids=args.other_train_ids, grid_parts=_csv(args.grid_parts), held_inputs=args.inputs,
     )
     report = run_evaluation(cfg)
     print(report.read_text())

@@ -53,8 +53,17 @@ def embeddings_key(ctx: RunContext) -> str:
 
 
 def _detector(ctx: RunContext) -> str:
+    """How the embedding's face is aligned: as the runtime aligns it (`HypernetRuntime.faces_for`'s
+    default "auto": MTCNN landmarks, centre crop when none is found), whatever `data.detector` is.
+
+    `data.detector` picks the R x R crop the latents are made of; the face world trains on
+    "center" crops of aligned photos, and reusing that here embedded the whole 250 px LFW frame
+    (background and all) at pretraining while the runtime embeds a landmark-aligned face: the
+    hypernetwork then saw other features at inference than in training. Only the built-in
+    25 px LFW subset is never detected (too small for MTCNN).
+    """
     data = PreparedData(ctx.prepared_dir)
-    return "center" if data.index.get("corpus") == LFW else ctx.cfg.data.detector  # 25 px: no detection
+    return "center" if data.index.get("corpus") == LFW else "auto"
 
 
 def ensure_face_embeddings(ctx: RunContext) -> None:

@@ -40,8 +40,12 @@ INDEX = "index.json"
 
 
 def stage1_key(ctx: RunContext) -> str:
-    """The whole stage's key (the index): every data and stage-1 setting."""
-    return ctx.cfg.section_key("data", "stage1")
+    """The whole stage's key (the index): every data and stage-1 setting, and the base's content.
+
+    The base's fingerprint, not only its path: a face world re-exported into the same directory
+    (every `--export-every` steps) is another base, and targets fitted on the old one are stale.
+    """
+    return f"{ctx.cfg.section_key('data', 'stage1')}-{ctx.fingerprint()[:12]}"
 
 
 def target_key(ctx: RunContext) -> str:
@@ -51,7 +55,8 @@ def target_key(ctx: RunContext) -> str:
     files already fitted) and `stage1.identities_per_call` (how many share a UNet call: only float
     round-off differs).
     """
-    return ctx.cfg.section_key("data", "stage1", exclude=("data.max_identities", "stage1.identities_per_call"))
+    keep = ctx.cfg.section_key("data", "stage1", exclude=("data.max_identities", "stage1.identities_per_call"))
+    return f"{keep}-{ctx.fingerprint()[:12]}"
 
 
 def make_spec(ctx: RunContext) -> LiDBSpec:

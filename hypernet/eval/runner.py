@@ -87,6 +87,9 @@ class EvalConfig:
     other_train_ids: int = field(default=64, metadata={
         "help": "training identities per part (seeded sample) that the margin compares against, next to "
                 "every other held-out identity of the part"})
+    held_inputs: int | None = field(default=None, metadata={
+        "help": "photos held back as inputs per identity (default: the most any listed condition takes); "
+                "give the same N to runs of different condition lists so that their cells stay paired"})
     grid_parts: tuple[str, ...] = field(default=("caltech",), metadata={
         "help": "corpus parts whose people appear in grids ('all': everyone); LFW's faces must not be committed"})
 
@@ -110,7 +113,7 @@ class EvalConfig:
         for name in ("images_per_id", "gen_steps", "loss_timesteps", "n_boot"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        for name in ("identities", "slow_methods_people"):
+        for name in ("identities", "slow_methods_people", "held_inputs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.other_train_ids < 0:
@@ -123,8 +126,10 @@ class EvalConfig:
     @property
     def inputs(self) -> int:
         """Photos held back as inputs per identity: the most any condition takes (the rest are
-        references, the same for every condition so that comparisons stay paired)."""
-        return max(input_photos(c) for c in self.conditions)
+        references, the same for every condition so that comparisons stay paired), or
+        `held_inputs` when that is more: runs of other condition lists then score against the
+        same references and reuse each other's cells."""
+        return max(self.held_inputs or 1, *(input_photos(c) for c in self.conditions))
 
     def cell_key(self, condition: str, models: str = "") -> str:
         """What a cached cell depends on (settings + `models`, the weights' identity): a change reruns it.

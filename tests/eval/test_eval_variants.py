@@ -96,10 +96,17 @@ def test_cell_keys_change_only_when_a_variant_holds_back_more_inputs(tmp_path):
     assert (one.inputs, three.inputs, relax.inputs) == (1, 3, 1)
     assert one.cell_key("hypernetwork", "m") != three.cell_key("hypernetwork", "m")
     assert one.cell_key("hypernetwork", "m") == relax.cell_key("hypernetwork", "m")
+    # A run of 1-photo conditions told to hold back 3 inputs (--inputs 3) shares the 3-photo run's
+    # references, so its cells are that run's cells (two processes can split the conditions).
+    held = _config(tmp_path, ("hypernetwork",), held_inputs=3)
+    assert held.inputs == 3 and held.cell_key("hypernetwork", "m") == three.cell_key("hypernetwork", "m")
+    assert _config(tmp_path, ("hypernetwork-3photos",), held_inputs=1).inputs == 3  # never fewer than needed
+    with pytest.raises(InvalidInputError, match="held_inputs"):
+        _config(tmp_path, ("hypernetwork",), held_inputs=0)
 
 
-def _config(tmp_path, conditions):
+def _config(tmp_path, conditions, **kw):
     from hypernet.eval.runner import EvalConfig
 
     return EvalConfig(base=tmp_path, corpus=tmp_path / "c.csv", out=tmp_path / "o", hypernet=tmp_path / "h",
-                      conditions=conditions)
+                      conditions=conditions, **kw)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from hypernet.errors import EnvironmentProblem
+from pretrain.cache import read_shard_meta
 from pretrain.corpus import lfw_image
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,7 +58,10 @@ def test_identity_pipeline_caches_embeddings_once_and_exports(tmp_path, tiny_bas
     (s, r), src = idx["rows"][1], idx["sources"][1]
     from hypernet.photos import decode_image
 
-    face = align_face(decode_image(src), detector="center").face[None]  # (1, 3, 112, 112)
+    # Aligned as the runtime aligns (faces_for's "auto"), not as the latents are cropped
+    # (data.detector=center here): training and inference must embed the same face.
+    face = align_face(decode_image(src), detector="auto").face[None]  # (1, 3, 112, 112)
+    assert read_shard_meta(emb_dir / f"shard-{s:05d}.safetensors")["detector"] == "auto"
     enc = FaceEncoder.load(face_encoder_file)
     cached = load_file(str(emb_dir / f"shard-{s:05d}.safetensors"))
     with torch.no_grad():

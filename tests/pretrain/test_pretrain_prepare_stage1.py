@@ -133,3 +133,27 @@ def test_max_identities_picks_a_nested_subset_and_chunk_size_only_changes_round_
         alone = load_lidb(tmp_path / "c" / "stage1" / more[ident]["file"]).weights
         for k in chunked:
             torch.testing.assert_close(alone[k], chunked[k], atol=1e-5, rtol=1e-4)
+
+
+def test_stage1_targets_of_a_base_changed_in_place_are_stale(tmp_path, tiny_base_dir, corpus):
+    """A base re-exported into the same directory (the face world every `--export-every` steps) is
+    another base: its stage-1 keys differ, so the targets fitted on the old weights are redone."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pretrain.stage1 import stage1_key, target_key
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_dir, base)
+    before = make_ctx(tmp_path / "a", base, corpus)
+    keys = stage1_key(before), target_key(before)
+    assert (stage1_key(make_ctx(tmp_path / "b", base, corpus)), target_key(make_ctx(tmp_path / "b", base, corpus))) \
+        == keys  # same base, same settings: same keys (restarts skip what is done)
+    (weights,) = (base / "unet").glob("*.safetensors")
+    sd = load_file(weights)
+    for name in sd:  # the "re-export": same path, new weights (every tensor moved, as training does)
+        sd[name] = sd[name] + 0.5
+    save_file(sd, weights)
+    after = make_ctx(tmp_path / "a", base, corpus)
+    assert stage1_key(after) != keys[0] and target_key(after) != keys[1]
