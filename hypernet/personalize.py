@@ -14,6 +14,9 @@
          at SD 1.5 scale (410 KB against 3.2 MiB at R = 4).
 
 `steps=0` is "hypernetwork only". Every call records a timing breakdown in `Identity.timings`.
+Step 3 alone is `finetune` (from a prediction, or from zero without any hypernetwork); it trains
+through the one training loop with the base's own objective, so it runs on every base arch
+(SD 1.x, SDXL, SD3, FLUX).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from PIL import Image
 
 from hypernet.adapters.inject import delete_adapter
+from hypernet.adapters.lidb.config import LiDBSpec
 from hypernet.adapters.lidb.model import LiDB
 from hypernet.adapters.lora.model import LoRA
 from hypernet.errors import Cancelled, InvalidInputError
@@ -173,20 +177,10 @@ def personalize(
 
     # 3. Rank-relaxed fast fine-tune on all the photos, from the prediction.
     t = time.perf_counter()
-    spec, lidb, relaxed, losses = runtime.spec, pred, {}, []
-    if cfg.steps > 0 and cfg.relax == "lora":
-        relaxed, losses = _fast_finetune(pipe, runtime, pred, pixels, cfg, progress, should_stop)
-    elif cfg.steps > 0:
-        spec, lidb, losses = _subspace_finetune(pipe, runtime, pred, pixels, cfg, progress, should_stop)
+    identity, losses = _finetune(pipe, pixels, runtime.spec, list(runtime.layers), pred, cfg, progress, should_stop)
     timings["finetune"] = time.perf_counter() - t
-
-    identity = Identity(
-        spec=spec, layers=list(runtime.layers), shapes=layer_shapes(pipe, runtime.layers),
-        base_fingerprint=cached_fingerprint(pipe), lidb={k: v.cpu().float() for k, v in lidb.items()},
-        relaxed=relaxed, token=cfg.token, class_noun=cfg.class_noun,
-        method=_method_name(cfg), timings=timings, relax=cfg.relax if cfg.steps > 0 else None,
-        num_photos=len(pixels), combine=cfg.combine if len(pixels) > 1 else None,
-    )
+    identity.timings = timings
+    identity.combine = cfg.combine if len(pixels) > 1 else None
     report(ProgressEvent("done", cfg.steps, cfg.steps, losses[-1] if losses else None))
     log.info("personalised from %d photo(s) in %.2fs (%s)", len(pixels), sum(timings.values()),
              ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
@@ -232,6 +226,68 @@ def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, faces: torch.Tensor
     return {k: v[0] for k, v in runtime.decode(tokens.mean(0, keepdim=True)).items()}
 
 
+def finetune(
+    pipe,
+    pixels: torch.Tensor,
+    spec: LiDBSpec,
+    pred: dict[str, torch.Tensor] | None = None,
+    *,
+    layers: list[str] | None = None,
+    config: PersonalizeConfig | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[Identity, list[float]]:
+    """The rank-relaxed fast fine-tune (step 3 of `personalize`) on its own, on any base arch.
+
+    Args:
+        pixels: (K, 3, H, W) preprocessed photos in [-1, 1] at a size the base accepts.
+        spec: the LiDB parameterisation of the prediction (`default_spec_for(pipe)` without a
+            hypernetwork).
+        pred: predicted LiDB weights {"A_train": (L, r, a), "B_train": (L, b, r)}; None starts from
+            zero, the fine-tune-only ablation, which needs no hypernetwork at all.
+        layers: the adapted layers (default: `lidb_layers(pipe, spec)`).
+        config: steps, rank, lr, relax, seed, token... (`init` is taken from `pred`).
+
+    Returns:
+        (the Identity, one loss per step); the pipeline is left clean.
+
+    Raises:
+        InvalidInputError: bad shapes or settings; Cancelled.
+    """
+    from hypernet.adapters import lidb_layers
+
+    cfg = config or PersonalizeConfig()
+    layers = lidb_layers(pipe, spec) if layers is None else list(layers)
+    if pixels.dim() != 4 or pixels.shape[1] != 3:
+        raise InvalidInputError(f"`pixels` must have shape (K, 3, H, W), got {tuple(pixels.shape)}")
+    if pred is None:
+        n = len(layers)
+        pred = {"A_train": torch.zeros(n, spec.r, spec.a), "B_train": torch.zeros(n, spec.b, spec.r)}
+        cfg = dataclasses.replace(cfg, init="zero")
+    want = {"A_train": (len(layers), spec.r, spec.a), "B_train": (len(layers), spec.b, spec.r)}
+    for k, shape in want.items():
+        if k not in pred or tuple(pred[k].shape) != shape:
+            raise InvalidInputError(f"`pred[{k!r}]` must have shape {shape}, got "
+                                    f"{tuple(pred[k].shape) if k in pred else None}")
+    return _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop)
+
+
+def _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop) -> tuple[Identity, list[float]]:
+    lidb, relaxed, losses = pred, {}, []
+    if cfg.steps > 0 and cfg.relax == "lora":
+        relaxed, losses = _fast_finetune(pipe, spec, layers, pred, pixels, cfg, progress, should_stop)
+    elif cfg.steps > 0:
+        spec, lidb, losses = _subspace_finetune(pipe, spec, layers, pred, pixels, cfg, progress, should_stop)
+    identity = Identity(
+        spec=spec, layers=list(layers), shapes=layer_shapes(pipe, layers),
+        base_fingerprint=cached_fingerprint(pipe), lidb={k: v.cpu().float() for k, v in lidb.items()},
+        relaxed=relaxed, token=cfg.token, class_noun=cfg.class_noun,
+        method=_method_name(cfg), timings={}, relax=cfg.relax if cfg.steps > 0 else None,
+        num_photos=len(pixels), combine=None,
+    )
+    return identity, losses
+
+
 def _train(pipe, params, pixels, cfg, progress, should_stop):
     data = build_train_data(pipe, pixels.to(pipe.vae.device, pipe.vae.dtype), cfg.prompt, flip=cfg.flip)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, flip=cfg.flip, log_every=0,
@@ -242,14 +298,14 @@ def _train(pipe, params, pixels, cfg, progress, should_stop):
         raise Cancelled(str(e)) from e
 
 
-def _fast_finetune(pipe, runtime, pred, pixels, cfg, progress, should_stop):
+def _fast_finetune(pipe, spec, layers, pred, pixels, cfg, progress, should_stop):
     """relax="lora": train the relaxed LoRA beside the frozen prediction; returns its weights
     (scale folded: alpha = rank) and the losses."""
-    lidb = LiDB(pipe, runtime.spec, name=PRED_ADAPTER, layers=list(runtime.layers))
+    lidb = LiDB(pipe, spec, name=PRED_ADAPTER, layers=list(layers))
     try:
         dev, dt = lidb.modules()[0].A_aux.device, lidb.modules()[0].A_aux.dtype
         lidb.use({k: v.to(dev, dt) for k, v in pred.items()})  # frozen: plain tensors, no grad
-        lora = LoRA(pipe, list(runtime.layers), r=cfg.rank, alpha=cfg.rank, name=RELAXED_ADAPTER, seed=cfg.seed)
+        lora = LoRA(pipe, list(layers), r=cfg.rank, alpha=cfg.rank, name=RELAXED_ADAPTER, seed=cfg.seed)
         result = _train(pipe, list(lora.parameters()), pixels, cfg, progress, should_stop)
         return {k: v.cpu().float() for k, v in lora.state_dict().items()}, result.losses
     finally:
@@ -257,17 +313,16 @@ def _fast_finetune(pipe, runtime, pred, pixels, cfg, progress, should_stop):
         delete_adapter(pipe, RELAXED_ADAPTER)
 
 
-def _subspace_finetune(pipe, runtime, pred, pixels, cfg, progress, should_stop):
+def _subspace_finetune(pipe, spec, layers, pred, pixels, cfg, progress, should_stop):
     """relax="subspace": train the LiDB core at rank R = `cfg.rank` inside the same frozen aux bases,
     from the prediction; returns (the rank-R spec, the trained core (L, R, a)/(L, b, R), losses)."""
-    spec = runtime.spec
     if not spec.r < cfg.rank <= min(spec.a, spec.b):
         raise InvalidInputError(
             f"`rank` must be in ({spec.r}, {min(spec.a, spec.b)}] for relax='subspace' (above the "
             f"hypernetwork's LiDB rank, at most a and b), got {cfg.rank}"
         )
     spec_r = dataclasses.replace(spec, r=cfg.rank)  # same seed, a, b: the same aux bases
-    core = LiDB(pipe, spec_r, name=RELAXED_ADAPTER, layers=list(runtime.layers))
+    core = LiDB(pipe, spec_r, name=RELAXED_ADAPTER, layers=list(layers))
     try:
         core.load_state_dict(subspace_init(pred, cfg.rank, cfg.seed))
         result = _train(pipe, list(core.parameters()), pixels, cfg, progress, should_stop)

@@ -24,8 +24,15 @@ A = TypeVar("A")  # a method's artifact class
 
 
 def pipe_resolution(pipe) -> int:
-    """The square image size the base was trained at (UNet latent size x VAE factor)."""
-    return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    """The square image size the base was trained at: the denoiser's latent size x the VAE factor
+    (UNets, SD3's transformer), else the VAE's own sample size (FLUX's transformer has none; the
+    VAE config says 1024 on FLUX.1, 64 on the tiny FLUX)."""
+    from hypernet.base.arch import denoiser
+
+    size = getattr(denoiser(pipe).config, "sample_size", None)
+    if size is None:
+        return int(pipe.vae.config.sample_size)
+    return int(size) * int(getattr(pipe, "vae_scale_factor", 8))
 
 
 def as_pixels(pipe, photos, detector: Detector = "auto") -> torch.Tensor:

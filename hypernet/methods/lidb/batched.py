@@ -1,4 +1,4 @@
-"""Many identities' LiDBs fitted together, one UNet call per step, each fit as if it ran alone.
+"""Many identities' LiDBs fitted together, one denoiser call per step, each fit as if it ran alone.
 
 Pretraining's stage 1 fits thousands of independent LiDBs. At face-world scale one identity's
 micro-batch (4 latents of 32x16x16) leaves the CPU idle between tiny kernels, so K identities share
@@ -14,6 +14,8 @@ What keeps every fit independent of the others in its chunk:
   over the packed tensors keeps each identity's own moments; the LR schedule is the same for all
   (every identity runs the same steps).
 What is left is float round-off: the UNet's kernels block a batch of 4K differently from one of 4.
+The base family's objective (`hypernet.training.objectives`: conditioning, timestep density,
+target, denoiser call) is the one `train` uses, so this works on SDXL, SD3 and FLUX too.
 
     fits = train_lidb_batch(pipe, handle, [LiDBFitData(lat, flipped, seed=7), ...], text_emb, cfg)
 """
@@ -27,9 +29,10 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from hypernet.adapters.lidb.model import LiDB, LiDBWeights
+from hypernet.base.arch import denoiser
 from hypernet.errors import InvalidInputError
 from hypernet.training.config import TrainConfig
-from hypernet.training.losses import diffusion_loss, make_noise_scheduler
+from hypernet.training.objectives import objective_for
 
 
 @dataclass
@@ -61,14 +64,16 @@ def train_lidb_batch(
     cfg: TrainConfig,
     *,
     init: LiDBWeights | None = None,
+    pooled: torch.Tensor | None = None,
 ) -> list[tuple[LiDBWeights, float]]:
-    """Fit one LiDB per item, all K of them through each UNet call.
+    """Fit one LiDB per item, all K of them through each denoiser call.
 
     Args:
         handle: an attached LiDB; its own parameters stay untouched (the fit routes packed
             weights through `handle.use`, and goes back to the parameters afterwards).
         items: the identities; every latent must have the same (C, h, w).
-        text_emb: (1, 77, D) the training prompt's embedding, shared by every sample.
+        text_emb: (1, L, D) the training prompt's embedding, shared by every sample.
+        pooled: (1, P) its pooled embedding (SDXL, SD3, FLUX; None on SD 1.x).
         cfg: the schedule each identity gets (steps, lr, batch_size, grad_accum, clipping, ...).
             `checkpoint_every` is not used: a chunk is short and is redone whole when interrupted.
         init: packed weights (L, r, a)/(L, b, r) every identity starts from; None: the handle's
@@ -88,8 +93,10 @@ def train_lidb_batch(
     if len(shapes) != 1:
         raise InvalidInputError(f"every item's latents must have one (C, h, w), got {sorted(shapes)}")
     if text_emb.dim() != 3 or text_emb.shape[0] != 1:
-        raise InvalidInputError(f"`text_emb` must have shape (1, 77, D), got {tuple(text_emb.shape)}")
-    unet = pipe.unet
+        raise InvalidInputError(f"`text_emb` must have shape (1, L, D), got {tuple(text_emb.shape)}")
+    if pooled is not None and (pooled.dim() != 2 or pooled.shape[0] != 1):
+        raise InvalidInputError(f"`pooled` must have shape (1, P), got {tuple(pooled.shape)}")
+    unet = denoiser(pipe)
     device = next(unet.parameters()).device
     start = handle.state_dict() if init is None else init
     K = len(items)
@@ -99,7 +106,7 @@ def train_lidb_batch(
     opt = torch.optim.AdamW([A, B], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
-    run = _ChunkRun(pipe, items, text_emb.to(device), cfg, device)
+    run = _ChunkRun(pipe, items, text_emb.to(device), None if pooled is None else pooled.to(device), cfg, device)
     saved = [(p, p.requires_grad) for p in unet.parameters()]
     gc_before = bool(getattr(unet, "is_gradient_checkpointing", False))
     losses = torch.zeros(cfg.steps, K, dtype=torch.float64)  # (steps, K)
@@ -152,11 +159,13 @@ def clip_per_identity(gA: torch.Tensor | None, gB: torch.Tensor | None, max_norm
 
 
 class _ChunkRun:
-    """The chunk's generators and the one-UNet-call loss of a micro-batch."""
+    """The chunk's generators and the one-denoiser-call loss of a micro-batch."""
 
-    def __init__(self, pipe, items: list[LiDBFitData], text_emb: torch.Tensor, cfg: TrainConfig, device):
+    def __init__(self, pipe, items: list[LiDBFitData], text_emb: torch.Tensor, pooled: torch.Tensor | None,
+                 cfg: TrainConfig, device):
         self.pipe, self.items, self.text_emb, self.cfg, self.device = pipe, items, text_emb, cfg, device
-        self.noise_scheduler = make_noise_scheduler(pipe)
+        self.pooled, self.net = pooled, denoiser(pipe)
+        self.objective = objective_for(pipe)
         self.gens = [torch.Generator(device="cpu").manual_seed(it.seed) for it in items]
         use_amp = device.type == "cuda" and cfg.mixed_precision != "no"
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
@@ -174,22 +183,23 @@ class _ChunkRun:
             mirror = torch.rand(bs, generator=g) < 0.5  # (B,)
             lat = torch.where(mirror.to(lat.device)[:, None, None, None], it.flipped[idx.to(lat.device)], lat)
         noise = torch.randn(lat.shape, generator=g, dtype=torch.float32)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bs,), generator=g)
+        t = self.objective.draw_timesteps(bs, g, lat.shape)  # (B,)
         return lat, noise, t
 
     def micro_batch_loss(self) -> torch.Tensor:
-        """(K,) per-identity mean losses of one micro-batch, all K * B samples in one UNet call."""
+        """(K,) per-identity mean losses of one micro-batch, all K * B samples in one denoiser call."""
         K, bs = len(self.items), self.cfg.batch_size
         lat, noise, t = zip(*(self._draw(k) for k in range(K)), strict=True)
         # Sample j * K + k is identity k's j-th: the order `LiDB.use`'s per-sample rows repeat in.
         lat = torch.stack(lat, 1).reshape(bs * K, *lat[0].shape[1:]).to(self.device)  # (B*K, C, h, w)
         noise = torch.stack(noise, 1).reshape(bs * K, *noise[0].shape[1:])  # (B*K, C, h, w)
         t = torch.stack(t, 1).reshape(bs * K)  # (B*K,)
-        emb = self.text_emb.expand(bs * K, -1, -1)  # (B*K, 77, D)
+        emb = self.text_emb.expand(bs * K, -1, -1)  # (B*K, L, D)
+        pooled = None if self.pooled is None else self.pooled.expand(bs * K, -1)  # (B*K, P)
         ctx = torch.autocast("cuda", dtype=self.amp_dtype) if self.use_amp else contextlib.nullcontext()
         with ctx:
-            per = diffusion_loss(self.pipe.unet, self.noise_scheduler, lat, emb, None, self.cfg.min_snr_gamma,
-                                 reduction="none", timesteps=t, noise=noise)  # (B*K,)
+            per = self.objective.loss(self.net, lat, emb, None, self.cfg.min_snr_gamma, pooled=pooled,
+                                      reduction="none", timesteps=t, noise=noise)  # (B*K,)
         return per.float().view(bs, K).mean(0)  # (K,)
 
 

@@ -35,6 +35,7 @@ def train_lidb(
     cfg: TrainConfig,
     *,
     flipped: torch.Tensor | None = None,
+    pooled: torch.Tensor | None = None,
     handle: LiDB | None = None,
     init: dict[str, torch.Tensor] | None = None,
     progress=None,
@@ -45,10 +46,11 @@ def train_lidb(
     """Fit one identity's LiDB weights to cached latents.
 
     Args:
-        latents: (N, 4, h, w) VAE latents of the identity's photos (`encode_images`).
-        text_emb: (N or 1, 77, D) embeddings of the training prompt (`encode_prompts`).
+        latents: (N, C, h, w) VAE latents of the identity's photos (`encode_images`).
+        text_emb: (N or 1, L, D) embeddings of the training prompt (`encode_conditioning`).
         spec: the LiDB parameterisation (layers, a, b, r, aux seed).
-        flipped: (N, 4, h, w) latents of the mirrored photos, for flip augmentation.
+        flipped: (N, C, h, w) latents of the mirrored photos, for flip augmentation.
+        pooled: (N or 1, P) pooled text embeddings (SDXL, SD3, FLUX; None on SD 1.x).
         handle: an attached LiDB to reuse across identities (saves re-drawing the aux bases);
             it is left attached. None: attach one for this call and remove it afterwards.
         init: packed weights to start from; None starts from the adapter's fresh init
@@ -67,7 +69,7 @@ def train_lidb(
     try:
         if init is not None:
             handle.load_state_dict(init)
-        data = TrainData(latents=latents, flipped=flipped, text_emb=text_emb)
+        data = TrainData(latents=latents, flipped=flipped, text_emb=text_emb, pooled=pooled)
         result = run_training(
             pipe,
             list(handle.parameters()),
@@ -101,6 +103,7 @@ def _fit(pipe, call: TrainCall, config: LiDBMethodConfig) -> LiDBArtifact:
         spec,
         config.train,
         flipped=data.flipped,
+        pooled=data.pooled,
         progress=call.progress,
         should_stop=call.should_stop,
         checkpoint_dir=call.checkpoint_dir,
