@@ -7,7 +7,9 @@ writers from zero tensors of the real shapes and layer names, so the byte counts
 - the LiDB file (`save_lidb`) and the hypernetwork-only identity (`Identity.save`, LiDB alone);
 - the HyperDreamBooth identity (LiDB + the rank-4 relaxed LoRA of the fast fine-tune);
 - the standard LoRA export (diffusers keys, rank r = 1: B_aux·B_train, A_train·A_aux per layer);
-- the LiDB file at the paper's a = b = 100, to show why a family's default differs from it.
+- the LiDB file at the paper's a = b = 100, to show why a family's default differs from it;
+- the hypernetwork of the family's GPU config, heads sized from that spec (parameters, outputs,
+  forward FLOPs on the meta device), and one denoiser forward's FLOPs at the native size.
 Sizes do not depend on tiny mode: both modes measure the real shapes (a few seconds).
 """
 
@@ -101,6 +103,75 @@ def base_sizes(name: str, work: Path, full: bool = True) -> dict[str, Any]:
     return out
 
 
+#: The pretraining config (pretrain/configs/) whose hypernetwork each family gets on a GPU.
+GPU_CONFIG = {"sd15": "sd15-gpu", "sdxl": "sdxl-gpu", "sd3": "sd3-gpu", "flux": "flux-gpu"}
+
+
+def hypernet_sizes(name: str) -> dict[str, Any]:
+    """The family's GPU-config hypernetwork with heads sized from the base's default LiDB spec
+    (`sized_for_base`), built and run on the meta device: parameters by part, outputs per identity,
+    fp32 bytes and forward FLOPs (torch's FlopCounterMode; one photo at the encoder's size)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hypernet.base.real_configs import arch_of, meta_base
+    from hypernet.hypernetwork import HyperNetwork, sized_for_base
+    from pretrain.config import load_config
+
+    config = GPU_CONFIG[arch_of(name)]
+    heads = sized_for_base(meta_base(name), load_config(config).stage2.model)
+    c = heads.config
+    with torch.device("meta"):
+        model = HyperNetwork(c)
+        flops = FlopCounterMode(display=False)
+        with flops:
+            out = model(torch.zeros(1, 3, c.image_size, c.image_size))
+    count = lambda mods: sum(p.numel() for m in mods for p in m.parameters())  # noqa: E731
+    head_params = model.head_weight.numel() + model.head_bias.numel()
+    total = count([model])
+    encoder = count([model.encoder, model.proj]) if model.encoder is not None else 0
+    return {
+        "config": config, "encoder": c.encoder, "image_size": c.image_size, "dim": c.dim, "depth": c.depth,
+        "layers": c.num_layers, "a": c.a, "b": c.b, "r": c.r,
+        "output_shapes": {k: list(v.shape[1:]) for k, v in out.items()},
+        "outputs_per_identity": c.output_size,
+        "params": total, "encoder_params": encoder, "head_params": head_params,
+        "decoder_params": total - encoder - head_params,
+        "fp32_bytes": total * 4, "forward_tflop": flops.get_total_flops() / 1e12,
+    }
+
+
+def denoiser_tflop(name: str) -> float:
+    """TFLOPs of one denoiser forward at the family's native size (1024 px; SD 1.5 512 px), batch 1,
+    counted on the meta device: what the GPU configs' cost estimates start from."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from hypernet.base.real_configs import BASES, arch_of, meta_denoiser
+
+    arch, cfg = arch_of(name), BASES[name][2]
+    z = torch.zeros
+    with torch.device("meta"):
+        net = meta_denoiser(name)
+        if arch == "sd15":
+            call = lambda: net(z(1, 4, 64, 64), torch.tensor([500]), encoder_hidden_states=z(1, 77, 768))  # noqa: E731
+        elif arch == "sdxl":
+            call = lambda: net(z(1, 4, 128, 128), torch.tensor([500]), encoder_hidden_states=z(1, 77, 2048),  # noqa: E731
+                               added_cond_kwargs={"text_embeds": z(1, 1280), "time_ids": z(1, 6)})
+        elif arch == "sd3":  # 77 CLIP + 256 T5 tokens
+            call = lambda: net(z(1, 16, 128, 128), encoder_hidden_states=z(1, 333, 4096),  # noqa: E731
+                               pooled_projections=z(1, 2048), timestep=torch.tensor([500.0]))
+        else:  # FLUX: 64x64 packed latents = 4,096 tokens + 512 T5 tokens
+            guidance = torch.tensor([3.5]) if cfg["guidance_embeds"] else None
+            call = lambda: net(z(1, 4096, 64), encoder_hidden_states=z(1, 512, 4096),  # noqa: E731
+                               pooled_projections=z(1, 768), timestep=torch.tensor([0.5]), img_ids=z(4096, 3),
+                               txt_ids=z(512, 3), guidance=guidance)
+        flops = FlopCounterMode(display=False)
+        with flops:
+            call()
+    return flops.get_total_flops() / 1e12
+
+
 def run(ctx: BenchContext) -> Outcome:
     from hypernet.adapters.lidb.model import DEFAULT_AUX
     from hypernet.base.real_configs import BASES
@@ -109,6 +180,8 @@ def run(ctx: BenchContext) -> Outcome:
     results: dict[str, Any] = {}
     for name in BASES:
         results[name] = base_sizes(name, work)
+        results[name]["hypernetwork"] = hypernet_sizes(name)
+        results[name]["denoiser_forward_tflop"] = denoiser_tflop(name)
         log.info("bases_scale: %s %s", name, {k: results[name][k] for k in ("layers", "lidb_params", "lidb_bytes")})
     sd15 = results["sd15"]
     for r in results.values():
@@ -124,5 +197,9 @@ def run(ctx: BenchContext) -> Outcome:
         "identity stays under ~250 KB; SDXL adapts 560 layers, so 40. Every default layer is at least as wide as "
         "a and b, so no per-layer a/b is needed on these bases.",
         "Layer names are stored once in the file's metadata; on SDXL they are ~35 KB of the file.",
+        "Hypernetwork per base: the family's GPU pretraining config (pretrain/configs/*-gpu.yaml) with its output "
+        "heads sized from the base's default LiDB spec (hypernet.hypernetwork.heads.sized_for_base), built and run "
+        "on the meta device; its outputs per identity are exactly the LiDB's parameters. FLOPs: torch "
+        "FlopCounterMode (matmul/conv/attention), batch 1, on the meta device.",
     ]
     return Outcome(settings, results, notes)

@@ -219,6 +219,22 @@ def _bases(doc: dict, out: Path) -> list[str]:
     kinds = sorted({k for r in res.values() for k in r["layers_by_projection"]})
     rows = [[name] + [r["layers_by_projection"].get(k, 0) for k in kinds] for name, r in res.items()]
     lines += ["Adapted layers per projection:", "", table(["base", *kinds], rows), ""]
+    if all("hypernetwork" in r for r in res.values()):
+        rows = []
+        for name, r in res.items():
+            h = r["hypernetwork"]
+            shapes = " / ".join("x".join(map(str, v)) for v in h["output_shapes"].values())
+            rows.append([name, h["config"], f"{h['layers']} x (r={h['r']}, a={h['a']}, b={h['b']})", shapes,
+                         f"{h['outputs_per_identity']:,}", f"{h['params']:,}", f"{h['encoder_params']:,}",
+                         f"{h['decoder_params']:,}", f"{h['head_params']:,}", fb(h["fp32_bytes"]),
+                         f"{h['forward_tflop']:.2f}", f"{r['denoiser_forward_tflop']:.2f}"])
+        lines += ["Hypernetwork per base (meta device): the family's GPU pretraining config, output heads sized from "
+                  "the base's default LiDB spec, so it predicts exactly the A_train / B_train a trained LiDB of that "
+                  "base saves. Denoiser FLOPs: one forward at the native size (SD 1.5 512 px, others 1024 px), "
+                  "what the GPU configs' cost estimates start from.", "",
+                  table(["base", "config", "heads: layers x (r, a, b)", "output A / B per identity",
+                         "outputs per identity", "hypernetwork params", "encoder", "decoder", "heads", "fp32",
+                         "hypernetwork fwd TFLOP", "denoiser fwd TFLOP"], rows), ""]
     return lines
 
 

@@ -2,8 +2,12 @@
 
     prepared/
       index.json                  corpus, split, per identity its (shard, row) pairs, skipped photos
-      prompts.safetensors         text_emb (1, 77, D) of the identity prompt
-      shard-00000.safetensors     pixels (n, 3, R, R) uint8, latents / latents_flip (n, 4, R/8, R/8)
+      prompts.safetensors         text_emb (1, T, D) of the identity prompt (+ pooled (1, P): SDXL, SD3, FLUX)
+      shard-00000.safetensors     pixels (n, 3, R, R) uint8, latents / latents_flip (n, C, R/8, R/8)
+
+The conditioning is the base family's (`hypernet.training.objectives`): SD 1.x CLIP states (77
+tokens); SDXL both CLIPs' (77) + pooled; SD3 CLIPs + T5 (333) + pooled; FLUX T5 (512) + CLIP pooled.
+Latents have the VAE's C channels (4; SD3/FLUX 16), normalised with its shift and scale.
 
 Pixels are stored as uint8: `hypernet.photos.preprocess` returns x/127.5 - 1 of 8-bit values, so
 this is lossless and 4x smaller than fp32 (it matters at 512 px). Readers memory-map shards, so
@@ -91,7 +95,7 @@ class PreparedData:
         return h.get_slice(key)[row : row + 1][0]
 
     def latents(self, rows: list[tuple[int, int]], flip: bool = False) -> torch.Tensor:
-        """(n, 4, h, w) float32 latents of `rows` (mirrored photos when `flip`)."""
+        """(n, C, h, w) float32 latents of `rows` (mirrored photos when `flip`)."""
         key = "latents_flip" if flip else "latents"
         return torch.stack([self._get(s, key, r) for s, r in rows])
 
@@ -100,9 +104,14 @@ class PreparedData:
         return uint8_to_pixels(torch.stack([self._get(s, "pixels", r) for s, r in rows]))
 
     def text_emb(self) -> torch.Tensor:
-        """(1, 77, D) embeddings of the identity prompt."""
+        """(1, T, D) embeddings of the identity prompt."""
         with safe_open(str(self.root / PROMPTS), framework="pt") as f:
             return f.get_tensor("text_emb")
+
+    def pooled(self) -> torch.Tensor | None:
+        """(1, P) pooled embedding of the identity prompt, or None (SD 1.x has none)."""
+        with safe_open(str(self.root / PROMPTS), framework="pt") as f:
+            return f.get_tensor("pooled") if "pooled" in f.keys() else None
 
 
 __all__ = ["INDEX", "PROMPTS", "PreparedData", "pixels_to_uint8", "read_shard_meta", "shard_name",

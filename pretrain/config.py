@@ -162,6 +162,11 @@ class PretrainConfig:
     """The whole pipeline: prepare -> stage1 -> stage2 -> export."""
 
     base: str | None = field(default=None, metadata={"help": "diffusers dir; None: the embedded tiny base"})
+    arch: Literal["sd15", "sdxl", "sd3", "flux"] | None = field(
+        default=None,
+        metadata={"help": "the base family this config is for; the run refuses a base of another family "
+                          "(None: any). Not part of any stage's cache key: the base itself is"},
+    )
     device: str = field(default="auto", metadata={"help": "auto: cuda:LOCAL_RANK when present, else cpu"})
     dist_timeout_min: float = field(default=120.0, metadata={"help": "collective timeout (stage 1 is uneven)"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads per rank (None: torch's)"})

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
 from pretrain.config import PretrainConfig, dump_config
 from pretrain.distributed import DistInfo
@@ -55,9 +56,27 @@ class RunContext:
             from hypernet.base import load_pipeline
 
             self._pipe = load_pipeline(self.base_path, device=self.dist.device, dtype="fp32")
-            for m in (self._pipe.unet, self._pipe.vae, self._pipe.text_encoder):
-                m.requires_grad_(False).eval()
+            for m in self._pipe.components.values():  # denoiser, VAE, every text encoder
+                if isinstance(m, torch.nn.Module):
+                    m.requires_grad_(False).eval()
+            self._check_arch()
         return self._pipe
+
+    def arch(self) -> str:
+        """The base's family: "sd15", "sdxl", "sd3" or "flux" (`hypernet.base.arch`)."""
+        from hypernet.base.arch import pipeline_arch
+
+        return pipeline_arch(self.pipe())
+
+    def _check_arch(self) -> None:
+        from hypernet.base.arch import pipeline_arch
+
+        want, got = self.cfg.arch, pipeline_arch(self._pipe)
+        if want is not None and want != got:
+            raise InvalidInputError(
+                f"`base` must be a {want!r} pipeline for this config (its `arch`), got a {got!r} base at "
+                f"{self.base_path}; use the {got} config or another --base"
+            )
 
     def fingerprint(self) -> str:
         """The base's fingerprint (cached: adapters attached later do not change it)."""
@@ -71,8 +90,13 @@ class RunContext:
         """The training/prediction size: configured, else the base's native one."""
         if self.cfg.data.resolution:
             return self.cfg.data.resolution
+        from hypernet.base.arch import denoiser
+
         pipe = self.pipe()
-        return int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        latent = getattr(denoiser(pipe).config, "sample_size", None)  # UNet, SD3: the latent side
+        if latent is None:  # FLUX's transformer has none: its VAE's image size
+            return int(pipe.vae.config.sample_size)
+        return int(latent * pipe.vae_scale_factor)
 
     def write_config(self) -> None:
         """Record the resolved config next to the outputs (rank 0)."""

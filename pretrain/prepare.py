@@ -19,7 +19,7 @@ from tqdm import tqdm
 from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
 from hypernet.photos import decode_image, preprocess
-from hypernet.training.data import encode_images, encode_prompts
+from hypernet.training.data import encode_images
 from pretrain.cache import INDEX, PROMPTS, read_shard_meta, shard_name, write_shard
 from pretrain.config import LFW, PREPARE_FREE_FIELDS
 from pretrain.context import RunContext
@@ -105,11 +105,18 @@ def _process_shard(ctx: RunContext, refs: list[PhotoRef], path, key: str, res: i
 
 
 def _write_prompts(ctx: RunContext) -> None:
+    """The prompt's conditioning as the base family's objective makes it (SD 1.x: exactly
+    `encode_prompts`, no pooled vector)."""
     from safetensors.torch import save as st_save
 
-    emb = encode_prompts(ctx.pipe(), [ctx.cfg.data.prompt]).cpu().contiguous()  # (1, 77, D)
-    atomic_write_bytes(ctx.prepared_dir / PROMPTS,
-                       st_save({"text_emb": emb}, metadata={"prompt": ctx.cfg.data.prompt}))
+    from hypernet.training.objectives import objective_for
+
+    pipe = ctx.pipe()
+    emb, pooled = objective_for(pipe).encode_prompts(pipe, [ctx.cfg.data.prompt])  # (1, T, D), (1, P) | None
+    tensors = {"text_emb": emb.cpu().contiguous()}
+    if pooled is not None:
+        tensors["pooled"] = pooled.cpu().contiguous()
+    atomic_write_bytes(ctx.prepared_dir / PROMPTS, st_save(tensors, metadata={"prompt": ctx.cfg.data.prompt}))
 
 
 def _write_index(ctx: RunContext, corpus: str, key: str, res: int, shards: list, val_ids: set) -> None:

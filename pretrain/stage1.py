@@ -2,7 +2,7 @@
 
 Which identities: `data.max_identities` of the prepared ones, a seeded, nested sample
 (`pretrain.corpus.select_identities`), dealt round-robin to ranks in that order. Each rank fits
-its list in fixed chunks of `stage1.identities_per_call` (K) identities, all K through one UNet
+its list in fixed chunks of `stage1.identities_per_call` (K) identities, all K through one denoiser
 call per step (`hypernet.methods.lidb.train_lidb_batch`: each keeps its own loss, clipping and
 AdamW state, so a result matches a fit alone up to float round-off). As soon as a chunk finishes
 each result is written atomically as `identities/<slug>.safetensors` (the standard LiDB file,
@@ -99,12 +99,12 @@ def run_stage1(ctx: RunContext) -> None:
     # One handle per rank (aux bases drawn once); every chunk starts from its fresh init.
     handle = LiDB(ctx.pipe(), spec, name="stage1", layers=layers)
     init = handle.state_dict()
-    text_emb = data.text_emb()  # (1, 77, D)
+    text_emb, pooled = data.text_emb(), data.pooled()  # (1, T, D), (1, P) or None (SD 1.x)
     t0, done = time.monotonic(), 0
     try:
         with tqdm(total=n_todo, desc="stage1", unit="identity", disable=not ctx.dist.is_main) as bar:
             for chunk in todo:
-                _fit_chunk(ctx, data, chunk, spec, layers, text_emb, tkey, handle, init)
+                _fit_chunk(ctx, data, chunk, spec, layers, (text_emb, pooled), tkey, handle, init)
                 done += len(chunk)
                 bar.update(len(chunk))
                 if ctx.dist.is_main:
@@ -132,7 +132,7 @@ def _done(path: Path, key: str) -> bool:
         return False  # torn or foreign file: redo it
 
 
-def _fit_chunk(ctx, data, chunk, spec, layers, text_emb, key, handle, init) -> None:
+def _fit_chunk(ctx, data, chunk, spec, layers, cond, key, handle, init) -> None:
     """Fit `chunk` together (each identity seeded by its name) and write the files missing.
 
     A chunk cut short is refitted whole, never regrouped, so every file a restart writes is
@@ -146,7 +146,9 @@ def _fit_chunk(ctx, data, chunk, spec, layers, text_emb, key, handle, init) -> N
         rows = data.rows(ident)
         items.append(LiDBFitData(data.latents(rows).to(dev), data.latents(rows, flip=True).to(dev),
                                  seed=step_seed(c.seed, *ident.encode()) % 2**31))
-    fits = train_lidb_batch(ctx.pipe(), handle, items, text_emb.to(dev), c, init=init)
+    text_emb, pooled = cond
+    extra = {} if pooled is None else {"pooled": pooled.to(dev)}  # SD 1.x: no pooled text
+    fits = train_lidb_batch(ctx.pipe(), handle, items, text_emb.to(dev), c, init=init, **extra)
     for ident, (weights, final_loss) in zip(chunk, fits, strict=True):
         path = _path(ctx, ident)
         if _done(path, key):

@@ -1,6 +1,8 @@
 """Stage `stage2`: train the hypernetwork on (photo, stage-1 LiDB) pairs under DDP.
 
     loss = alpha * diffusion loss of the base with the *predicted* LiDB on the same photo
+           (the base family's objective, `hypernet.training.objectives`: epsilon/v on SD 1.x and
+           SDXL, flow matching on SD3 and FLUX)
          + beta  * mean squared error to the stage-1 LiDB of that identity
 
 With an identity-conditioned model (`stage2.model.condition` "identity"/"both") the condition
@@ -26,13 +28,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from hypernet.adapters.lidb.model import LiDB
+from hypernet.base.arch import denoiser
 from hypernet.errors import InvalidInputError
 from hypernet.files import atomic_write_bytes
 from hypernet.hypernetwork.config import HypernetConfig
 from hypernet.hypernetwork.export import HypernetInfo, save_hypernet
 from hypernet.hypernetwork.losses import hypernet_loss, weight_mse
 from hypernet.hypernetwork.model import HyperNetwork
-from hypernet.training.losses import diffusion_loss, make_noise_scheduler
+from hypernet.training.objectives import objective_for
 from pretrain.cache import PreparedData
 from pretrain.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from pretrain.context import RunContext
@@ -124,7 +127,9 @@ class Stage2Recipe:
 
             self.emb = FaceEmbeddings(self.ctx.prepared_dir, embeddings_key(self.ctx))
         self.stream = SampleStream(len(self.samples["train"]), self.cfg.seed, self.ctx.cfg.data.flip)
-        self.text_emb = self.data.text_emb().to(self.dist.device)  # (1, 77, D)
+        self.text_emb = self.data.text_emb().to(self.dist.device)  # (1, T, D)
+        pooled = self.data.pooled()  # (1, P) or None (SD 1.x)
+        self.pooled = pooled.to(self.dist.device) if pooled is not None else None
         if self.dist.is_main:
             log.info("stage2: %d train samples (%d identities), %d val samples (%d identities)",
                      len(self.samples["train"]), self.targets["train"]["A_train"].shape[0],
@@ -135,12 +140,13 @@ class Stage2Recipe:
         self.lidb = LiDB(pipe, self.s1.spec, name="hypernet", layers=self.s1.layers)
         for p in self.lidb.parameters():
             p.requires_grad_(False)  # the prediction is routed in through `use`; these never train
-        self.unet = pipe.unet
-        self.noise_scheduler = make_noise_scheduler(pipe)
+        self.net = denoiser(pipe)  # the UNet (SD 1.x, SDXL) or the transformer (SD3, FLUX)
+        self.objective = objective_for(pipe)  # the family's noise, timesteps, target and conditioning
+        self.num_train_timesteps = int(pipe.scheduler.config.num_train_timesteps)
 
     def _setup_model(self) -> None:
         c, spec = self.cfg, self.s1.spec
-        mcfg = dataclasses.replace(c.model, num_layers=len(self.s1.layers), a=spec.a, b=spec.b, r=spec.r)
+        mcfg = c.model.for_lidb(len(self.s1.layers), spec.a, spec.b, spec.r)  # heads from stage 1's spec
         self.model_cfg = mcfg
         torch.manual_seed(c.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         self.model = HyperNetwork(mcfg).to(self.dist.device)
@@ -194,8 +200,13 @@ class Stage2Recipe:
         return self.cfg.batch_size * self.dist.world_size * self.cfg.grad_accum
 
     # 3. Training ---------------------------------------------------------------------------
+    def cond(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The prompt's conditioning for n samples: text_emb (n, T, D), pooled (n, P) or None."""
+        pooled = self.pooled.expand(n, -1) if self.pooled is not None else None
+        return self.text_emb.expand(n, -1, -1), pooled
+
     def _batch(self, pairs: list[tuple[int, bool]], split: str = "train"):
-        """-> pixels (B, 3, R, R), latents (B, 4, h, w), targets {A (B, L, r, a), B (B, L, b, r)},
+        """-> pixels (B, 3, R, R), latents (B, C, h, w), targets {A (B, L, r, a), B (B, L, b, r)},
         identity embeddings (B, 512) of the (mirrored where flipped) photos, or None (pixel condition)."""
         picked = [(self.samples[split][i], f) for i, f in pairs]
         rows = [row for (_, row), _ in picked]
@@ -203,7 +214,7 @@ class Stage2Recipe:
         pix = self.data.pixels(rows)  # (B, 3, R, R)
         pix = torch.where(flips[:, None, None, None], pix.flip(-1), pix)
         lat = torch.where(flips[:, None, None, None], self.data.latents(rows, flip=True),
-                          self.data.latents(rows))  # (B, 4, h, w)
+                          self.data.latents(rows))  # (B, C, h, w)
         tidx = torch.tensor([j for (j, _), _ in picked])
         tgt = {k: v[tidx] for k, v in self.targets[split].items()}
         dev = self.dist.device
@@ -224,8 +235,8 @@ class Stage2Recipe:
             dl = None
             if c.alpha > 0:
                 self.lidb.use(pred)
-                emb = self.text_emb.expand(lat.shape[0], -1, -1)  # (B, 77, D)
-                dl = diffusion_loss(self.unet, self.noise_scheduler, lat, emb, gen, c.min_snr_gamma)
+                emb, pooled = self.cond(lat.shape[0])  # (B, T, D), (B, P) or None
+                dl = self.objective.loss(self.net, lat, emb, gen, c.min_snr_gamma, pooled=pooled)
                 self.lidb.use(None)
         l2 = weight_mse(pred, tgt)
         loss = hypernet_loss(dl, l2, c.alpha, c.beta)
@@ -317,7 +328,7 @@ class Stage2Recipe:
         if self.ema is not None:
             self.ema.copy_to(model)
         info = HypernetInfo(self.model_cfg, self.s1.spec, self.s1.layers, self.s1.base_fingerprint,
-                            self.data.resolution)
+                            self.data.resolution, arch=self.ctx.arch())
         save_hypernet(self.ctx.stage2_dir / FINAL, model, info, extra_meta={"stage2_key": self.key})
         from pretrain.metrics import read_metrics
 

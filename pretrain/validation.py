@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 
 from hypernet.hypernetwork.losses import weight_mse, zeros_like_weights
-from hypernet.training.losses import diffusion_loss
 from pretrain.distributed import all_reduce_sum
 from pretrain.stream import step_seed
 
@@ -27,7 +26,8 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
     if not samples:
         return {}
     draws, seed = recipe.cfg.val_noise_draws, recipe.cfg.seed
-    T = recipe.noise_scheduler.config.num_train_timesteps
+    T = recipe.num_train_timesteps
+    flow = recipe.objective.flow_matching  # float timesteps in (0, T] rather than integer ones
     sums = torch.zeros(5, dtype=torch.float64)  # wmse, wmse_zero, dl, dl_zero, dl_stage1
     mine = list(range(d.rank, len(samples), d.world_size))
     was_training = model.training
@@ -40,12 +40,14 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
         sums[0] += weight_mse(pred, tgt, reduction="none").sum().item()
         sums[1] += weight_mse(zeros_like_weights(tgt), tgt, reduction="none").sum().item()
         for j in range(draws):
-            ts = torch.full((len(idx),), int((j + 0.5) / draws * T), dtype=torch.long)  # (n,)
+            t = (j + 0.5) / draws * T
+            ts = torch.full((len(idx),), t, dtype=torch.float32) if flow else \
+                torch.full((len(idx),), int(t), dtype=torch.long)  # (n,)
             noise = torch.stack([
                 torch.randn(lat.shape[1:], generator=torch.Generator().manual_seed(
                     step_seed(seed, _VAL_STREAM, i, j)))
                 for i in idx
-            ])  # (n, 4, h, w)
+            ])  # (n, C, h, w)
             sums[2] += _dl(recipe, lat, ts, noise, pred)
             sums[3] += _dl(recipe, lat, ts, noise, None)
             sums[4] += _dl(recipe, lat, ts, noise, tgt)
@@ -61,16 +63,15 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
 
 def _dl(recipe, lat, ts, noise, weights) -> float:
     """Summed per-sample diffusion loss with `weights` routed through the LiDB (None: zero adapter)."""
-    emb = recipe.text_emb.expand(lat.shape[0], -1, -1)  # (n, 77, D)
+    emb, pooled = recipe.cond(lat.shape[0])  # (n, T, D), (n, P) or None
+    kw = dict(pooled=pooled, reduction="none", timesteps=ts, noise=noise)
     with recipe.ctx.autocast():
         if weights is None:
             with recipe.lidb.disabled():
-                per = diffusion_loss(recipe.unet, recipe.noise_scheduler, lat, emb, None,
-                                     reduction="none", timesteps=ts, noise=noise)
+                per = recipe.objective.loss(recipe.net, lat, emb, None, **kw)
         else:
             recipe.lidb.use(weights)
-            per = diffusion_loss(recipe.unet, recipe.noise_scheduler, lat, emb, None,
-                                 reduction="none", timesteps=ts, noise=noise)
+            per = recipe.objective.loss(recipe.net, lat, emb, None, **kw)
             recipe.lidb.use(None)
     return float(per.float().sum())
 

@@ -13,10 +13,12 @@ from hypernet.lazy import lazy_exports
 if TYPE_CHECKING:  # the names, for type checkers and linters
     from hypernet.hypernetwork.config import HypernetConfig
     from hypernet.hypernetwork.export import HypernetInfo, export_onnx, load_hypernet, read_info, save_hypernet
+    from hypernet.hypernetwork.heads import BaseHeads, sized_for_base
     from hypernet.hypernetwork.model import HyperNetwork, pack_theta, unpack_theta
     from hypernet.hypernetwork.runtime import HypernetRuntime
 
 __all__ = [
+    "BaseHeads",
     "HyperNetwork",
     "HypernetConfig",
     "HypernetInfo",
@@ -26,11 +28,14 @@ __all__ = [
     "pack_theta",
     "read_info",
     "save_hypernet",
+    "sized_for_base",
     "unpack_theta",
 ]
 
 _HOME = {
     "HypernetConfig": "hypernet.hypernetwork.config",
+    "BaseHeads": "hypernet.hypernetwork.heads",
+    "sized_for_base": "hypernet.hypernetwork.heads",
     "HypernetInfo": "hypernet.hypernetwork.export",
     "export_onnx": "hypernet.hypernetwork.export",
     "load_hypernet": "hypernet.hypernetwork.export",

@@ -7,7 +7,7 @@ as JSON in its metadata, so loading needs no other file).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 from hypernet.errors import InvalidInputError
@@ -116,6 +116,20 @@ class HypernetConfig:
     def params_per_layer(self) -> int:
         """P = r*a + b*r: one layer's (A_train, B_train) flattened."""
         return self.r * self.a + self.b * self.r
+
+    @property
+    def output_size(self) -> int:
+        """Values predicted per identity, L * P: exactly a trained LiDB's A_train + B_train."""
+        return self.num_layers * self.params_per_layer
+
+    def for_lidb(self, num_layers: int, a: int, b: int, r: int) -> HypernetConfig:
+        """This architecture with output heads sized for a LiDB of `num_layers` layers x (r, a, b).
+
+        The heads are never configured by hand: they follow the base's LiDB spec
+        (`hypernet.hypernetwork.heads.sized_for_base`), so the hypernetwork outputs exactly the
+        weights a trained LiDB of that base saves.
+        """
+        return replace(self, num_layers=num_layers, a=a, b=b, r=r)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

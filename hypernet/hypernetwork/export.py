@@ -49,9 +49,12 @@ class HypernetInfo:
     base_fingerprint: str
     resolution: int
     metadata: dict[str, str] = field(default_factory=dict)
+    #: The base family it predicts for (`hypernet.base.arch.ARCHS`). Files written before other
+    #: families existed lack the key: they were all trained on SD 1.x/2.x.
+    arch: str = "sd15"
 
     def to_metadata(self) -> dict[str, str]:
-        extra = {"config": self.config.to_json(), "resolution": str(self.resolution)}
+        extra = {"config": self.config.to_json(), "resolution": str(self.resolution), "arch": self.arch}
         return encode_metadata(self.spec, self.layers, self.base_fingerprint, fmt=FORMAT, extra=extra)
 
     @classmethod
@@ -70,9 +73,14 @@ class HypernetInfo:
             base_fingerprint=meta["base_fingerprint"],
             resolution=int(meta["resolution"]),
             metadata=dict(meta),
+            arch=meta.get("arch", "sd15"),
         )
 
     def check(self) -> None:
+        from hypernet.base.arch import ARCHS
+
+        if self.arch not in ARCHS:
+            raise InvalidInputError(f"hypernetwork `arch` must be one of {ARCHS}, got {self.arch!r}")
         c = self.config
         if (c.num_layers, c.a, c.b, c.r) != (len(self.layers), self.spec.a, self.spec.b, self.spec.r):
             raise InvalidInputError(

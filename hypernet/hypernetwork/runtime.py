@@ -143,11 +143,28 @@ class HypernetRuntime:
         log.info("hypernetwork %s on onnxruntime (%s)", path, session.get_providers()[0])
         return cls(info, "onnx", dev, session=session, torch_path=torch_path)
 
+    @property
+    def arch(self) -> str:
+        """The base family it was trained for: "sd15", "sdxl", "sd3" or "flux"."""
+        return self.info.arch
+
     def check_base(self, pipe) -> None:
-        """Raise `IncompatibleAdapterError` unless `pipe` is the base this was trained for."""
+        """Raise `IncompatibleAdapterError` unless `pipe` is the base this was trained for.
+
+        The family is checked first, so a hypernetwork of another family (say an SDXL one given
+        a FLUX base) is named as such rather than as a fingerprint mismatch.
+        """
         from hypernet.adapters.lidb.model import lidb_layers
+        from hypernet.base.arch import pipeline_arch
         from hypernet.base.loading import base_fingerprint
 
+        arch = pipeline_arch(pipe)
+        if arch != self.arch:
+            raise IncompatibleAdapterError(
+                f"hypernetwork must be used with a base of the family it was trained for ({self.arch!r}, "
+                f"{len(self.layers)} LiDB layers), got a {arch!r} base; pretrain one for this base "
+                f"(hdb pretrain all --config <{arch} config> --base DIR)"
+            )
         fp = base_fingerprint(pipe)
         if fp != self.base_fingerprint:
             raise IncompatibleAdapterError(

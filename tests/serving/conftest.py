@@ -17,22 +17,20 @@ import torch
 def random_hypernet_dir(base_dir: Path, out: Path) -> Path:
     """An untrained hypernetwork export for the base at `base_dir` (any family; weights random
     but fixed), written into `out`."""
-    from hypernet.adapters import default_spec_for, lidb_layers
     from hypernet.base import load_pipeline
     from hypernet.base.arch import default_size
     from hypernet.hypernetwork import HypernetConfig, HypernetInfo, HyperNetwork, save_hypernet
+    from hypernet.hypernetwork.heads import sized_for_base
     from hypernet.identity import cached_fingerprint
 
     pipe = load_pipeline(base_dir, device="cpu", dtype="fp32")
-    spec = default_spec_for(pipe)
-    layers = lidb_layers(pipe, spec)
-    cfg = HypernetConfig(num_layers=len(layers), a=spec.a, b=spec.b, r=spec.r, dim=32, depth=1,
-                         heads=2, iterations=2, head_init_std=0.05,
-                         encoder_kwargs={"patch_size": 16, "depth": 1})
+    heads = sized_for_base(pipe, HypernetConfig(dim=32, depth=1, heads=2, iterations=2, head_init_std=0.05,
+                                                encoder_kwargs={"patch_size": 16, "depth": 1}))
     torch.manual_seed(0)
-    info = HypernetInfo(config=cfg, spec=spec, layers=layers,
-                        base_fingerprint=cached_fingerprint(pipe), resolution=default_size(pipe))
-    save_hypernet(out / "hypernet.safetensors", HyperNetwork(cfg), info)
+    info = HypernetInfo(config=heads.config, spec=heads.spec, layers=heads.layers,
+                        base_fingerprint=cached_fingerprint(pipe), resolution=default_size(pipe),
+                        arch=heads.arch)
+    save_hypernet(out / "hypernet.safetensors", HyperNetwork(heads.config), info)
     return out
 
 
