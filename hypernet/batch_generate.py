@@ -52,7 +52,7 @@ class GenRequest:
                             self.height, self.width, self.num_images, None, arch)
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one UNet call. The LiDB rank is not part of it: cores
+        """Requests with equal keys can share one denoiser call. The LiDB rank is not part of it: cores
         of different ranks (a subspace-relaxed identity beside a rank-1 one) are zero-padded."""
         spec = _bases_spec(self.identity.spec).to_json() if self.identity else None
         layers = tuple(self.identity.layers) if self.identity else None

@@ -54,7 +54,12 @@ def default_scheduler(arch: Arch) -> str:
 
 def make_scheduler(pipe, name: str | None = None):
     """An inference scheduler named `name` (None: the arch's default), built from the base's own
-    noise-schedule config. A fresh object, so a call never shares step state with the pipeline's."""
+    noise-schedule config: a fresh object (so a call never shares step state with the pipeline's
+    scheduler), except for "base", which is the pipeline's own.
+
+    Raises:
+        InvalidInputError: a name the base's family does not sample with (`schedulers_for`).
+    """
     arch = pipeline_arch(pipe)
     name = default_scheduler(arch) if name is None else name
     cfg = pipe.scheduler.config
