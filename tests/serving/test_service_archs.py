@@ -126,6 +126,7 @@ def test_sizes_are_checked_against_the_family(client, arch):
     assert (im.width, im.height) == (TINY_RESOLUTION + m, TINY_RESOLUTION)
 
 
+@pytest.mark.timeout(900)  # a fresh process imports torch and diffusers: slow on a busy 2-core machine
 def test_hdb_serve_on_a_flux_base_without_a_hypernetwork(tmp_path, photo_bytes):
     """`hdb serve --base FLUX_DIR` (no --hypernet), the real command in a subprocess: the base's
     family and size in GetServerInfo; the embedded default hypernetwork belongs to the tiny SD 1.x
@@ -136,7 +137,8 @@ def test_hdb_serve_on_a_flux_base_without_a_hypernetwork(tmp_path, photo_bytes):
     proc, port, logs = start_serve_process(tmp_path, base, env={"HDB_CACHE_DIR": str(cache)})
     try:
         with HdbClient(f"localhost:{port}") as c:
-            wait_until(lambda: _health(c) == "SERVING" or proc.poll() is not None, timeout=300, what="SERVING")
+            wait_until(lambda: _health(c) == "SERVING" or proc.poll() is not None, timeout=600,
+                       what="SERVING")
             assert _health(c) == "SERVING", "".join(logs[-20:])
             info = c.server_info()
             assert info.base_arch == pb.BASE_ARCH_FLUX and info.default_size == TINY_RESOLUTION
