@@ -136,10 +136,12 @@ class TrainCall:
         }
 
 
-def personaliser(config_cls: type[C], fit: Callable[[Any, TrainCall, C], A]) -> Callable[..., A]:
+def personaliser(config_cls: type[C], fit: Callable[[Any, TrainCall, C], A], kind: str | None = None
+                 ) -> Callable[..., A]:
     """A method's public `train` (the `Personaliser` signature) around its `fit(pipe, call, config)`.
 
-    The signature, the default config, the token check and the clock are the same for every
+    The signature, the default config, the token check, the base-arch check (`kind`: the method's
+    registry name, see `hypernet.methods.base.METHOD_ARCHS`) and the clock are the same for every
     method, so they live here once; the returned function carries `fit`'s docstring.
     """
 
@@ -157,6 +159,10 @@ def personaliser(config_cls: type[C], fit: Callable[[Any, TrainCall, C], A]) -> 
     ) -> A:
         config = config or config_cls()
         check_token(token, class_noun)
+        if kind is not None:
+            from hypernet.methods.base import check_method_arch
+
+            check_method_arch(kind, pipe)
         return fit(pipe, TrainCall(photos, token, class_noun, detector, progress, should_stop, checkpoint_dir), config)
 
     train.__doc__, train.__module__, train.__qualname__ = fit.__doc__, fit.__module__, "train"

@@ -65,6 +65,11 @@ class Method:
     train: Personaliser
     artifact_cls: type
 
+    @property
+    def archs(self) -> tuple[str, ...]:
+        """The base archs this method trains on (`METHOD_ARCHS`)."""
+        return METHOD_ARCHS[self.name]
+
 
 #: name -> module exporting METHOD (a `Method`); imported on first use (diffusers is slow to import).
 _REGISTRY = {
@@ -74,6 +79,50 @@ _REGISTRY = {
     "lidb": "hypernet.methods.lidb",
 }
 METHOD_NAMES = tuple(_REGISTRY)
+
+_ALL_ARCHS = ("sd15", "sdxl", "sd3", "flux")  # hypernet.base.arch.ARCHS (not imported: no torch here)
+#: method -> the base archs (`hypernet.base.arch.pipeline_arch`) it trains on.
+METHOD_ARCHS: dict[str, tuple[str, ...]] = {
+    "dreambooth": ("sd15", "sdxl"),
+    "textual-inversion": ("sd15", "sdxl"),
+    "lora": _ALL_ARCHS,
+    "lidb": _ALL_ARCHS,
+}
+#: Why a method is refused on the archs it lacks (the error says it).
+_REFUSED_BECAUSE = {
+    "dreambooth": "full DreamBooth of a 12B transformer is not a product here (a copy of every denoiser weight "
+                  "per person); use lidb or lora",
+    "textual-inversion": "their prompts go mostly through T5, which a CLIP token embedding does not reach; "
+                         "use lidb or lora",
+}
+
+
+def methods_for(arch: str) -> tuple[str, ...]:
+    """The methods that train on base `arch` ("sd15", "sdxl", "sd3", "flux"), in registry order.
+
+    Raises:
+        InvalidInputError: unknown arch.
+    """
+    if arch not in _ALL_ARCHS:
+        raise InvalidInputError(f"`arch` must be one of {list(_ALL_ARCHS)}, got {arch!r}")
+    return tuple(m for m in METHOD_NAMES if arch in METHOD_ARCHS[m])
+
+
+def check_method_arch(name: str, pipe) -> str:
+    """The pipeline's arch if method `name` trains on it.
+
+    Raises:
+        InvalidInputError: the method does not support that base, saying why.
+    """
+    from hypernet.base.arch import pipeline_arch
+
+    arch = pipeline_arch(pipe)
+    if arch not in METHOD_ARCHS[name]:
+        raise InvalidInputError(
+            f"`method` {name!r} must run on a {' or '.join(METHOD_ARCHS[name])} base, got a {arch} base: "
+            f"{_REFUSED_BECAUSE[name]}"
+        )
+    return arch
 
 
 def get_method(name: str) -> Method:

@@ -30,7 +30,17 @@ KIND = "dreambooth"
 
 
 def _fit(pipe, call: TrainCall, config: DreamBoothMethodConfig) -> DreamBoothArtifact:
-    """Fine-tune copies of the UNet (and text encoder) of `pipe` on photos of one person."""
+    """Fine-tune copies of the UNet (and text encoder) of `pipe` on photos of one person.
+
+    SD 1.x/2.x and SDXL (UNet only: `train_text_encoder` is refused there); SD3/FLUX are refused
+    before this runs (`hypernet.methods.base.METHOD_ARCHS`).
+    """
+    from hypernet.base.arch import pipeline_arch
+
+    if config.train_text_encoder and pipeline_arch(pipe) != "sd15":
+        raise InvalidInputError(
+            f"`train_text_encoder` must be False on a {pipeline_arch(pipe)} base (DreamBooth tunes its UNet only "
+            "there), got True")
     res = pipe_resolution(pipe)
     pixels = call.pixels(pipe)  # (N, 3, R, R)
     prompt = call.prompt(config.prompt)
@@ -73,7 +83,7 @@ def _fit(pipe, call: TrainCall, config: DreamBoothMethodConfig) -> DreamBoothArt
     return DreamBoothArtifact(unet, text_encoder, meta, base=pipe)
 
 
-train = personaliser(DreamBoothMethodConfig, _fit)
+train = personaliser(DreamBoothMethodConfig, _fit, KIND)
 
 
 class DreamBoothArtifact:
@@ -98,7 +108,11 @@ class DreamBoothArtifact:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            if self._base is not None:
+            if self._base is not None and not isinstance(self._base, StableDiffusionPipeline):
+                # SDXL: the base's own pipeline class with our UNet (its text encoders are frozen)
+                type(self._base)(**{**self._base.components, "unet": self.unet}).save_pretrained(
+                    str(tmp), safe_serialization=True)
+            elif self._base is not None:
                 b = self._base
                 pipe = StableDiffusionPipeline(
                     vae=b.vae,

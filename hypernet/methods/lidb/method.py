@@ -112,7 +112,7 @@ def _fit(pipe, call: TrainCall, config: LiDBMethodConfig) -> LiDBArtifact:
     return LiDBArtifact(weights, spec, lidb_layers(pipe, spec), base_fingerprint(pipe), meta)
 
 
-train = personaliser(LiDBMethodConfig, _fit)
+train = personaliser(LiDBMethodConfig, _fit, KIND)
 
 
 class LiDBArtifact:

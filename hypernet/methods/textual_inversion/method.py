@@ -1,6 +1,13 @@
 """Textual Inversion: learn 1..k token embeddings, initialised from the class noun; nothing else
 trains. The artifact is the diffusers embedding file ({token: (k, D)}) that stock
 `pipe.load_textual_inversion()` reads; multi-vector tokens expand to "tok tok_1 ... tok_{k-1}".
+
+On SDXL the token is learnt in BOTH text encoders (each its own (k, D_i) vectors, trained
+together through SDXL's conditioning), and the file is the SDXL embedding layout
+{"clip_l": (k, 768), "clip_g": (k, 1280)} that stock diffusers loads with one
+`load_textual_inversion(file["clip_l"], token=..., text_encoder=pipe.text_encoder,
+tokenizer=pipe.tokenizer)` per encoder (`clip_g` into `text_encoder_2`/`tokenizer_2`).
+SD3/FLUX are refused (`hypernet.methods.base.METHOD_ARCHS`).
 """
 
 from __future__ import annotations
@@ -51,73 +58,99 @@ def token_names(token: str, k: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, k)]
 
 
-def _class_init(pipe, class_noun: str, k: int) -> torch.Tensor:
-    """(k, D) copies of the class noun's embedding (the mean over its BPE pieces)."""
-    ids = pipe.tokenizer(class_noun, add_special_tokens=False).input_ids
-    emb = pipe.text_encoder.get_input_embeddings().weight
+#: SDXL embedding file keys, in `_encoders` order.
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+def _encoders(pipe) -> list[tuple]:
+    """(tokenizer, text encoder) pairs the token is learnt in: one on SD 1.x, both CLIPs on SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def _class_init(pipe, class_noun: str, k: int, tok=None, te=None) -> torch.Tensor:
+    """(k, D) copies of the class noun's embedding (the mean over its BPE pieces) in encoder `te`
+    with tokenizer `tok` (default the pipeline's first)."""
+    tok, te = tok or pipe.tokenizer, te or pipe.text_encoder
+    ids = tok(class_noun, add_special_tokens=False).input_ids
+    emb = te.get_input_embeddings().weight
     return emb[ids].detach().float().mean(0, keepdim=True).repeat(k, 1)
 
 
 def _fit(pipe, call: TrainCall, config: TIMethodConfig) -> TIArtifact:
-    """Learn `config.num_vectors` embeddings for `token`; the pipeline is left as it was."""
+    """Learn `config.num_vectors` embeddings for `token` (in each text encoder); the pipeline is
+    left as it was."""
     token, class_noun = call.token, call.class_noun
     tokens = token_names(token, config.num_vectors)
-    tok, te = pipe.tokenizer, pipe.text_encoder
-    if any(t in tok.get_added_vocab() for t in tokens):
+    pairs = _encoders(pipe)
+    if any(t in tok.get_added_vocab() for tok, _ in pairs for t in tokens):
         raise InvalidInputError(f"`token` must not already be an added token of this pipeline, got {token!r}")
     pixels = call.pixels(pipe)  # (N, 3, R, R)
     prompt = call.prompt(config.prompt)
-    init = _class_init(pipe, class_noun, config.num_vectors)  # (k, D)
+    inits = [_class_init(pipe, class_noun, config.num_vectors, tok, te) for tok, te in pairs]  # (k, D_i) each
     # resizing (and diffusers' unload) make new embedding modules, trainable by default: put the
-    # caller's flag back afterwards, so the pipeline is left exactly as it was
-    was_trainable = te.get_input_embeddings().weight.requires_grad
-    tok.add_tokens(tokens)
+    # caller's flags back afterwards, so the pipeline is left exactly as it was
+    was_trainable = [te.get_input_embeddings().weight.requires_grad for _, te in pairs]
+    rows = []
     try:
-        te.resize_token_embeddings(len(tok), mean_resizing=False)
-        ids = tok.convert_tokens_to_ids(tokens)
-        rows = _TokenRows(te.get_input_embeddings(), ids, init)
-        te.set_input_embeddings(rows)
+        for (tok, te), init in zip(pairs, inits, strict=True):
+            tok.add_tokens(tokens)
+            te.resize_token_embeddings(len(tok), mean_resizing=False)
+            rows.append(_TokenRows(te.get_input_embeddings(), tok.convert_tokens_to_ids(tokens), init))
+            te.set_input_embeddings(rows[-1])
         # "ohwx" -> "ohwx ohwx_1 ..." exactly as the pipeline expands it at generation time.
-        expanded = pipe.maybe_convert_prompt(prompt, tok)
+        expanded = pipe.maybe_convert_prompt(prompt, pipe.tokenizer)
         data = TrainData(
             latents=encode_images(pipe, pixels),
             flipped=encode_images(pipe, pixels, flip=True) if config.train.flip else None,
-            input_ids=tokenize(pipe, expanded),
+            input_ids=tokenize(pipe, expanded),  # (1, 77) or SDXL's (1, 2, 77)
         )
-        result = call.fit(pipe, [rows.vectors], data, config.train, text_encoder_trains=True, stage="textual-inversion")
-        vectors = rows.vectors.detach().to("cpu", torch.float32).clone()
+        result = call.fit(pipe, [r.vectors for r in rows], data, config.train, text_encoder_trains=True,
+                          stage="textual-inversion")
+        vectors = [r.vectors.detach().to("cpu", torch.float32).clone() for r in rows]
     finally:
-        current = te.get_input_embeddings()
-        if isinstance(current, _TokenRows):
-            te.set_input_embeddings(current.base)
-        _drop_tokens(pipe, tokens)
-        te.get_input_embeddings().weight.requires_grad_(was_trainable)
-    return TIArtifact(token, vectors, call.metadata(KIND, prompt, result.losses[-1], config))
+        for (tok, te), flag in zip(pairs, was_trainable, strict=True):
+            current = te.get_input_embeddings()
+            if isinstance(current, _TokenRows):
+                te.set_input_embeddings(current.base)
+            _drop_tokens(pipe, tokens, tok, te)
+            te.get_input_embeddings().weight.requires_grad_(flag)
+    return TIArtifact(token, vectors[0], call.metadata(KIND, prompt, result.losses[-1], config),
+                      vectors_2=vectors[1] if len(vectors) > 1 else None)
 
 
-train = personaliser(TIMethodConfig, _fit)
+train = personaliser(TIMethodConfig, _fit, KIND)
 
 
-def _drop_tokens(pipe, tokens: list[str]) -> None:
-    """Remove added tokens and shrink the embedding back (stock unload, which is exact)."""
-    present = [t for t in tokens if t in pipe.tokenizer.get_added_vocab()]
+def _drop_tokens(pipe, tokens: list[str], tok=None, te=None) -> None:
+    """Remove added tokens from one tokenizer/encoder (default the first) and shrink the
+    embedding back (stock unload, which is exact)."""
+    tok, te = tok or pipe.tokenizer, te or pipe.text_encoder
+    present = [t for t in tokens if t in tok.get_added_vocab()]
     if present:
-        pipe.unload_textual_inversion(present)
+        pipe.unload_textual_inversion(present, tokenizer=tok, text_encoder=te)
         # diffusers shrinks the embedding but leaves config.vocab_size at the grown size, so a
         # pipeline saved afterwards would not load: put it back in step with the weights.
-        te = pipe.text_encoder
         te.config.vocab_size = te.get_input_embeddings().weight.shape[0]
 
 
 class TIArtifact:
-    """A token and its (k, D) embedding vectors."""
+    """A token and its (k, D) embedding vectors (and (k, D2) ones for SDXL's second encoder)."""
 
     kind = KIND
 
-    def __init__(self, token: str, vectors: torch.Tensor, metadata: dict[str, str] | None = None):
+    def __init__(self, token: str, vectors: torch.Tensor, metadata: dict[str, str] | None = None, *,
+                 vectors_2: torch.Tensor | None = None):
         if vectors.dim() == 1:
             vectors = vectors[None]
-        self.token, self.vectors = token, vectors  # (k, D)
+        if vectors_2 is not None and vectors_2.dim() == 1:
+            vectors_2 = vectors_2[None]
+        if vectors_2 is not None and vectors_2.shape[0] != vectors.shape[0]:
+            raise InvalidInputError(f"`vectors_2` must have {vectors.shape[0]} rows like `vectors`, got "
+                                    f"{vectors_2.shape[0]}")
+        self.token, self.vectors, self.vectors_2 = token, vectors, vectors_2  # (k, D), (k, D2) | None
         self.metadata = dict(metadata or {})
         self._applied: set[int] = set()
         self._trainable: dict[int, bool] = {}  # per pipeline: its embedding's requires_grad
@@ -128,9 +161,14 @@ class TIArtifact:
         return len(data)
 
     def export(self) -> bytes:
-        """The embedding file as bytes ({token: (k, D)}), what `load_textual_inversion` reads."""
+        """The embedding file as bytes: {token: (k, D)}, what `load_textual_inversion` reads, or on
+        SDXL {"clip_l": (k, D), "clip_g": (k, D2)}, one `load_textual_inversion` per encoder."""
         meta = {"format": "pt", **{k: v for k, v in self.metadata.items() if k != "format"}}
-        return save({self.token: self.vectors.contiguous()}, metadata=meta)
+        meta["hdb_token"] = self.token
+        if self.vectors_2 is None:
+            return save({self.token: self.vectors.contiguous()}, metadata=meta)
+        return save({SDXL_KEYS[0]: self.vectors.contiguous(), SDXL_KEYS[1]: self.vectors_2.contiguous()},
+                    metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path) -> TIArtifact:
@@ -142,6 +180,9 @@ class TIArtifact:
                 meta = dict(f.metadata() or {})
         except Exception as e:  # safetensors raises its own error types
             raise InvalidInputError(f"{path} must be an embedding .safetensors file, got unreadable data ({e})") from e
+        if set(tensors) == set(SDXL_KEYS):
+            token = meta.get("hdb_token") or path.stem
+            return cls(token, tensors[SDXL_KEYS[0]].float(), meta, vectors_2=tensors[SDXL_KEYS[1]].float())
         if "emb_params" in tensors:
             token, vec = meta.get("hdb_token") or path.stem, tensors["emb_params"]
         elif len(tensors) == 1:
@@ -154,27 +195,42 @@ class TIArtifact:
     def tokens(self) -> list[str]:
         return token_names(self.token, self.vectors.shape[0])
 
+    def _pairs(self, pipe) -> list[tuple]:
+        """(tokenizer, text encoder, vectors) per encoder the artifact loads into."""
+        pairs = _encoders(pipe)
+        if (self.vectors_2 is None) != (len(pairs) == 1):
+            raise IncompatibleAdapterError(
+                f"embedding must have one vector set per text encoder ({len(pairs)}), got "
+                f"{1 if self.vectors_2 is None else 2}")
+        return [(tok, te, v) for (tok, te), v in zip(pairs, (self.vectors, self.vectors_2), strict=False)]
+
     def apply(self, pipe) -> None:
-        """Stock `load_textual_inversion`; raises IncompatibleAdapterError on a width mismatch."""
+        """Stock `load_textual_inversion` (per encoder on SDXL); raises IncompatibleAdapterError on
+        a width mismatch."""
         if id(pipe) in self._applied:
             raise InvalidInputError("artifact must not be applied twice to the same pipeline, got a second apply")
-        width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
-        if self.vectors.shape[1] != width:
-            raise IncompatibleAdapterError(
-                f"embedding must have the text encoder's width {width}, got {self.vectors.shape[1]}"
-            )
+        pairs = self._pairs(pipe)
+        for _, te, v in pairs:
+            width = te.get_input_embeddings().weight.shape[1]
+            if v.shape[1] != width:
+                raise IncompatibleAdapterError(
+                    f"embedding must have the text encoder's width {width}, got {v.shape[1]}")
         # load/unload make new embedding modules (trainable by default): remove() restores this
-        self._trainable[id(pipe)] = pipe.text_encoder.get_input_embeddings().weight.requires_grad
+        self._trainable[id(pipe)] = [te.get_input_embeddings().weight.requires_grad for _, te, _ in pairs]
         try:
-            pipe.load_textual_inversion({self.token: self.vectors.clone()}, token=self.token)
+            for tok, te, v in pairs:
+                pipe.load_textual_inversion(v.clone(), token=self.token, tokenizer=tok, text_encoder=te)
         except ValueError as e:
+            for tok, te, _ in pairs:
+                _drop_tokens(pipe, self.tokens, tok, te)
             raise IncompatibleAdapterError(f"embedding for {self.token!r} could not be loaded: {e}") from e
         self._applied.add(id(pipe))
 
     def remove(self, pipe) -> None:
         if id(pipe) in self._applied:
             self._applied.discard(id(pipe))
-            _drop_tokens(pipe, self.tokens)
-            flag = self._trainable.pop(id(pipe), None)
-            if flag is not None:
-                pipe.text_encoder.get_input_embeddings().weight.requires_grad_(flag)
+            flags = self._trainable.pop(id(pipe), None)
+            for i, (tok, te, _) in enumerate(self._pairs(pipe)):
+                _drop_tokens(pipe, self.tokens, tok, te)
+                if flags is not None:
+                    te.get_input_embeddings().weight.requires_grad_(flags[i])
