@@ -86,27 +86,30 @@ bench: setup
 # Identity quality on people no training stage saw (issue 14) -> $(EVAL_OUT)/REPORT.md: four stages,
 # each resumable (rerun `make eval` after a kill: finished work is skipped) and runnable alone
 # (`make eval-corpus`, `eval-face-world`, `eval-pretrain`, `eval-run`; each makes the ones before).
-# Expected wall time on 2 idle CPU cores (estimates from measured rates; the shared dev machine, with
-# ~8 jobs on it, ran 3-4x slower):
+# The defaults reproduce benchmarks/results/eval_v2/REPORT.md (30 Nov 2026); measured wall times
+# on the 2 shared cores (other jobs running; idle is ~1.5x faster):
 #   eval-corpus      LFW + Caltech merged, 48 + 7 people held out ............ seconds
-#   eval-face-world  face world v2, 4,000 steps of batch 32 (1.5 s/step idle, measured on v1;
-#                    ~5 s/step on the loaded machine) + encoding 7,283 photos
-#                    (<= 2 per person, one crop, no mirror; resumable shards)  ~2 h (loaded: 6 h+)
-#   eval-pretrain    stage 1 on $(STAGE1_IDENTITIES) training identities, batched (issue 14's target:
-#                    ~1 h), stage 2 and the ONNX export (config face-world-cpu)  ~1.5 h
-#   eval-run         `hdb eval` on the 55 held-out people, both face metrics: ~4 min per person for
-#                    the fast conditions and ~7 min per person for DreamBooth + LoRA + TI, which run
-#                    on $(SLOW_PEOPLE) people                                      ~5 h
-# so ~9 h end to end. `hdb eval` states its own measured wall time in the report.
+#   eval-face-world  face world v2, 2,500 steps of batch 32 (~1.6 s/step) + encoding 7,283 photos
+#                    (<= 2 per person, one crop, no mirror; resumable shards)  ~2.5 h
+#                    (dlib detection 56% at 2,500: raise FACE_WORLD_STEPS for a better instrument)
+#   eval-pretrain    prepare (latents + MobileFaceNet embeddings, MTCNN-aligned) + stage 1 on
+#                    $(STAGE1_IDENTITIES) training identities, batched (500 in 44 min on 2 ranks)
+#                    + stage 2 (identity condition, 2,000 steps, ~1.1 s/step) + ONNX export ~1.5 h
+#   eval-run         `hdb eval` on the held-out people, both face metrics; the hypernetwork-free
+#                    and no-training conditions on all 55, the 40-step fine-tunes on the first
+#                    $(FAST_PEOPLE), LiDB from scratch (400 steps) on $(SLOW_PEOPLE)        ~1.5 h
 LFW ?= ../shared/data/faces/lfw/identities.csv
 CALTECH ?= ../shared/data/faces/caltech/identities.csv
 CORPUS ?= runs/corpus_v2
 FACE_WORLD ?= runs/face_world_v2
-FACE_WORLD_STEPS ?= 4000
+FACE_WORLD_STEPS ?= 2500
 FACE_HYPERNET ?= runs/face_world_v2_hypernet
-STAGE1_IDENTITIES ?= 1000
-SLOW_PEOPLE ?= 12
+STAGE1_IDENTITIES ?= 500
+HYPERNET_CONDITION ?= identity
+FAST_PEOPLE ?= 20
+SLOW_PEOPLE ?= 8
 EVAL_OUT ?= runs/eval_v2
+EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,fast-finetune,hyperdreambooth,hyperdreambooth-3photos,lidb
 EVAL_ARGS ?=
 .PHONY: eval-corpus eval-face-world eval-pretrain eval-run
 eval: eval-run
@@ -121,11 +124,13 @@ eval-face-world: eval-corpus
 eval-pretrain: eval-face-world
 	nice -n 19 $(PY) -m hdb.cli pretrain all --config face-world-cpu --output-dir $(FACE_HYPERNET) \
 		--set base=$(FACE_WORLD) --set 'data.corpus=["$(FACE_WORLD)/train_identities.csv"]' \
-		--set data.max_identities=$(STAGE1_IDENTITIES)
+		--set data.max_identities=$(STAGE1_IDENTITIES) --set stage2.model.condition=$(HYPERNET_CONDITION)
 eval-run: eval-pretrain
 	nice -n 19 $(PY) -m hdb.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
-		--corpus $(CORPUS)/identities.csv --out $(EVAL_OUT) --threads 1 \
-		--slow-methods-people $(SLOW_PEOPLE) $(EVAL_ARGS)
+		--corpus $(CORPUS)/identities.csv --out $(EVAL_OUT) --threads 1 --detector center --inputs 3 \
+		--conditions $(EVAL_CONDITIONS) --people fast-finetune=$(FAST_PEOPLE) \
+		--people hyperdreambooth=$(FAST_PEOPLE) --people hyperdreambooth-3photos=$(FAST_PEOPLE) \
+		--people lidb=$(SLOW_PEOPLE) $(EVAL_ARGS)
 
 # Fuzzing, fault injection, a 10-minute soak, security and privacy checks of the gRPC service
 # (< 30 min on 2 cores) -> benchmarks/results/reliability.md (+ .json, soak PNG).

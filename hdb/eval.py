@@ -48,6 +48,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run DreamBooth, LoRA and Textual Inversion on only the first N people (default all)")
     p.add_argument("--other-train-ids", type=int, default=64,
                    help="training people per corpus part the margin compares against (default 64)")
+    p.add_argument("--people", action="append", default=[], metavar="COND=N",
+                   help="run COND on only the first N people (repeatable), e.g. lidb=8: expensive conditions "
+                        "on a subset; rerun with the same caps to rebuild the report from the cached cells")
     p.add_argument("--inputs", type=int, default=None, metavar="N",
                    help="photos held back as inputs per person (default: the most any condition takes, e.g. 3 "
                         "with a -3photos variant); give the same N to runs of other condition lists to pair them")
@@ -67,11 +70,25 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed, device=args.device, num_threads=args.threads,
         detector=args.detector, metrics=_csv(args.metrics), slow_methods_people=args.slow_methods_people,
         other_train_ids=args.other_train_ids, grid_parts=_csv(args.grid_parts), held_inputs=args.inputs,
+        people=_people(args.people),
     )
     report = run_evaluation(cfg)
     print(report.read_text())
     print(f"report: {report}")
     return 0
+
+
+def _people(items: list[str]) -> dict[str, int]:
+    """["lidb=8"] -> {"lidb": 8}."""
+    from hypernet.errors import InvalidInputError
+
+    out: dict[str, int] = {}
+    for item in items:
+        cond, sep, n = item.partition("=")
+        if not sep or not n.strip().isdigit():
+            raise InvalidInputError(f"`--people` must be COND=N with N a whole number, got {item!r}")
+        out[cond.strip()] = int(n)
+    return out
 
 
 def _csv(text: str) -> tuple[str, ...]:

@@ -87,6 +87,9 @@ class EvalConfig:
     other_train_ids: int = field(default=64, metadata={
         "help": "training identities per part (seeded sample) that the margin compares against, next to "
                 "every other held-out identity of the part"})
+    people: dict = field(default_factory=dict, metadata={
+        "help": "{condition: N}: run that condition on only the first N evaluated people (expensive "
+                "conditions on a subset; the report's n column and paired rows say so)"})
     held_inputs: int | None = field(default=None, metadata={
         "help": "photos held back as inputs per identity (default: the most any listed condition takes); "
                 "give the same N to runs of different condition lists so that their cells stay paired"})
@@ -113,6 +116,10 @@ class EvalConfig:
         for name in ("images_per_id", "gen_steps", "loss_timesteps", "n_boot"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        bad_people = {c: n for c, n in self.people.items()
+                      if c not in self.conditions or not isinstance(n, int) or n < 1}
+        if bad_people:
+            raise InvalidInputError(f"`people` must map listed conditions to counts >= 1, got {bad_people}")
         for name in ("identities", "slow_methods_people", "held_inputs"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -292,7 +299,10 @@ class Evaluation:
         return out
 
     def people_for(self, condition: str) -> list[str]:
-        """The evaluated people of `condition`: all, or the first `slow_methods_people` for a slow one."""
+        """The evaluated people of `condition`: all, the first `people[condition]`, or the first
+        `slow_methods_people` for a slow one."""
+        if condition in self.cfg.people:
+            return self.eval_ids[: self.cfg.people[condition]]
         if condition in SLOW_CONDITIONS and self.cfg.slow_methods_people is not None:
             return self.eval_ids[: self.cfg.slow_methods_people]
         return self.eval_ids

@@ -110,3 +110,21 @@ def _config(tmp_path, conditions, **kw):
 
     return EvalConfig(base=tmp_path, corpus=tmp_path / "c.csv", out=tmp_path / "o", hypernet=tmp_path / "h",
                       conditions=conditions, **kw)
+
+
+def test_people_caps_run_a_condition_on_the_first_n_people_only(tmp_path):
+    """`--people lidb=2`: the expensive condition runs on a prefix of the same people, the others on all."""
+    from hdb.eval import _people
+    from hypernet.eval.runner import Evaluation
+
+    cfg = _config(tmp_path, ("hypernetwork", "lidb"), people=_people(["lidb=2"]))
+    ev = Evaluation(cfg)
+    ev.eval_ids = ["caltech:1", "lfw:a", "caltech:2", "lfw:b"]
+    assert ev.people_for("lidb") == ["caltech:1", "lfw:a"]
+    assert ev.people_for("hypernetwork") == ev.eval_ids
+    with pytest.raises(InvalidInputError, match="people"):
+        _config(tmp_path, ("hypernetwork",), people={"lidb": 2})  # a condition that is not run
+    with pytest.raises(InvalidInputError, match="people"):
+        _config(tmp_path, ("lidb",), people={"lidb": 0})
+    with pytest.raises(InvalidInputError, match="COND=N"):
+        _people(["lidb"])
