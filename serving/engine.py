@@ -266,13 +266,20 @@ class Engine:
 
     def supported_methods(self) -> tuple[str, ...]:
         """The methods the base's family supports (GetServerInfo lists only these): all of them on
-        SD 1.x/2.x; per family the methods registry says (e.g. no full DreamBooth of FLUX)."""
-        try:
-            from hypernet.methods import supported_methods
-        except ImportError:  # a registry without per-family support: every method
-            return tuple(METHODS)
-        family = set(supported_methods(self.arch or "sd15"))
+        SD 1.x/2.x; per family what the methods registry says (`methods_for`: no DreamBooth or
+        Textual Inversion on SD3/FLUX). HYPERDREAMBOOTH is on every family; whether it is
+        available depends on the hypernetwork (`methods`)."""
+        from hypernet.methods import methods_for
+
+        family = {m.replace("-", "_") for m in methods_for(self.arch or "sd15")}  # registry: "textual-inversion"
         return tuple(n for n in METHODS if n == "hyperdreambooth" or n in family)
+
+    def check_supported(self, method: str) -> None:
+        """Raise FailedPrecondition unless the base's family supports `method` (a valid request
+        this server cannot run: the caller picks another method or server)."""
+        if self.pipe is not None and method not in self.supported_methods():
+            raise FailedPrecondition(f"`method` {method} is not supported on this {self.arch} base; "
+                                     f"GetServerInfo lists the methods it runs")
 
     def methods(self) -> dict[str, tuple[bool, str]]:
         """Per method the base supports: (available, why not)."""
@@ -336,9 +343,7 @@ class Engine:
         bare image is taken as a list of one). `progress` may raise to stop the work."""
         if method not in METHODS:
             raise InvalidInputError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
-        if method not in self.supported_methods():
-            raise FailedPrecondition(f"`method` {method} is not supported on this {self.arch} base; "
-                                     f"GetServerInfo lists the methods it runs")
+        self.check_supported(method)
         photos = [photos] if isinstance(photos, Image.Image) else list(photos)
         if method == "hyperdreambooth":
             return self._personalize_hdb(photos, opts, progress, should_stop)

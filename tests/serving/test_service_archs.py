@@ -60,6 +60,23 @@ def test_server_info_reports_the_family_and_its_size(client, arch):
     assert info.limits.size_multiple == SIZE_MULTIPLE[arch]
     methods = {m.method: m for m in info.methods}
     assert methods[pb.METHOD_HYPERDREAMBOOTH].available, methods[pb.METHOD_HYPERDREAMBOOTH].detail
+    # only the family's methods: no DreamBooth or Textual Inversion of a FLUX transformer
+    family = {pb.METHOD_HYPERDREAMBOOTH, pb.METHOD_LIDB, pb.METHOD_LORA}
+    if arch == "sdxl":
+        family |= {pb.METHOD_TEXTUAL_INVERSION, pb.METHOD_DREAMBOOTH}
+    assert set(methods) == family
+
+
+def test_a_method_the_family_lacks_is_refused_before_any_job(server, client, arch, photo_bytes):
+    """FLUX: no DreamBooth (refused at once, no job made); SDXL lacks no method (the refusal is
+    checked on the engine that would accept it, without training)."""
+    if arch == "flux":
+        err = rpc_code(client.personalize, photo_bytes, method="dreambooth")
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "`method` dreambooth is not supported on this flux base" in err.details()
+        assert all(job.method != "dreambooth" for job in server.server.core.jobs._jobs.values())
+    else:
+        server.server.core.engine.check_supported("dreambooth")  # does not raise
 
 
 def test_photo_in_identity_out_images_out(client, arch, photo_bytes):
