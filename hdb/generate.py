@@ -9,6 +9,7 @@ is detected from its content.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -30,9 +31,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (7.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (0)")
     p.add_argument("--num-images", type=int, default=1, help="how many images (1)")
-    p.add_argument("--height", type=int, help="pixels, multiple of 8 (default: the base's)")
-    p.add_argument("--width", type=int, help="pixels, multiple of 8 (default: the base's)")
-    p.add_argument("--scheduler", default="dpmsolver++", help="dpmsolver++, ddim, euler, euler-a, pndm, ddpm, base")
+    p.add_argument("--height", type=int, help="pixels, multiple of 8 (16 on SD3/FLUX; default: the base's)")
+    p.add_argument("--width", type=int, help="pixels, multiple of 8 (16 on SD3/FLUX; default: the base's)")
+    p.add_argument("--scheduler", help="dpmsolver++ (default), ddim, euler, euler-a, pndm, ddpm, base; "
+                   "on SD3/FLUX euler (default, flow matching) or base")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: CUDA when present)")
     p.add_argument("--dtype", help="fp32, fp16, bf16 (default: half on CUDA, fp32 on CPU)")
     p.set_defaults(func=run)
@@ -40,10 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hypernet.base import load_pipeline
+    from hypernet.base.arch import arch_from_model_index
     from hypernet.defaults import default_base_dir
     from hypernet.generate import check_generate_args, generate
     from hypernet.methods import load_artifact
 
+    base = args.base or default_base_dir()
+    index = base / "model_index.json"  # the arch, to check sizes before loading anything
+    arch = arch_from_model_index(json.loads(index.read_text()), str(index)) if index.is_file() else "sd15"
     check_generate_args(
         args.prompt,
         args.negative_prompt,
@@ -54,10 +60,11 @@ def run(args: argparse.Namespace) -> int:
         args.width,
         args.num_images,
         args.scheduler,
+        arch,
     )
     t0 = time.perf_counter()
     artifact = load_artifact(args.identity) if args.identity is not None else None
-    pipe = load_pipeline(args.base or default_base_dir(), device=args.device, dtype=args.dtype)
+    pipe = load_pipeline(base, device=args.device, dtype=args.dtype)
     images = generate(
         pipe,
         args.prompt,

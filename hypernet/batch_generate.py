@@ -1,4 +1,8 @@
-"""Generating for many identities in one UNet call, using the adapters' per-sample weights.
+"""Generating for many identities in one denoiser call, using the adapters' per-sample weights.
+
+Works on every base family (SD 1.x/2.x and SDXL UNets, SD3 and FLUX transformers): the
+adapters wrap the denoiser's linear layers wherever they are, and the per-sample weights follow
+the batch dimension of the hidden states (FLUX's packed latent tokens included).
 
 The service queues Generate work from many users; requests that agree on steps, guidance, size
 and LiDB layout (`batch_key`) run together: sample i of the batch carries identity i's LiDB and
@@ -19,6 +23,7 @@ from PIL import Image
 from hypernet.adapters.lidb.config import LiDBSpec
 from hypernet.adapters.lidb.model import LiDB
 from hypernet.adapters.lora.model import LoRA
+from hypernet.base.arch import Arch, default_size, denoiser, pipeline_arch
 from hypernet.errors import Cancelled, InvalidInputError
 from hypernet.generate import check_generate_args, make_scheduler
 from hypernet.identity import Identity
@@ -41,12 +46,13 @@ class GenRequest:
     width: int | None = None
     num_images: int = 1
 
-    def validate(self) -> None:
+    def validate(self, arch: Arch = "sd15") -> None:
+        """Raise InvalidInputError for an argument a base of `arch` cannot take."""
         check_generate_args(self.prompt, self.negative_prompt, self.steps, self.guidance, self.seed,
-                            self.height, self.width, self.num_images, "dpmsolver++")
+                            self.height, self.width, self.num_images, None, arch)
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one UNet call. The LiDB rank is not part of it: cores
+        """Requests with equal keys can share one denoiser call. The LiDB rank is not part of it: cores
         of different ranks (a subspace-relaxed identity beside a rank-1 one) are zero-padded."""
         spec = _bases_spec(self.identity.spec).to_json() if self.identity else None
         layers = tuple(self.identity.layers) if self.identity else None
@@ -71,8 +77,9 @@ def generate_batch(
     """
     if not requests:
         return []
+    arch = pipeline_arch(pipe)
     for r in requests:
-        r.validate()
+        r.validate(arch)
     keys = {r.batch_key() for r in requests if r.identity is not None} or {requests[0].batch_key()}
     shape_keys = {r.batch_key()[:4] for r in requests}
     if len(keys) > 1 or len(shape_keys) > 1:
@@ -92,15 +99,17 @@ def generate_batch(
                 on_step(step + 1, first.steps)
             return kwargs
 
-        scheduler, pipe.scheduler = pipe.scheduler, make_scheduler(pipe, "dpmsolver++")
+        scheduler, pipe.scheduler = pipe.scheduler, make_scheduler(pipe)
+        # FLUX has no negative prompt (validated empty): passing one would ask for "true CFG"
+        negative = None if arch == "flux" else [r.negative_prompt for r, _ in samples]
         try:
             out = pipe(
                 prompt=[r.prompt for r, _ in samples],
-                negative_prompt=[r.negative_prompt for r, _ in samples],
+                negative_prompt=negative,
                 num_inference_steps=first.steps,
                 guidance_scale=first.guidance,
-                height=first.height,
-                width=first.width,
+                height=first.height or default_size(pipe),
+                width=first.width or default_size(pipe),
                 generator=[torch.Generator(device="cpu").manual_seed(s) for _, s in samples],
                 callback_on_step_end=_step_end,
                 output_type="pil",
@@ -137,7 +146,8 @@ def _batch_adapters(pipe, identities: list[Identity | None]) -> tuple[LiDB, LoRA
         if ident is not None:
             ident.check_base(pipe)
     key = (_bases_spec(ref.spec).to_json(), tuple(ref.layers))
-    cached = _ATTACHED.get(pipe.unet)
+    net = denoiser(pipe)
+    cached = _ATTACHED.get(net)
     if cached is None or cached[0] != key:
         if cached is not None:
             cached[1][0].remove()
@@ -145,7 +155,7 @@ def _batch_adapters(pipe, identities: list[Identity | None]) -> tuple[LiDB, LoRA
         lidb = LiDB(pipe, LiDBSpec.from_json(key[0]), name=BATCH_LIDB, layers=list(key[1]))
         lora = LoRA(pipe, list(key[1]), r=1, name=BATCH_RELAXED)  # rank is set per call via use()
         cached = (key, (lidb, lora))
-        _ATTACHED[pipe.unet] = cached
+        _ATTACHED[net] = cached
     lidb, lora = cached[1]
     lidb.enable(True)
     lora.enable(True)

@@ -156,9 +156,11 @@ class ServiceCore:
         with `follow_up_images`.
 
         Raises:
-            InvalidInputError (bad photo), QueueFull, Unavailable (draining).
+            InvalidInputError (bad photo), QueueFull, Unavailable (draining),
+            FailedPrecondition (a method the base's family does not support: no job is made).
         """
         t_start = time.perf_counter()
+        self.engine.check_supported(spec.method)
         self.queue.check_room(1)  # before paying for the decode
         # One after another: the decode semaphore bounds memory per photo, and the first bad
         # photo is the one the error names.

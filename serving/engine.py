@@ -125,6 +125,8 @@ class Engine:
         self.fingerprint = ""
         self.base_name = ""
         self.native_size = 0
+        self.arch = ""  # the base's family (hypernet.base.arch.Arch) once loaded
+        self.size_multiple = 8  # width/height must be multiples of this (SIZE_MULTIPLE[arch])
         self._hypernet = None
         self._hypernet_error = "models not loaded yet"
         self._layer_shapes: dict[str, tuple[int, int]] = {}
@@ -150,12 +152,15 @@ class Engine:
             path = default_base_dir()
         self.base_name = str(path) if self.base_spec else "embedded tiny base"
         self._base_path = path
+        from hypernet.base.arch import SIZE_MULTIPLE, default_size, pipeline_arch
+
         self.pipe = load_pipeline(path, device=self.device_spec, dtype=self.dtype_spec,
                                   config_dir=self.base_config_dir)
-        for name in ("unet", "text_encoder", "vae"):  # inference only: training loops unfreeze
-            getattr(self.pipe, name).requires_grad_(False)  # what they train, then restore this
+        _freeze(self.pipe)
         self.fingerprint = base_fingerprint(self.pipe)
-        self.native_size = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+        self.arch = pipeline_arch(self.pipe)
+        self.size_multiple = SIZE_MULTIPLE[self.arch]
+        self.native_size = default_size(self.pipe)
         self.guard = PipelineGuard(self.pipe)
         # (n_in, n_out) of every linear layer: a LiDB export regenerates its aux bases from them
         self._layer_shapes = {n: (m.in_features, m.out_features)
@@ -179,8 +184,7 @@ class Engine:
 
         pipe = load_pipeline(self._base_path, device=self.device_spec, dtype=self.dtype_spec,
                              config_dir=self.base_config_dir)
-        for name in ("unet", "text_encoder", "vae"):
-            getattr(pipe, name).requires_grad_(False)
+        _freeze(pipe)
         if base_fingerprint(pipe) != self.fingerprint:
             raise RuntimeError(f"the reloaded base must have fingerprint {self.fingerprint}, got "
                                f"{base_fingerprint(pipe)} (the base on disk changed)")
@@ -198,6 +202,13 @@ class Engine:
 
             if self.hypernet_spec:
                 path = self.hypernet_spec
+            elif self.default_hypernet is not None and self.arch != "sd15":
+                # the embedded default is the tiny SD 1.x base's: building it (minutes) could only
+                # end in a family mismatch
+                raise ModelNotFoundError(
+                    f"no hypernetwork for this {self.arch} base: `hypernet` must be an export pretrained on "
+                    f"it (--hypernet; `hdb pretrain` with a {self.arch} config), got none; the other methods "
+                    f"listed need none")
             elif self.default_hypernet is not None:
                 path = self.default_hypernet()
             else:
@@ -253,10 +264,30 @@ class Engine:
         except Exception:  # noqa: BLE001 - informational only
             return 0
 
+    def supported_methods(self) -> tuple[str, ...]:
+        """The methods the base's family supports (GetServerInfo lists only these): all of them on
+        SD 1.x/2.x; per family what the methods registry says (`methods_for`: no DreamBooth or
+        Textual Inversion on SD3/FLUX). HYPERDREAMBOOTH is on every family; whether it is
+        available depends on the hypernetwork (`methods`)."""
+        from hypernet.methods import methods_for
+
+        family = {m.replace("-", "_") for m in methods_for(self.arch or "sd15")}  # registry: "textual-inversion"
+        return tuple(n for n in METHODS if n == "hyperdreambooth" or n in family)
+
+    def check_supported(self, method: str) -> None:
+        """Raise FailedPrecondition unless the base's family supports `method` (a valid request
+        this server cannot run: the caller picks another method or server)."""
+        if self.pipe is not None and method not in self.supported_methods():
+            raise FailedPrecondition(f"`method` {method} is not supported on this {self.arch} base; "
+                                     f"GetServerInfo lists the methods it runs")
+
     def methods(self) -> dict[str, tuple[bool, str]]:
-        """Per method: (available, why not)."""
+        """Per method the base supports: (available, why not)."""
         out = {}
+        supported = self.supported_methods()
         for name, spec in METHODS.items():
+            if name not in supported:
+                continue
             ok = _has_module(spec.module)
             why = "" if ok else f"{spec.module} is not installed in this build"
             if ok and name == "hyperdreambooth" and self._hypernet is None:
@@ -312,6 +343,7 @@ class Engine:
         bare image is taken as a list of one). `progress` may raise to stop the work."""
         if method not in METHODS:
             raise InvalidInputError(f"`method` must be one of {sorted(METHODS)}, got {method!r}")
+        self.check_supported(method)
         photos = [photos] if isinstance(photos, Image.Image) else list(photos)
         if method == "hyperdreambooth":
             return self._personalize_hdb(photos, opts, progress, should_stop)
@@ -455,6 +487,16 @@ class Engine:
                                num_images=j - i)
             i = j
         return images
+
+
+def _freeze(pipe) -> None:
+    """Inference only: training loops unfreeze what they train, then restore this."""
+    from serving.pipeline_guard import MODEL_COMPONENTS
+
+    for name in MODEL_COMPONENTS:
+        model = getattr(pipe, name, None)
+        if model is not None:
+            model.requires_grad_(False)
 
 
 def _gen_request(w: GenWork):

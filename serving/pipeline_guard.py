@@ -5,7 +5,8 @@ The model worker runs every job on one shared pipeline. A method that fails half
 `add_adapter` raising mid-injection, a swapped-in UNet not swapped back, a merged adapter, a
 Textual Inversion token not removed) would otherwise change every later caller's images, or make
 every later job fail. What "the base" means here:
-- the same `unet` / `text_encoder` / `vae` objects as at load, in the same train/eval mode,
+- the same denoiser (`unet`/`transformer`), text encoders and `vae` objects as at load, in the
+  same train/eval mode,
   with the same parameters trainable (requires_grad) as at load;
 - the same module structure (names and types; an `AdaptedLinear` counts as the layer it wraps,
   because the service keeps idle wrappers on purpose: they carry the batch generator's cached
@@ -29,7 +30,11 @@ from hypernet.batch_generate import BATCH_LIDB, BATCH_RELAXED
 
 #: Adapters the service keeps on idle wrappers between jobs (disabled); any other is a leftover.
 PERSISTENT_ADAPTERS = frozenset({BATCH_LIDB, BATCH_RELAXED})
-_MODELS = ("unet", "text_encoder", "vae")
+#: Every weight-holding component of the four families (SD 1.x/2.x, SDXL, SD3, FLUX); absent ones
+#: are skipped.
+MODEL_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+#: (tokenizer, text encoder) pairs whose vocabulary Textual Inversion may grow (SDXL: both CLIPs).
+_TEXT_PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
 def _is_peft_layer(m: nn.Module) -> bool:
@@ -65,11 +70,16 @@ def _mode(model: nn.Module) -> tuple[bool, int]:
     return model.training, sum(p.requires_grad for p in _base_params(model).values())
 
 
-def _vocab(pipe) -> tuple[int, int]:
-    tok = getattr(pipe, "tokenizer", None)
-    te = getattr(pipe, "text_encoder", None)
-    rows = int(te.get_input_embeddings().weight.shape[0]) if te is not None else 0
-    return (len(tok) if tok is not None else 0), rows
+def _vocab(pipe) -> tuple[int, ...]:
+    """(tokenizer length, text embedding rows) of each CLIP pair the pipeline has, flattened."""
+    out: list[int] = []
+    for tok_name, te_name in _TEXT_PAIRS:
+        tok, te = getattr(pipe, tok_name, None), getattr(pipe, te_name, None)
+        if tok is None and te is None:
+            continue
+        out += [len(tok) if tok is not None else 0,
+                int(te.get_input_embeddings().weight.shape[0]) if te is not None else 0]
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ class _Snapshot:
     models: dict[str, nn.Module]  # the objects loaded
     modes: dict[str, tuple[bool, int]]  # per model: training, number of requires_grad tensors
     structure: dict[str, tuple[tuple[str, str], ...]]
-    vocab: tuple[int, int]  # tokenizer length, text embedding rows
+    vocab: tuple[int, ...]  # per CLIP pair: tokenizer length, text embedding rows
     fingerprint: str
 
 
@@ -86,7 +96,7 @@ class PipelineGuard:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        models = {k: getattr(pipe, k) for k in _MODELS if getattr(pipe, k, None) is not None}
+        models = {k: getattr(pipe, k) for k in MODEL_COMPONENTS if getattr(pipe, k, None) is not None}
         self._grad_flags = {k: {n: p.requires_grad for n, p in _base_params(m).items()}
                             for k, m in models.items()}
         self.base = _Snapshot(models, {k: _mode(m) for k, m in models.items()},

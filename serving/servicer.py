@@ -82,10 +82,19 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if left is None else time.monotonic() + left
 
 
+#: hypernet.base.arch.Arch -> the proto's BaseArch.
+BASE_ARCHS = {"sd15": pb.BASE_ARCH_SD15, "sdxl": pb.BASE_ARCH_SDXL, "sd3": pb.BASE_ARCH_SD3,
+              "flux": pb.BASE_ARCH_FLUX}
+
+
 class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
     def __init__(self, core: ServiceCore):
         self.core = core
         self.cfg = core.cfg
+
+    def _base_limits(self) -> v.BaseLimits:
+        e = self.core.engine
+        return v.BaseLimits(e.native_size, e.size_multiple, e.arch or "sd15")
 
     # ------------------------------------------------------------------ personalise
     async def _watch(self, job: Job, event_cls) -> AsyncIterator:
@@ -135,7 +144,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
     # ------------------------------------------------------------------ generate
     async def Generate(self, request: pb.GenerateRequest, context
                        ) -> AsyncIterator[pb.GenerateResponse]:
-        spec = v.generation(request.prompt, request.options, self.cfg, self.core.engine.native_size)
+        spec = v.generation(request.prompt, request.options, self.cfg, self._base_limits())
         loaded = None
         if request.identity_id:
             _, loaded = await self.core.load_identity(tenant_var.get(), request.identity_id)
@@ -150,7 +159,7 @@ class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
         if not 1 <= len(request.prompts) <= self.cfg.max_prompts:
             raise InvalidInputError(f"`prompts` must hold 1..{self.cfg.max_prompts} prompts, got "
                                     f"{len(request.prompts)}")
-        specs = [v.generation(p, request.generation, self.cfg, self.core.engine.native_size,
+        specs = [v.generation(p, request.generation, self.cfg, self._base_limits(),
                               prefix="generation", prompt_field=f"prompts[{k}]")
                  for k, p in enumerate(request.prompts)]
         p_spec = v.fast_method(v.personalization(request.photo, request.photos, request.method,
@@ -202,14 +211,14 @@ class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context
                             ) -> pb.GetServerInfoResponse:
         c, e = self.cfg, self.core.engine
-        available = e.methods()
+        available = e.methods()  # only the methods the base's family supports
         methods = [
             pb.MethodInfo(method=v.METHOD_ENUMS[name], background=spec.background,
                           available=available[name][0], detail=available[name][1],
                           default_steps=e.default_steps(name),
                           export_formats=[v.EXPORT_ENUMS[f] for f in spec.export_formats],
                           personalize_and_generate=not spec.background)
-            for name, spec in METHODS.items()
+            for name, spec in METHODS.items() if name in available
         ]
         limits = pb.Limits(
             max_message_bytes=c.max_message_bytes, max_pixels=c.max_pixels,
@@ -217,11 +226,12 @@ class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
             max_prompts=c.max_prompts, max_generate_steps=c.max_generate_steps,
             max_personalize_steps=c.max_personalize_steps, min_size=c.min_size,
             max_size=c.max_size, min_guidance=c.min_guidance, max_guidance=c.max_guidance,
-            queue_capacity=c.queue_size, max_batch=c.max_batch,
+            queue_capacity=c.queue_size, max_batch=c.max_batch, size_multiple=e.size_multiple,
         )
         return pb.GetServerInfoResponse(server_info=pb.ServerInfo(
             base_model=e.base_name, base_fingerprint=e.fingerprint, methods=methods,
             limits=limits, versions=e.versions(), device=e.device, default_size=e.native_size,
             default_generate_steps=c.default_generate_steps,
             auth_required=self.core.auth_required, identity_ttl_seconds=int(c.identity_ttl_s),
+            base_arch=BASE_ARCHS.get(e.arch, pb.BASE_ARCH_UNSPECIFIED),
         ))

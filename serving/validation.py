@@ -94,12 +94,26 @@ def _int_range(value: int, field: str, lo: int, hi: int) -> int:
     return value
 
 
-def generation(req_prompt: str, o, cfg: ServeConfig, native_size: int,
+@dataclass(frozen=True)
+class BaseLimits:
+    """What the loaded base allows a generation: its default size, the multiple sizes must be
+    (8; 16 on SD3/FLUX) and its family (FLUX takes no negative prompt)."""
+
+    native_size: int
+    size_multiple: int = 8
+    arch: str = "sd15"
+
+
+def generation(req_prompt: str, o, cfg: ServeConfig, base: BaseLimits,
                prefix: str = "options", prompt_field: str = "prompt") -> GenerateSpec:
-    """Validate one prompt plus `GenerationOptions` (zero fields take the defaults);
-    `prompt_field` names the prompt in messages (e.g. "prompts[2]")."""
+    """Validate one prompt plus `GenerationOptions` (zero fields take the defaults) against the
+    server's limits and the base's (`base`); `prompt_field` names the prompt in messages (e.g.
+    "prompts[2]")."""
     p = prompt(req_prompt, prompt_field, cfg, required=True)
     neg = prompt(o.negative_prompt, f"{prefix}.negative_prompt", cfg, required=False)
+    if neg and base.arch == "flux":
+        raise _bad(f"{prefix}.negative_prompt", "empty on a FLUX base (guidance-distilled: no classifier-free "
+                   "guidance uses it)", neg)
     n = _int_range(o.n or 1, f"{prefix}.n", 1, cfg.max_images)
     steps = _int_range(o.steps or cfg.default_generate_steps, f"{prefix}.steps", 1,
                        cfg.max_generate_steps)
@@ -110,11 +124,12 @@ def generation(req_prompt: str, o, cfg: ServeConfig, native_size: int,
     seed = o.seed if o.HasField("seed") else secrets.randbelow(2**31)
     _int_range(seed, f"{prefix}.seed", 0, MAX_SEED)
     size = {}
+    m = base.size_multiple
     for name in ("width", "height"):
-        v = getattr(o, name) or native_size
-        if not (cfg.min_size <= v <= cfg.max_size and v % 8 == 0):
-            raise _bad(f"{prefix}.{name}", f"a multiple of 8 in {cfg.min_size}..{cfg.max_size} "
-                       f"(0: the base's {native_size})", v)
+        v = getattr(o, name) or base.native_size
+        if not (cfg.min_size <= v <= cfg.max_size and v % m == 0):
+            raise _bad(f"{prefix}.{name}", f"a multiple of {m} for {base.arch} in {cfg.min_size}..{cfg.max_size} "
+                       f"(0: the base's {base.native_size})", v)
         size[name] = v
     if o.format not in IMAGE_FORMATS:
         raise _bad(f"{prefix}.format", f"one of {sorted(pb.ImageFormat.keys())}", o.format)

@@ -75,6 +75,41 @@ def denoiser(pipe) -> nn.Module:
     raise InvalidInputError(f"pipeline must have a `unet` or a `transformer`, got {type(pipe).__name__}")
 
 
+def default_size(pipe) -> int:
+    """The square image size a pipeline generates and trains at by default, in pixels.
+
+    What the stock pipeline itself would pick, read from the loaded configs so that a tiny base
+    (64 px) and SD 2.x-768 get their own size: the denoiser's latent `sample_size` x the VAE
+    factor (SD 1.x/2.x, SDXL, SD3). FLUX's transformer has no sample size and its pipeline
+    hard-codes 1024 px, which would be wrong for a tiny base: there the VAE's `sample_size` (1024
+    on FLUX.1) says it. `NATIVE_RESOLUTION` is the fallback when neither config has one.
+
+    Raises:
+        InvalidInputError: not a pipeline of the four families.
+    """
+    arch = pipeline_arch(pipe)
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    latent = getattr(denoiser(pipe).config, "sample_size", None)
+    if isinstance(latent, int) and latent > 0:
+        return latent * factor
+    vae = getattr(pipe, "vae", None)
+    pixels = getattr(getattr(vae, "config", None), "sample_size", None)
+    if isinstance(pixels, int) and pixels > 0:
+        return pixels
+    return NATIVE_RESOLUTION[arch]
+
+
+def check_image_size(name: str, value, arch: Arch, max_side: int = 2048) -> None:
+    """Raise InvalidInputError unless `value` is a valid `height`/`width` for `arch` (None: the
+    base's default): a multiple of `SIZE_MULTIPLE[arch]` in SIZE_MULTIPLE..max_side."""
+    m = SIZE_MULTIPLE[arch]
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value % m or not m <= value <= max_side:
+        raise InvalidInputError(f"`{name}` must be a multiple of {m} for {arch} in {m}..{max_side} or None, "
+                                f"got {value!r}")
+
+
 def pipeline_arch(pipe) -> Arch:
     """The arch of a loaded pipeline (or any object holding its denoiser as `unet`/`transformer`,
     e.g. a namespace of meta-device models), read from the denoiser's class and config.
@@ -99,4 +134,5 @@ def pipeline_arch(pipe) -> Arch:
 
 
 __all__ = ["ARCHS", "ARCH_PIPELINE_CLASS", "Arch", "FLOW_MATCHING", "NATIVE_RESOLUTION", "PIPELINE_CLASS_ARCH",
-           "SIZE_MULTIPLE", "arch_from_model_index", "denoiser", "pipeline_arch"]
+           "SIZE_MULTIPLE", "arch_from_model_index", "check_image_size", "default_size", "denoiser",
+           "pipeline_arch"]

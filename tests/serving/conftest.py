@@ -14,27 +14,30 @@ import pytest
 import torch
 
 
+def random_hypernet_dir(base_dir: Path, out: Path) -> Path:
+    """An untrained hypernetwork export for the base at `base_dir` (any family; weights random
+    but fixed), written into `out`."""
+    from hypernet.base import load_pipeline
+    from hypernet.base.arch import default_size
+    from hypernet.hypernetwork import HypernetConfig, HypernetInfo, HyperNetwork, save_hypernet
+    from hypernet.hypernetwork.heads import sized_for_base
+    from hypernet.identity import cached_fingerprint
+
+    pipe = load_pipeline(base_dir, device="cpu", dtype="fp32")
+    heads = sized_for_base(pipe, HypernetConfig(dim=32, depth=1, heads=2, iterations=2, head_init_std=0.05,
+                                                encoder_kwargs={"patch_size": 16, "depth": 1}))
+    torch.manual_seed(0)
+    info = HypernetInfo(config=heads.config, spec=heads.spec, layers=heads.layers,
+                        base_fingerprint=cached_fingerprint(pipe), resolution=default_size(pipe),
+                        arch=heads.arch)
+    save_hypernet(out / "hypernet.safetensors", HyperNetwork(heads.config), info)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_hypernet_dir(tiny_base_dir, tmp_path_factory) -> Path:
     """An untrained hypernetwork export for the tiny base (weights random but fixed)."""
-    from hypernet.adapters import default_spec_for, lidb_layers
-    from hypernet.base import load_pipeline
-    from hypernet.hypernetwork import HypernetConfig, HypernetInfo, HyperNetwork, save_hypernet
-    from hypernet.identity import cached_fingerprint
-
-    pipe = load_pipeline(tiny_base_dir, device="cpu", dtype="fp32")
-    spec = default_spec_for(pipe)
-    layers = lidb_layers(pipe, spec)
-    cfg = HypernetConfig(num_layers=len(layers), a=spec.a, b=spec.b, r=spec.r, dim=32, depth=1,
-                         heads=2, iterations=2, head_init_std=0.05,
-                         encoder_kwargs={"patch_size": 16, "depth": 1})
-    torch.manual_seed(0)
-    info = HypernetInfo(config=cfg, spec=spec, layers=layers,
-                        base_fingerprint=cached_fingerprint(pipe),
-                        resolution=pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    out = tmp_path_factory.mktemp("hypernet")
-    save_hypernet(out / "hypernet.safetensors", HyperNetwork(cfg), info)
-    return out
+    return random_hypernet_dir(tiny_base_dir, tmp_path_factory.mktemp("hypernet"))
 
 
 @pytest.fixture(scope="session")
@@ -94,6 +97,22 @@ def make_module_server(tiny_base_dir, tiny_hypernet_dir, tmp_path_factory):
     factory = ServerFactory(tiny_base_dir, tiny_hypernet_dir, tmp_path_factory.mktemp("srv"))
     yield factory
     factory.close()
+
+
+@pytest.fixture(scope="module")
+def make_server_on(tmp_path_factory):
+    """`make_server_on(base_dir, hypernet_dir)` -> a `ServerFactory` on another base (the tiny
+    SDXL or FLUX; `hypernet_dir` "" for none), its servers stopped after the module."""
+    factories = []
+
+    def make(base_dir: Path, hypernet_dir: Path | str) -> ServerFactory:
+        factory = ServerFactory(base_dir, hypernet_dir, tmp_path_factory.mktemp("srv"))
+        factories.append(factory)
+        return factory
+
+    yield make
+    for factory in factories:
+        factory.close()
 
 
 @pytest.fixture()

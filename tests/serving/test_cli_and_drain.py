@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
-import sys
-import threading
 
 import grpc
 import pytest
-from hdb_serving_helpers import rpc_code, wait_until
+from hdb_serving_helpers import rpc_code, start_serve_process, wait_until
 
 import serving.cli
 from serving.client import HdbClient
@@ -73,32 +69,9 @@ def test_client_cli_round_trip(make_server, photo_bytes, tmp_path, capsys):
     assert run_cli([*target, "health"]) == 0
 
 
-def _start_server(tmp_path, base_dir, hypernet_dir) -> tuple[subprocess.Popen, int, list[str]]:
-    cmd = [sys.executable, "-m", "hdb.cli", "serve", "--port", "0",
-           "--metrics-port", "-1", "--no-warmup", "--base", str(base_dir), "--hypernet",
-           str(hypernet_dir), "--store", str(tmp_path / "store"), "--log-format", "json",
-           "--grace-s", "60", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env=env)
-    lines: list[str] = []
-    port: list[int] = []
-
-    def read() -> None:
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("{") and '"listening"' in line:
-                port.append(int(json.loads(line)["address"].rsplit(":", 1)[1]))
-
-    threading.Thread(target=read, daemon=True).start()
-    wait_until(lambda: port or proc.poll() is not None, timeout=180, what="the server to listen")
-    assert port, "".join(lines[-20:])
-    return proc, port[0], lines
-
-
 def test_sigterm_drains_without_losing_accepted_calls(tmp_path, tiny_base_dir,
                                                       tiny_hypernet_dir, photo_bytes):
-    proc, port, logs = _start_server(tmp_path, tiny_base_dir, tiny_hypernet_dir)
+    proc, port, logs = start_serve_process(tmp_path, tiny_base_dir, tiny_hypernet_dir)
     try:
         client = HdbClient(f"localhost:{port}")
         wait_until(lambda: _health(client) == "SERVING", timeout=120, what="SERVING")
