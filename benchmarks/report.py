@@ -235,7 +235,41 @@ def _bases(doc: dict, out: Path) -> list[str]:
                   table(["base", "config", "heads: layers x (r, a, b)", "output A / B per identity",
                          "outputs per identity", "hypernetwork params", "encoder", "decoder", "heads", "fp32",
                          "hypernetwork fwd TFLOP", "denoiser fwd TFLOP"], rows), ""]
+    lines += gpu_estimates(res)
     return lines
+
+
+#: Dense bf16 peak of the GPU the estimates are for (H200 SXM) and an assumed utilisation.
+_GPU_PEAK_TFLOPS, _GPU_MFU = 989.0, 0.4
+
+
+def gpu_estimates(res: dict) -> list[str]:
+    """Issue 17's GPU figures when no device was lent: FLOPs, seconds and memory from the meta-device counts.
+
+    A 28-step generation is 28 denoiser forwards per image, doubled by classifier-free guidance except
+    on FLUX (guidance-distilled); the 40-step fast fine-tune is 40 forward + backward passes (~3 forwards)
+    at batch 1. Seconds assume `_GPU_PEAK_TFLOPS` at `_GPU_MFU` utilisation: an estimate, never a timing.
+    """
+    rows = []
+    for name, r in res.items():
+        fwd = r.get("denoiser_forward_tflop")
+        if fwd is None or name.startswith("sd15"):
+            continue
+        gen = 28 * (1 if name.startswith("flux") else 2) * fwd
+        tune = 40 * 3 * fwd
+        rate = _GPU_PEAK_TFLOPS * _GPU_MFU
+        rows.append([name, f"{gen:,.0f}", f"{gen / rate:.1f}", f"{tune:,.0f}", f"{tune / rate:.1f}",
+                     fb(2 * r["denoiser_params"])])
+    if not rows:
+        return []
+    return ["GPU timings were not measured: no device was lent. Estimates from the FLOP counts above, at the "
+            "native size: a 28-step generation is 28 denoiser forwards per image (x2 with classifier-free "
+            "guidance; FLUX is guidance-distilled: x1), the 40-step fast fine-tune 40 x (forward + backward, "
+            f"~3 forwards) at batch 1. Seconds assume an H200's {_GPU_PEAK_TFLOPS:.0f} dense bf16 TFLOP/s at "
+            f"{_GPU_MFU:.0%} utilisation (an assumption, not a measurement); memory is the denoiser's bf16 "
+            "weights (text encoders, VAE and activations come on top).", "",
+            table(["base", "28-step generation TFLOP", "est. s (H200)", "40-step fine-tune TFLOP", "est. s (H200)",
+                   "denoiser bf16"], rows), ""]
 
 
 def _hypernet(doc: dict, out: Path) -> list[str]:

@@ -161,3 +161,20 @@ def test_bases_scale_sizes_at_real_shape(tmp_path, name, layers, params):
     assert params * 4 < r["lidb_bytes"] < r["hypernetwork_only_identity"]["bytes"] < IDENTITY_BUDGET_BYTES
     if name.startswith("flux"):
         assert r["layers_by_projection"]["add_q_proj"] == 19 and r["layers_by_projection"]["to_q"] == 19 + 38
+
+
+def test_gpu_estimates_count_guidance_and_backward_passes():
+    """Issue 17's no-device GPU figures: CFG doubles SDXL's generation, not FLUX's; a fine-tune step is ~3 forwards."""
+    from benchmarks.report import _GPU_MFU, _GPU_PEAK_TFLOPS, gpu_estimates
+
+    res = {"sd15": {"denoiser_forward_tflop": 1.0, "denoiser_params": 10},
+           "sdxl-base-1.0": {"denoiser_forward_tflop": 2.0, "denoiser_params": 2**29},
+           "flux.1-dev": {"denoiser_forward_tflop": 10.0, "denoiser_params": 2**30}}
+    lines = "\n".join(gpu_estimates(res)).splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith(("| sdxl", "| flux"))]
+    assert [r[0] for r in rows] == ["| sdxl-base-1.0", "| flux.1-dev"]  # SD 1.5 is not asked for
+    rate = _GPU_PEAK_TFLOPS * _GPU_MFU
+    assert rows[0][1:5] == ["112", f"{112 / rate:.1f}", "240", f"{240 / rate:.1f}"]  # 28 x 2 x 2; 40 x 3 x 2
+    assert rows[1][1:5] == ["280", f"{280 / rate:.1f}", "1,200", f"{1200 / rate:.1f}"]  # 28 x 1 x 10
+    assert rows[0][5].startswith("1.0 GiB") and rows[1][5].startswith("2.0 GiB")  # bf16 weights
+    assert gpu_estimates({"sd15": res["sd15"]}) == []
