@@ -105,7 +105,10 @@ class Objective:
     needs_pooled: bool = True
 
     def __init__(self, pipe):
-        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)  # 8 for every family
+        # 8 for every family. Training from cached latents needs no VAE: a pipeline-like namespace
+        # of the denoiser and text encoders only (benchmarks at real shape) gets the families' 8.
+        vae = getattr(pipe, "vae", None)
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
 
     # Text ------------------------------------------------------------------------------------
     def text_encoders(self, pipe) -> list[nn.Module]:
