@@ -38,6 +38,10 @@ PAIRS = (
     ("hypernetwork", "base", "Hypernetwork only − base"),
     ("hyperdreambooth", "fast-finetune", "HyperDreamBooth − fine-tune from zero (same steps and lr)"),
     ("hyperdreambooth", "lidb", "HyperDreamBooth − LiDB from scratch"),
+    ("hypernetwork-3photos", "hypernetwork", "3 photos − 1, hypernetwork only (predictions averaged)"),
+    ("hypernetwork-3photos-embedding", "hypernetwork", "3 photos − 1, hypernetwork only (embeddings averaged)"),
+    ("hyperdreambooth-3photos", "hyperdreambooth", "3 photos − 1, HyperDreamBooth"),
+    ("hyperdreambooth-relax-subspace", "hyperdreambooth", "relaxed in the LiDB subspace − as a full-width LoRA"),
 )
 
 
