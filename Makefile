@@ -94,7 +94,9 @@ bench: setup
 #                    (dlib detection 56% at 2,500: raise FACE_WORLD_STEPS for a better instrument)
 #   eval-pretrain    prepare (latents + MobileFaceNet embeddings, MTCNN-aligned) + stage 1 on
 #                    $(STAGE1_IDENTITIES) training identities, batched (500 in 44 min on 2 ranks)
-#                    + stage 2 (identity condition, 2,000 steps, ~1.1 s/step) + ONNX export ~1.5 h
+#                    + stage 2 (identity condition, 300 steps, ~1.1 s/step: 2,000 over-fitted from
+#                    ~250 on) + ONNX export, then `probe` (seconds: can the face embedding predict
+#                    the stage-1 targets at all? -> $(FACE_HYPERNET)/probe.json)          ~1 h
 #   eval-run         `hdb eval` on the held-out people, both face metrics; the hypernetwork-free
 #                    and no-training conditions on all 55, the 40-step fine-tunes on the first
 #                    $(FAST_PEOPLE), LiDB from scratch (400 steps) on $(SLOW_PEOPLE)        ~1.5 h
@@ -106,6 +108,10 @@ FACE_WORLD_STEPS ?= 2500
 FACE_HYPERNET ?= runs/face_world_v2_hypernet
 STAGE1_IDENTITIES ?= 500
 HYPERNET_CONDITION ?= identity
+STAGE2_STEPS ?= 300
+PRETRAIN_SETS = --set base=$(FACE_WORLD) --set 'data.corpus=["$(FACE_WORLD)/train_identities.csv"]' \
+	--set data.max_identities=$(STAGE1_IDENTITIES) --set stage2.model.condition=$(HYPERNET_CONDITION) \
+	--set stage2.steps=$(STAGE2_STEPS)
 FAST_PEOPLE ?= 20
 SLOW_PEOPLE ?= 8
 EVAL_OUT ?= runs/eval_v2
@@ -122,9 +128,8 @@ eval-face-world: eval-corpus
 		--export-every 500 --detector center --margins 0.5 --max-photos 2 --no-mirror --resume
 # stage 1 reads only the face world's train_identities.csv: no held-out person reaches pretraining
 eval-pretrain: eval-face-world
-	nice -n 19 $(PY) -m hdb.cli pretrain all --config face-world-cpu --output-dir $(FACE_HYPERNET) \
-		--set base=$(FACE_WORLD) --set 'data.corpus=["$(FACE_WORLD)/train_identities.csv"]' \
-		--set data.max_identities=$(STAGE1_IDENTITIES) --set stage2.model.condition=$(HYPERNET_CONDITION)
+	nice -n 19 $(PY) -m hdb.cli pretrain all --config face-world-cpu --output-dir $(FACE_HYPERNET) $(PRETRAIN_SETS)
+	$(PY) -m hdb.cli pretrain probe --config face-world-cpu --output-dir $(FACE_HYPERNET) $(PRETRAIN_SETS)
 eval-run: eval-pretrain
 	nice -n 19 $(PY) -m hdb.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
 		--corpus $(CORPUS)/identities.csv --out $(EVAL_OUT) --threads 1 --detector center --inputs 3 \

@@ -3,7 +3,9 @@
     hdb pretrain all --config tiny-cpu --output-dir runs/tiny
     torchrun --nproc-per-node 2 -m pretrain all --config tiny-cpu --output-dir runs/tiny --stage2.steps 200
 
-STAGE is prepare, stage1, stage2, export or all. Every config value can be overridden with
+STAGE is prepare, stage1, stage2, export or all; `probe` (after stage1, not part of all) measures
+whether the condition can predict stage 1's targets at all, before stage 2 is paid for.
+Every config value can be overridden with
 `--section.key VALUE` (or `--set section.key=VALUE`; values parsed as YAML). Every stage skips work already done for the
 same settings, so rerunning a killed command resumes it.
 """
@@ -26,7 +28,8 @@ _OVERRIDE = "override:"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=(*STAGES, "all"), help="which stage to run (all: in order)")
+    p.add_argument("stage", choices=(*STAGES, "probe", "all"),
+                   help="which stage to run (all: prepare to export in order; probe: after stage1)")
     p.add_argument("--config", default="tiny-cpu",
                    help="YAML/TOML file, or a shipped config name: tiny-cpu, face-world-cpu, sd15-gpu "
                         "(default tiny-cpu)")
@@ -130,8 +133,10 @@ def _run_stage(stage: str, ctx) -> None:
         from pretrain.stage2 import run_stage2 as fn
     elif stage == "export":
         from pretrain.export import run_export as fn
+    elif stage == "probe":
+        from pretrain.probe import run_probe as fn
     else:
-        raise InvalidInputError(f"`stage` must be one of {', '.join(STAGES)}, got {stage!r}")
+        raise InvalidInputError(f"`stage` must be one of {', '.join(STAGES)} or probe, got {stage!r}")
     fn(ctx)
 
 

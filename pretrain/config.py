@@ -158,6 +158,17 @@ class ExportConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """`probe`: how predictable stage 1's targets are (pretrain.probe); changes no other stage."""
+
+    against: str | None = field(
+        default=None,
+        metadata={"help": "another stage-1 folder fitting the same identities (another seed or other photos): "
+                          "reports how well the two fits of one identity agree; None: skip"},
+    )
+
+
+@dataclass
 class PretrainConfig:
     """The whole pipeline: prepare -> stage1 -> stage2 -> export."""
 
@@ -174,6 +185,7 @@ class PretrainConfig:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     export: ExportConfig = field(default_factory=ExportConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -116,6 +116,9 @@ class Stage2Recipe:
             ids = [i for i in self.data.identities(split) if i in s1.identities]
             self.targets[split] = s1.targets(ids)  # (n_ids, L, r, a) / (n_ids, L, b, r)
             self.samples[split] = [(j, row) for j, ident in enumerate(ids) for row in self.data.rows(ident)]
+        # One adapter for everyone (A (L, r, a), B (L, b, r)): validation's bar for a hypernetwork that
+        # has learned something about the person, rather than the mean target any input gets.
+        self.mean_target = {k: v.mean(0) for k, v in self.targets["train"].items()}
         if not self.samples["train"]:
             raise InvalidInputError(
                 f"stage2 must have training identities with stage-1 targets, got none in "
@@ -314,9 +317,10 @@ class Stage2Recipe:
             self.ema.copy_to(model)
         res = validate_hypernet(self, model)
         if self.dist.is_main and res:
-            log.info("stage2: val at step %d: weight mse %.5f (zero adapter %.5f), diffusion loss "
-                     "%.5f (zero adapter %.5f, stage-1 %.5f)", self.step, res["val/weight_mse"],
-                     res["val/weight_mse_zero"], res["val/diffusion"], res["val/diffusion_zero"],
+            log.info("stage2: val at step %d: weight mse %.5f (zero adapter %.5f, mean target %.5f), diffusion "
+                     "loss %.5f (zero adapter %.5f, mean target %.5f, stage-1 %.5f)", self.step,
+                     res["val/weight_mse"], res["val/weight_mse_zero"], res["val/weight_mse_mean"],
+                     res["val/diffusion"], res["val/diffusion_zero"], res["val/diffusion_mean"],
                      res["val/diffusion_stage1"])
         return res
 

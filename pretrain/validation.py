@@ -1,8 +1,10 @@
 """Stage-2 validation on held-out identities (never trained on), sharded over ranks.
 
-For every held-out photo, three adapters are scored on identical noise and timesteps (paired, so
+For every held-out photo, four adapters are scored on identical noise and timesteps (paired, so
 the comparison is not swamped by noise variance): the hypernetwork's prediction, the zero
-adapter (the base alone) and the identity's stage-1 LiDB (what perfect prediction would reach).
+adapter (the base alone), the training identities' mean stage-1 LiDB (one adapter for everyone:
+what a hypernetwork that ignores its input reaches) and the identity's stage-1 LiDB (what perfect
+prediction would reach).
 Timesteps are evenly spaced over the schedule (draw j of D at (j + 1/2) / D), noise is seeded
 per photo, so the numbers do not depend on the batch size or the number of ranks.
 """
@@ -20,15 +22,16 @@ _VAL_STREAM = 7  # separates validation noise seeds from training ones
 
 @torch.no_grad()
 def validate_hypernet(recipe, model) -> dict[str, float]:
-    """-> {"val/weight_mse", "val/weight_mse_zero", "val/diffusion", "val/diffusion_zero",
-    "val/diffusion_stage1"} (empty when there are no held-out samples)."""
+    """-> {"val/weight_mse", "val/weight_mse_zero", "val/weight_mse_mean", "val/diffusion",
+    "val/diffusion_zero", "val/diffusion_mean", "val/diffusion_stage1"} (empty when there are no
+    held-out samples)."""
     samples, d = recipe.samples["val"], recipe.dist
     if not samples:
         return {}
     draws, seed = recipe.cfg.val_noise_draws, recipe.cfg.seed
     T = recipe.num_train_timesteps
     flow = recipe.objective.flow_matching  # float timesteps in (0, T] rather than integer ones
-    sums = torch.zeros(5, dtype=torch.float64)  # wmse, wmse_zero, dl, dl_zero, dl_stage1
+    sums = torch.zeros(7, dtype=torch.float64)  # wmse, wmse_zero, dl, dl_zero, dl_stage1, wmse_mean, dl_mean
     mine = list(range(d.rank, len(samples), d.world_size))
     was_training = model.training
     model.eval()
@@ -39,6 +42,8 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
             pred = recipe.predict(model, pix, ident)  # {"A_train": (n, L, r, a), "B_train": (n, L, b, r)}
         sums[0] += weight_mse(pred, tgt, reduction="none").sum().item()
         sums[1] += weight_mse(zeros_like_weights(tgt), tgt, reduction="none").sum().item()
+        mean = {k: recipe.mean_target[k].to(v).expand_as(v) for k, v in tgt.items()}  # the same adapter for all
+        sums[5] += weight_mse(mean, tgt, reduction="none").sum().item()
         for j in range(draws):
             t = (j + 0.5) / draws * T
             ts = torch.full((len(idx),), t, dtype=torch.float32) if flow else \
@@ -51,6 +56,7 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
             sums[2] += _dl(recipe, lat, ts, noise, pred)
             sums[3] += _dl(recipe, lat, ts, noise, None)
             sums[4] += _dl(recipe, lat, ts, noise, tgt)
+            sums[6] += _dl(recipe, lat, ts, noise, mean)
     model.train(was_training)
     n = len(samples)
     tot = all_reduce_sum(sums.to(d.device)).cpu()  # NCCL needs the rank's device
@@ -58,6 +64,7 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
         "val/weight_mse": float(tot[0] / n), "val/weight_mse_zero": float(tot[1] / n),
         "val/diffusion": float(tot[2] / (n * draws)), "val/diffusion_zero": float(tot[3] / (n * draws)),
         "val/diffusion_stage1": float(tot[4] / (n * draws)),
+        "val/weight_mse_mean": float(tot[5] / n), "val/diffusion_mean": float(tot[6] / (n * draws)),
     }
 
 

@@ -76,13 +76,57 @@ def test_identity_pipeline_caches_embeddings_once_and_exports(tmp_path, tiny_bas
     run_stages(None, tmp_path, ["prepare", "stage1", "stage2"], ov, distributed=False)
     summary = json.loads((tmp_path / "stage2" / "summary.json").read_text())
     assert summary["step"] == 3 and summary["val/weight_mse"] >= 0
+    _check_mean_target_baseline(tmp_path, summary)
     monkeypatch.undo()
+    _check_probe(tmp_path, ov)
     run_stages(None, tmp_path, ["export"], ov, distributed=False)
     report = json.loads((tmp_path / "export" / "report.json").read_text())
     assert report["config"]["condition"] == "both" and report["max_abs_diff"] <= 1e-4
     rt = HypernetRuntime.load(tmp_path / "export", backend="onnx")
     pred = rt.predict(data.pixels(idx["rows"]), faces=torch.zeros(2, 3, 112, 112))
     assert pred["A_train"].shape[0] == 2
+
+
+def _val_targets(run):
+    from hypernet.hypernetwork.losses import weight_mse
+    from pretrain.cache import PreparedData
+    from pretrain.stage1 import load_stage1
+
+    data, s1 = PreparedData(run / "prepared"), load_stage1(run / "stage1")
+    ids = {s: [i for i in data.identities(s) if i in s1.identities] for s in ("train", "val")}
+    mean = {k: v.mean(0) for k, v in s1.targets(ids["train"]).items()}
+    val = s1.targets(ids["val"])
+    photos = torch.tensor([len(data.rows(i)) for i in ids["val"]], dtype=torch.float64)
+    per = weight_mse({k: mean[k].expand_as(v) for k, v in val.items()}, val, reduction="none").double()
+    return float((per * photos).sum() / photos.sum()), ids
+
+
+def _check_mean_target_baseline(run, summary):
+    """Stage 2's validation scores the training mean target (one adapter for everyone) too."""
+    expected, _ = _val_targets(run)
+    assert summary["val/weight_mse_mean"] == pytest.approx(expected, rel=1e-5)
+    assert summary["val/weight_mse_mean"] < summary["val/weight_mse_zero"]
+    assert summary["val/diffusion_mean"] > 0
+
+
+def _check_probe(run, ov):
+    """`probe` on the same run: its mean baseline is stage 2's, ridge is reported per strength, and a
+    stage 1 probed against itself agrees perfectly."""
+    from pretrain.cli import run_stages
+    from pretrain.probe import PROBE_FILE, RIDGE_LAMBDAS
+
+    run_stages(None, run, ["probe"], [*ov, f"probe.against={run / 'stage1'}"], distributed=False)
+    res = json.loads((run / PROBE_FILE).read_text())
+    expected, ids = _val_targets(run)
+    assert res["identities"] == {"train": len(ids["train"]), "val": len(ids["val"])}
+    assert res["val_weight_mse"]["mean"] == pytest.approx(expected, rel=1e-5)
+    assert sorted(k for k in res["val_weight_mse"] if k.startswith("ridge_")) == sorted(
+        f"ridge_{lam:g}" for lam in RIDGE_LAMBDAS)
+    # Strong ridge shrinks to the mean: its training error approaches the mean's.
+    assert res["train_weight_mse"]["ridge_0.01"] <= res["train_weight_mse"]["ridge_1000"] + 1e-9
+    g = res["agreement"]["B_train"]
+    assert g["same_raw"] == pytest.approx(1.0) and g["same_centred"] == pytest.approx(1.0)
+    assert g["different_centred"] < 0.99
 
 
 def test_pixel_condition_computes_no_embeddings(tmp_path, tiny_base_dir, corpus):

@@ -1,0 +1,180 @@
+"""Stage `probe`: can a photo's condition predict its stage-1 target at all? Run it after stage 1.
+
+Stage 2 regresses a photo's condition onto its identity's stage-1 LiDB. That can only generalise
+to new people if the targets are a function of the person, and of what the condition sees. Stage 2
+costs hours and its validation loss cannot tell "not trained enough" from "nothing to learn". The
+probe answers that in seconds, on stage 2's own train/val split of the identities:
+
+    mean         the training identities' mean LiDB: one adapter for everyone, i.e. a hypernetwork
+                 that ignores its input. A trained hypernetwork must beat it, not just the zero adapter.
+    ridge        closed-form ridge regression from the identity embedding (the face encoder's,
+                 averaged over the identity's photos, from prepare's cache) to the target, at
+                 several strengths: the best linear read-out of the embedding.
+    agreement    with `probe.against` (another stage-1 run of the same identities: another noise
+                 seed, or other photos of the same people), the cosine of the two fits of one
+                 identity against that of two different identities, raw and centred on the
+                 identities' mean. Same-seed-different-noise agreement says whether the fit is
+                 reproducible; other-photos agreement says whether it is about the person or the photo.
+
+Writes `probe.json` in the run folder and logs a summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from hypernet.errors import InvalidInputError
+from hypernet.files import atomic_write_bytes
+from hypernet.hypernetwork.losses import weight_mse
+from pretrain.cache import PreparedData
+from pretrain.context import RunContext
+from pretrain.stage1 import load_stage1
+
+log = logging.getLogger(__name__)
+
+PROBE_FILE = "probe.json"
+#: ridge strengths tried (on centred embeddings of unit-ish norm); reported all, none chosen on val.
+RIDGE_LAMBDAS = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
+
+
+def flatten_targets(t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """{"A_train": (n, L, r, a), "B_train": (n, L, b, r)} -> (n, P) float64, A's entries then B's."""
+    return torch.cat([t["A_train"].flatten(1), t["B_train"].flatten(1)], dim=1).double()
+
+
+def unflatten_targets(y: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of `flatten_targets` for rows `y` (m, P), shaped as `like`'s entries (any n)."""
+    a_shape, b_shape = like["A_train"].shape[1:], like["B_train"].shape[1:]
+    na = a_shape.numel()
+    if y.shape[1] != na + b_shape.numel():
+        raise InvalidInputError(f"`y` must have {na + b_shape.numel()} columns, got {y.shape[1]}")
+    return {"A_train": y[:, :na].reshape(-1, *a_shape).float(), "B_train": y[:, na:].reshape(-1, *b_shape).float()}
+
+
+def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ridge regression y ~ (x - mx) @ w + my in closed form.
+
+    Args: x (n, d), y (n, P), lam > 0. Returns (w (d, P), mx (d,), my (P,)), float64.
+    """
+    if not lam > 0:
+        raise InvalidInputError(f"`lam` must be > 0, got {lam!r}")
+    if x.shape[0] != y.shape[0] or x.shape[0] < 2:
+        raise InvalidInputError(f"`x` and `y` must have the same number (>= 2) of rows, got {x.shape[0]}, {y.shape[0]}")
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx  # (n, d)
+    gram = xc.T @ xc + lam * torch.eye(x.shape[1], dtype=torch.float64)  # (d, d)
+    w = torch.linalg.solve(gram, xc.T @ (y - my))  # (d, P)
+    return w, mx, my
+
+
+def ridge_predict(w: torch.Tensor, mx: torch.Tensor, my: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(m, d) -> (m, P)."""
+    return (x.double() - mx) @ w + my
+
+
+def agreement(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Row i of `x` and of `y` are two fits of identity i (n >= 2 rows, P columns).
+
+    -> mean cosine of the same identity's two fits and of different identities' fits (every
+    ordered pair i != j of x_i, y_j), raw and after subtracting each run's mean over identities
+    (the shared part: init and what every person has in common).
+    """
+    n = x.shape[0]
+    if n < 2 or y.shape != x.shape:
+        raise InvalidInputError(f"`x` and `y` must have the same shape with >= 2 rows, got {tuple(x.shape)}, "
+                                f"{tuple(y.shape)}")
+
+    def cos_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = torch.nn.functional.normalize(a.double(), dim=1)
+        b = torch.nn.functional.normalize(b.double(), dim=1)
+        return a @ b.T  # (n, n)
+
+    off = ~torch.eye(n, dtype=torch.bool)
+    out = {}
+    for name, (a, b) in {"raw": (x, y), "centred": (x - x.mean(0), y - y.mean(0))}.items():
+        c = cos_matrix(a, b)
+        out[f"same_{name}"] = float(c.diagonal().mean())
+        out[f"different_{name}"] = float(c[off].mean())
+    return out
+
+
+def _photo_weights(data: PreparedData, ids: list[str]) -> torch.Tensor:
+    """(n,) photos per identity: stage 2 validates per photo, so the probe weights identities alike."""
+    return torch.tensor([len(data.rows(i)) for i in ids], dtype=torch.float64)
+
+
+def _weighted_mse(pred: dict[str, torch.Tensor], tgt: dict[str, torch.Tensor], w: torch.Tensor) -> float:
+    per = weight_mse(pred, tgt, reduction="none").double()  # (n,)
+    return float((per * w).sum() / w.sum())
+
+
+def run_probe(ctx: RunContext) -> dict:
+    """Measure, write probe.json, log; -> the result dict."""
+    data = PreparedData(ctx.prepared_dir)
+    s1 = load_stage1(ctx.stage1_dir)
+    ids = {s: [i for i in data.identities(s) if i in s1.identities] for s in ("train", "val")}
+    if len(ids["train"]) < 2 or not ids["val"]:
+        raise InvalidInputError(
+            f"probe must have >= 2 training and >= 1 validation identities with stage-1 targets, got "
+            f"{len(ids['train'])} and {len(ids['val'])}: run `stage1` on more identities (or raise data.val_fraction)"
+        )
+    tgt = {s: s1.targets(v) for s, v in ids.items()}
+    y = {s: flatten_targets(t) for s, t in tgt.items()}  # (n, P)
+    w_val = _photo_weights(data, ids["val"])
+    zero = {k: torch.zeros_like(v) for k, v in tgt["val"].items()}
+    mean = unflatten_targets(y["train"].mean(0, keepdim=True).expand(len(ids["val"]), -1), tgt["val"])
+    res: dict = {
+        "identities": {s: len(v) for s, v in ids.items()},
+        "val_weight_mse": {"zero": _weighted_mse(zero, tgt["val"], w_val),
+                           "mean": _weighted_mse(mean, tgt["val"], w_val)},
+        "train_weight_mse": {},
+    }
+    if ctx.cfg.stage2.model.uses_identity:
+        from pretrain.face_embeddings import FaceEmbeddings, embeddings_key, ensure_face_embeddings
+
+        ensure_face_embeddings(ctx)
+        fe = FaceEmbeddings(ctx.prepared_dir, embeddings_key(ctx))
+        x = {s: torch.stack([fe.get(data.rows(i)).double().mean(0) for i in v]) for s, v in ids.items()}  # (n, 512)
+        w_train = _photo_weights(data, ids["train"])
+        for lam in RIDGE_LAMBDAS:
+            fit = ridge_fit(x["train"], y["train"], lam)
+            for s, wts, out in (("val", w_val, res["val_weight_mse"]), ("train", w_train, res["train_weight_mse"])):
+                pred = unflatten_targets(ridge_predict(*fit, x[s]), tgt[s])
+                out[f"ridge_{lam:g}"] = _weighted_mse(pred, tgt[s], wts)
+    else:
+        res["ridge"] = "skipped: the pixel condition has no cached identity embedding"
+    against = ctx.cfg.probe.against
+    if against:
+        other = load_stage1(Path(against))
+        both = sorted(set(s1.identities) & set(other.identities))
+        if len(both) < 2:
+            raise InvalidInputError(f"`probe.against` must share >= 2 identities with this run's stage 1, got "
+                                    f"{len(both)} in {against}")
+        a, b = s1.targets(both), other.targets(both)
+        res["agreement"] = {"against": str(against), "identities": len(both),
+                            **{k: agreement(a[k].flatten(1), b[k].flatten(1)) for k in ("A_train", "B_train")}}
+    atomic_write_bytes(ctx.out / PROBE_FILE, json.dumps(res, indent=1).encode())
+    v = res["val_weight_mse"]
+    ridge = {k: m for k, m in v.items() if k.startswith("ridge_")}
+    best = min(ridge.items(), key=lambda kv: kv[1]) if ridge else None
+    log.info("probe: val weight MSE zero %.4f, training mean %.4f%s (%d train / %d val identities)",
+             v["zero"], v["mean"], f", best ridge {best[1]:.4f} ({best[0]})" if best else "",
+             len(ids["train"]), len(ids["val"]))
+    if best and best[1] >= v["mean"] * 0.99:
+        log.warning("probe: the identity embedding predicts the held-out targets no better than their mean "
+                    "(best ridge %.4f vs mean %.4f): stage 2's weight loss can only teach the mean", best[1], v["mean"])
+    if "agreement" in res:
+        g = res["agreement"]["B_train"]
+        log.info("probe: B_train cosine, same identity %.3f vs different %.3f (centred %.3f vs %.3f) against %s",
+                 g["same_raw"], g["different_raw"], g["same_centred"], g["different_centred"], against)
+    log.info("probe: wrote %s", ctx.out / PROBE_FILE)
+    return res
+
+
+__all__ = ["PROBE_FILE", "RIDGE_LAMBDAS", "agreement", "flatten_targets", "ridge_fit", "ridge_predict",
+           "run_probe", "unflatten_targets"]
