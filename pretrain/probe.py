@@ -9,7 +9,9 @@ probe answers that in seconds, on stage 2's own train/val split of the identitie
                  that ignores its input. A trained hypernetwork must beat it, not just the zero adapter.
     ridge        closed-form ridge regression from the identity embedding (the face encoder's,
                  averaged over the identity's photos, from prepare's cache) to the target, at
-                 several strengths: the best linear read-out of the embedding.
+                 several strengths: the best linear read-out of the embedding. On stage 2's split,
+                 and 5-fold over every identity at doubling training sizes (a learning curve:
+                 whether more identities would make the targets predictable).
     agreement    with `probe.against` (another stage-1 run of the same identities: another noise
                  seed, or other photos of the same people), the cosine of the two fits of one
                  identity against that of two different identities, raw and centred on the
@@ -75,6 +77,42 @@ def ridge_fit(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tenso
 def ridge_predict(w: torch.Tensor, mx: torch.Tensor, my: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(m, d) -> (m, P)."""
     return (x.double() - mx) @ w + my
+
+
+def ridge_curve(x: torch.Tensor, y: torch.Tensor, sizes: list[int], lams=RIDGE_LAMBDAS, folds: int = 5,
+                seed: int = 0) -> dict[int, dict[str, float]]:
+    """K-fold cross-validated read-out error at several training-set sizes (a learning curve).
+
+    Stage 2's own validation split is small (3% of the identities); the curve uses every identity:
+    rows are shuffled (seeded) into `folds` folds; each fold is predicted from the first n rows of
+    the others, for every n in `sizes` (capped at what the other folds hold).
+
+    Args: x (N, d), y (N, P). Returns {n: {"mean": mse, "ridge_<lam>": mse, ..., "best_gain": 1 -
+    best ridge / mean}}, mse = squared error summed over P, averaged over the held-out rows.
+    """
+    n_all = x.shape[0]
+    if folds < 2 or n_all < folds:
+        raise InvalidInputError(f"`folds` must be >= 2 and <= the {n_all} rows, got {folds}")
+    order = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))
+    parts = order.chunk(folds)
+    out: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        sums: dict[str, float] = {}
+        for k, held in enumerate(parts):
+            train = torch.cat([p for j, p in enumerate(parts) if j != k])[:n]
+            if len(train) < 2:
+                raise InvalidInputError(f"`sizes` must be >= 2, got {n}")
+            yt, yh = y[train].double(), y[held].double()
+            errs = {"mean": (yt.mean(0) - yh).pow(2).sum(1).sum()}
+            for lam in lams:
+                pred = ridge_predict(*ridge_fit(x[train], yt, lam), x[held])
+                errs[f"ridge_{lam:g}"] = (pred - yh).pow(2).sum(1).sum()
+            for key, e in errs.items():
+                sums[key] = sums.get(key, 0.0) + float(e)
+        row = {key: v / n_all for key, v in sums.items()}
+        row["best_gain"] = 1 - min(v for key, v in row.items() if key.startswith("ridge_")) / row["mean"]
+        out[min(n, n_all - len(parts[0]))] = row
+    return out
 
 
 def agreement(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -146,6 +184,11 @@ def run_probe(ctx: RunContext) -> dict:
             for s, wts, out in (("val", w_val, res["val_weight_mse"]), ("train", w_train, res["train_weight_mse"])):
                 pred = unflatten_targets(ridge_predict(*fit, x[s]), tgt[s])
                 out[f"ridge_{lam:g}"] = _weighted_mse(pred, tgt[s], wts)
+        # Every identity, 5-fold, at doubling training sizes: does predictability grow with the corpus?
+        x_all, y_all = torch.cat([x["train"], x["val"]]), torch.cat([y["train"], y["val"]])
+        sizes = [n for n in (2 ** k for k in range(5, 20)) if n < len(y_all) * 4 // 5] + [len(y_all)]
+        folds = min(5, len(y_all))  # >= 3: the split above has >= 2 train and >= 1 val identities
+        res["cross_validated"] = {str(n): r for n, r in ridge_curve(x_all, y_all, sizes, folds=folds).items()}
     else:
         res["ridge"] = "skipped: the pixel condition has no cached identity embedding"
     against = ctx.cfg.probe.against
@@ -168,6 +211,9 @@ def run_probe(ctx: RunContext) -> dict:
     if best and best[1] >= v["mean"] * 0.99:
         log.warning("probe: the identity embedding predicts the held-out targets no better than their mean "
                     "(best ridge %.4f vs mean %.4f): stage 2's weight loss can only teach the mean", best[1], v["mean"])
+    for n, r in res.get("cross_validated", {}).items():
+        log.info("probe: 5-fold, %s training identities: best ridge %.3f%% below the training mean", n,
+                 100 * r["best_gain"])
     if "agreement" in res:
         g = res["agreement"]["B_train"]
         log.info("probe: B_train cosine, same identity %.3f vs different %.3f (centred %.3f vs %.3f) against %s",
@@ -176,5 +222,5 @@ def run_probe(ctx: RunContext) -> dict:
     return res
 
 
-__all__ = ["PROBE_FILE", "RIDGE_LAMBDAS", "agreement", "flatten_targets", "ridge_fit", "ridge_predict",
-           "run_probe", "unflatten_targets"]
+__all__ = ["PROBE_FILE", "RIDGE_LAMBDAS", "agreement", "flatten_targets", "ridge_curve", "ridge_fit",
+           "ridge_predict", "run_probe", "unflatten_targets"]

@@ -124,6 +124,7 @@ def _check_probe(run, ov):
         f"ridge_{lam:g}" for lam in RIDGE_LAMBDAS)
     # Strong ridge shrinks to the mean: its training error approaches the mean's.
     assert res["train_weight_mse"]["ridge_0.01"] <= res["train_weight_mse"]["ridge_1000"] + 1e-9
+    assert res["cross_validated"] and all("best_gain" in r for r in res["cross_validated"].values())
     g = res["agreement"]["B_train"]
     assert g["same_raw"] == pytest.approx(1.0) and g["same_centred"] == pytest.approx(1.0)
     assert g["different_centred"] < 0.99

@@ -70,3 +70,23 @@ def test_agreement_tells_reproducible_fits_from_unrelated_ones():
 
     with pytest.raises(InvalidInputError, match=">= 2 rows"):
         agreement(x[:1], y[:1])
+
+
+def test_ridge_curve_grows_with_data_only_when_the_targets_are_predictable():
+    from pretrain.probe import ridge_curve
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(160, 16, generator=gen, dtype=torch.float64)
+    y = x @ torch.randn(16, 10, generator=gen, dtype=torch.float64) + torch.randn(160, 10, generator=gen,
+                                                                               dtype=torch.float64)
+    curve = ridge_curve(x, y, [8, 32, 1000], lams=(0.1, 10.0))
+    assert sorted(curve) == [8, 32, 128]  # 1000 is capped at the 4 other folds' 128 rows
+    gains = [curve[n]["best_gain"] for n in (8, 32, 128)]
+    assert gains[0] < gains[1] < gains[2] and gains[2] > 0.8
+    assert curve[128]["mean"] > curve[128]["ridge_0.1"]
+
+    noise = torch.randn(160, 10, generator=gen, dtype=torch.float64)
+    assert ridge_curve(x, noise, [128], lams=(10.0,))[128]["best_gain"] < 0.05
+
+    with pytest.raises(InvalidInputError, match="`folds` must be >= 2"):
+        ridge_curve(x[:3], y[:3], [2], folds=5)
