@@ -8,7 +8,8 @@
        relaxing the rank in one of two ways (`relax`):
        - "lora": the prediction stays a frozen forward-time adapter and a LoRA of rank R over the
          full layer dimensions trains beside it (the shared base weights are never touched);
-       - "subspace": the LiDB core itself trains at rank R inside the frozen aux bases,
+       - "subspace" (the default: measured at least as good at half the time): the LiDB core itself
+         trains at rank R inside the frozen aux bases,
          A_train (R, a), B_train (b, R), starting from the prediction in its first r components and
          extra components with small random A and zero B (so they get gradient). 13% of the size
          at SD 1.5 scale (410 KB against 3.2 MiB at R = 4).
@@ -78,11 +79,12 @@ class PersonalizeConfig:
         "help": "how predictions from several photos combine: 'weights' (mean of the predicted LiDB "
                 "weights; works on every runtime backend, ONNX included) or 'embedding' (mean of the "
                 "encoder's image tokens, decoded once; runs the torch model). Unused with one photo"})
-    relax: str = field(default="lora", metadata={
-        "help": "how the fine-tune relaxes rank 1: 'lora' (a rank-`rank` LoRA over the full layer "
-                "dims beside the frozen prediction; 3.2 MiB at SD 1.5) or 'subspace' (the LiDB core "
-                "itself at rank `rank` inside the aux bases, from the prediction; 410 KB). 'lora' stays "
-                "the default until the evaluation has compared their quality"})
+    relax: str = field(default="subspace", metadata={
+        "help": "how the fine-tune relaxes rank 1: 'subspace' (the LiDB core itself at rank `rank` inside "
+                "the aux bases, from the prediction; 410 KB at SD 1.5) or 'lora' (a rank-`rank` LoRA over "
+                "the full layer dims beside the frozen prediction; 3.2 MiB). The default since the "
+                "evaluation measured subspace at least as good on both face metrics, at half the time "
+                "(benchmarks/results/eval_v2/REPORT.md)"})
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 0 <= self.steps <= 10_000:

@@ -37,7 +37,7 @@ REAL_PHOTO = "real-photo"
 
 __all__ = [
     "ALL_CONDITIONS", "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS", "VARIANTS",
-    "Personalised", "input_photos", "parse_overrides", "personalise",
+    "Personalised", "input_photos", "parse_overrides", "personalise", "relax_of",
 ]
 
 CONDITIONS = (
@@ -55,6 +55,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-relax-lora": ("hyperdreambooth", {"relax": "lora"}, 1),
     "hyperdreambooth-relax-subspace": ("hyperdreambooth", {"relax": "subspace"}, 1),
     "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
+    "fast-finetune-relax-lora": ("fast-finetune", {"relax": "lora"}, 1),
 }
 ALL_CONDITIONS = CONDITIONS + tuple(VARIANTS)
 EVAL_PROMPT_TEMPLATE = "a photo of {token} {class_noun}"
@@ -71,6 +72,18 @@ class Personalised:
 
 def needs_hypernet(conditions) -> bool:
     return any(VARIANTS.get(c, (c,))[0] in _HYPERNET_CONDITIONS for c in conditions)
+
+
+def relax_of(condition: str, overrides: dict[str, Any] | None = None) -> str | None:
+    """The relaxed fine-tune `condition` runs (None: it runs none), after its variant's settings and
+    `overrides`; the library default otherwise. Part of a cell's key, so that a changed default
+    reruns the cells computed under the old one instead of reusing them."""
+    base, settings, _ = VARIANTS.get(condition, (condition, {}, 1))
+    if base not in ("hyperdreambooth", "fast-finetune"):
+        return None
+    from hypernet.personalize import PersonalizeConfig
+
+    return {**settings, **(overrides or {})}.get("relax", PersonalizeConfig().relax)
 
 
 def input_photos(condition: str) -> int:

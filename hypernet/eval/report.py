@@ -41,7 +41,10 @@ PAIRS = (
     ("hypernetwork-3photos", "hypernetwork", "3 photos − 1, hypernetwork only (predictions averaged)"),
     ("hypernetwork-3photos-embedding", "hypernetwork", "3 photos − 1, hypernetwork only (embeddings averaged)"),
     ("hyperdreambooth-3photos", "hyperdreambooth", "3 photos − 1, HyperDreamBooth"),
-    ("hyperdreambooth-relax-subspace", "hyperdreambooth", "relaxed in the LiDB subspace − as a full-width LoRA"),
+    ("hyperdreambooth-relax-subspace", "hyperdreambooth-relax-lora",
+     "HyperDreamBooth relaxed in the LiDB subspace − as a full-width LoRA"),
+    ("hyperdreambooth-relax-lora", "fast-finetune-relax-lora",
+     "HyperDreamBooth − fine-tune from zero, both relaxed as a full-width LoRA"),
 )
 
 

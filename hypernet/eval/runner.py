@@ -46,6 +46,7 @@ from hypernet.eval.conditions import (
     input_photos,
     needs_hypernet,
     personalise,
+    relax_of,
 )
 from hypernet.eval.corpus import FaceCorpus, IdentitySplit, interleave_parts, part_of, read_manifest
 from hypernet.eval.faces import FACE_METRICS, FaceMetric, cosine, load_face_metric
@@ -150,6 +151,9 @@ class EvalConfig:
                  loss_t=self.loss_timesteps, overrides=self.overrides.get(condition, {}))
         if self.inputs > 1:  # other references: other cells (1 keeps the keys of earlier runs)
             d["inputs"] = self.inputs
+        relax = relax_of(condition, self.overrides.get(condition))
+        if relax is not None:  # the fine-tune's relaxation: a changed library default reruns the cell
+            d["relax"] = relax
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

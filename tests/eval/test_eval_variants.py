@@ -58,6 +58,9 @@ def test_three_photo_and_relax_variants_personalise_as_named(tiny_pipe, tiny_hyp
     assert ff.artifact.relax == "subspace" and ff.artifact.spec.r == 4
     assert (ff.artifact.lidb["B_train"].abs().amax(dim=(1, 2)) > 0).all()  # from a zero prediction, all trained
     assert 0 < sub.nbytes < lora.nbytes
+    ff_lora = personalise(tiny_pipe, "fast-finetune-relax-lora", photo_paths[0], overrides={"steps": 1}, **kw)
+    assert ff_lora.artifact.relax == "lora" and ff_lora.artifact.relaxed  # the LoRA beside a zero prediction
+    assert all(v.abs().sum() == 0 for v in ff_lora.artifact.lidb.values())
 
     with pytest.raises(InvalidInputError, match="'hyperdreambooth-3photos' must be given 3 photos, got 1"):
         personalise(tiny_pipe, "hyperdreambooth-3photos", photo_paths[0], **kw)
@@ -103,6 +106,25 @@ def test_cell_keys_change_only_when_a_variant_holds_back_more_inputs(tmp_path):
     assert _config(tmp_path, ("hypernetwork-3photos",), held_inputs=1).inputs == 3  # never fewer than needed
     with pytest.raises(InvalidInputError, match="held_inputs"):
         _config(tmp_path, ("hypernetwork",), held_inputs=0)
+
+
+def test_cell_keys_follow_the_relaxation_the_fine_tune_runs(tmp_path):
+    """A cell computed under another relaxation (a variant, an override or the old default) is not reused."""
+    from hypernet.eval.conditions import relax_of
+    from hypernet.personalize import PersonalizeConfig
+
+    cfg = _config(tmp_path, ("hyperdreambooth", "hyperdreambooth-relax-lora", "hyperdreambooth-relax-subspace",
+                             "fast-finetune", "hypernetwork"))
+    default = PersonalizeConfig().relax
+    got = (relax_of("hyperdreambooth"), relax_of("fast-finetune"), relax_of("hypernetwork"))
+    assert got == (default, default, None)
+    assert relax_of("hyperdreambooth-relax-lora") == "lora" and relax_of("hyperdreambooth", {"relax": "lora"}) == "lora"
+    other = "lora" if default == "subspace" else "subspace"
+    key = cfg.cell_key("hyperdreambooth", "m")
+    assert key == cfg.cell_key(f"hyperdreambooth-relax-{default}", "m")  # the same computation
+    assert key != cfg.cell_key(f"hyperdreambooth-relax-{other}", "m")
+    cfg.overrides = {"hyperdreambooth": {"relax": default}}  # an override naming the default: still another key
+    assert cfg.cell_key("hyperdreambooth", "m") != key
 
 
 def _config(tmp_path, conditions, **kw):

@@ -30,9 +30,11 @@ def _clean(pipe) -> bool:
 
 
 def test_personalize_builds_identity_and_leaves_pipe_clean(tiny_pipe, tiny_hypernet):
+    """relax="lora": the prediction stays frozen and a rank-3 LoRA trains beside it (the default,
+    relax="subspace", trains the LiDB core itself: tests/personalize/test_subspace_relax.py)."""
     events = []
     ident = personalize(tiny_pipe, _photo_bytes(), hypernet=tiny_hypernet, steps=6, rank=3, detector="center",
-                        progress=events.append)
+                        progress=events.append, relax="lora")
     assert _clean(tiny_pipe)
     assert ident.method == "hyperdreambooth" and ident.relaxed_rank == 3
     assert set(ident.timings) == {"decode", "preprocess", "hypernetwork", "finetune"}
