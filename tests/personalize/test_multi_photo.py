@@ -83,7 +83,8 @@ def test_fine_tune_trains_on_every_photo(tiny_pipe, tiny_hypernet, monkeypatch):
     three = personalize(tiny_pipe, photos, hypernet=tiny_hypernet, steps=3, detector="center", flip=False)
     one = personalize(tiny_pipe, photos[:1], hypernet=tiny_hypernet, steps=3, detector="center", flip=False)
     assert seen == [3, 1]
-    assert not _equal(three.relaxed, one.relaxed)
+    assert three.relax == one.relax == "subspace"  # the default: the trained LiDB core holds what differs
+    assert not _equal(three.lidb, one.lidb)
 
 
 def test_errors_name_the_photo_at_fault(tiny_pipe, tiny_hypernet, tmp_path):
