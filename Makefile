@@ -97,9 +97,11 @@ bench: setup
 #                    + stage 2 (identity condition, 300 steps, ~1.1 s/step: 2,000 over-fitted from
 #                    ~250 on) + ONNX export, then `probe` (seconds: can the face embedding predict
 #                    the stage-1 targets at all? -> $(FACE_HYPERNET)/probe.json)          ~1 h
-#   eval-run         `hdb eval` on the held-out people, both face metrics; the hypernetwork-free
-#                    and no-training conditions on all 55, the 40-step fine-tunes on the first
-#                    $(FAST_PEOPLE), LiDB from scratch (400 steps) on $(SLOW_PEOPLE)        ~1.5 h
+#   eval-run         `hdb eval` on the held-out people, both face metrics: hypernetwork only
+#                    (1 and 3 photos), HyperDreamBooth and the fine-tune from zero (40 steps,
+#                    relaxed in the LiDB subspace, the default) on all 55; the LoRA-relaxed pair
+#                    and HyperDreamBooth from 3 photos on the first $(FAST_PEOPLE); LiDB (400
+#                    steps), LoRA, DreamBooth (400) and Textual Inversion (500) on $(SLOW_PEOPLE)  ~3 h
 LFW ?= ../shared/data/faces/lfw/identities.csv
 CALTECH ?= ../shared/data/faces/caltech/identities.csv
 CORPUS ?= runs/corpus_v2
@@ -112,11 +114,12 @@ STAGE2_STEPS ?= 300
 PRETRAIN_SETS = --set base=$(FACE_WORLD) --set 'data.corpus=["$(FACE_WORLD)/train_identities.csv"]' \
 	--set data.max_identities=$(STAGE1_IDENTITIES) --set stage2.model.condition=$(HYPERNET_CONDITION) \
 	--set stage2.steps=$(STAGE2_STEPS)
-FAST_PEOPLE ?= 20
-SLOW_PEOPLE ?= 8
+FAST_PEOPLE ?= 24
+SLOW_PEOPLE ?= 6
 EVAL_OUT ?= runs/eval_v2
-EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,fast-finetune,hyperdreambooth,hyperdreambooth-3photos,lidb
-EVAL_ARGS ?=
+EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,hypernetwork-3photos-embedding,fast-finetune,hyperdreambooth,\
+	hyperdreambooth-3photos,hyperdreambooth-relax-lora,fast-finetune-relax-lora,lidb,lora,dreambooth,textual-inversion
+EVAL_ARGS ?= --override dreambooth.steps=400 --override textual-inversion.steps=500
 .PHONY: eval-corpus eval-face-world eval-pretrain eval-run
 eval: eval-run
 eval-corpus: setup
@@ -133,9 +136,10 @@ eval-pretrain: eval-face-world
 eval-run: eval-pretrain
 	nice -n 19 $(PY) -m hdb.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
 		--corpus $(CORPUS)/identities.csv --out $(EVAL_OUT) --threads 1 --detector center --inputs 3 \
-		--conditions $(EVAL_CONDITIONS) --people fast-finetune=$(FAST_PEOPLE) \
-		--people hyperdreambooth=$(FAST_PEOPLE) --people hyperdreambooth-3photos=$(FAST_PEOPLE) \
-		--people lidb=$(SLOW_PEOPLE) $(EVAL_ARGS)
+		--conditions $(EVAL_CONDITIONS) --people hyperdreambooth-3photos=$(FAST_PEOPLE) \
+		--people hyperdreambooth-relax-lora=$(FAST_PEOPLE) --people fast-finetune-relax-lora=$(FAST_PEOPLE) \
+		--people lidb=$(SLOW_PEOPLE) --people lora=$(SLOW_PEOPLE) --people dreambooth=$(SLOW_PEOPLE) \
+		--people textual-inversion=$(SLOW_PEOPLE) $(EVAL_ARGS)
 
 # Fuzzing, fault injection, a 10-minute soak, security and privacy checks of the gRPC service
 # (< 30 min on 2 cores) -> benchmarks/results/reliability.md (+ .json, soak PNG).

@@ -41,8 +41,8 @@ PAIRS = (
     ("hypernetwork-3photos", "hypernetwork", "3 photos − 1, hypernetwork only (predictions averaged)"),
     ("hypernetwork-3photos-embedding", "hypernetwork", "3 photos − 1, hypernetwork only (embeddings averaged)"),
     ("hyperdreambooth-3photos", "hyperdreambooth", "3 photos − 1, HyperDreamBooth"),
-    ("hyperdreambooth-relax-subspace", "hyperdreambooth-relax-lora",
-     "HyperDreamBooth relaxed in the LiDB subspace − as a full-width LoRA"),
+    ("hyperdreambooth", "hyperdreambooth-relax-lora",
+     "HyperDreamBooth, default relaxation (LiDB subspace) − relaxed as a full-width LoRA"),
     ("hyperdreambooth-relax-lora", "fast-finetune-relax-lora",
      "HyperDreamBooth − fine-tune from zero, both relaxed as a full-width LoRA"),
 )
