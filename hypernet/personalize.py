@@ -62,8 +62,8 @@ class PersonalizeConfig:
 
     steps: int = field(default=40, metadata={"help": "fine-tune steps; 0 = hypernetwork only (paper: 40)"})
     rank: int = field(default=4, metadata={
-        "help": "rank of the relaxed LoRA (relax='lora'), or of the trained LiDB core (relax='subspace'); "
-                "must be > 1 to relax rank-1 LiDB"})
+        "help": "rank of the relaxed LoRA (relax='lora'), or of the trained LiDB core (relax='subspace'; "
+                "equal to the prediction's rank, the core trains without extra components)"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the relaxed LoRA"})
     token: str = field(default="ohwx", metadata={"help": "the rare identifier token"})
     class_noun: str = field(default="person", metadata={"help": "the class the subject belongs to"})
@@ -318,9 +318,9 @@ def _fast_finetune(pipe, spec, layers, pred, pixels, cfg, progress, should_stop)
 def _subspace_finetune(pipe, spec, layers, pred, pixels, cfg, progress, should_stop):
     """relax="subspace": train the LiDB core at rank R = `cfg.rank` inside the same frozen aux bases,
     from the prediction; returns (the rank-R spec, the trained core (L, R, a)/(L, b, R), losses)."""
-    if not spec.r < cfg.rank <= min(spec.a, spec.b):
+    if not spec.r <= cfg.rank <= min(spec.a, spec.b):
         raise InvalidInputError(
-            f"`rank` must be in ({spec.r}, {min(spec.a, spec.b)}] for relax='subspace' (above the "
+            f"`rank` must be in [{spec.r}, {min(spec.a, spec.b)}] for relax='subspace' (at least the "
             f"hypernetwork's LiDB rank, at most a and b), got {cfg.rank}"
         )
     spec_r = dataclasses.replace(spec, r=cfg.rank)  # same seed, a, b: the same aux bases

@@ -74,8 +74,12 @@ def test_subspace_fine_tune_trains_the_core_and_makes_a_small_identity(tiny_pipe
     assert back.relax == "subspace" and back.spec.r == 3 and torch.equal(back.lidb["A_train"], A)
     assert lora.relax == "lora" and Identity.from_bytes(lora.to_bytes()).relax == "lora"
     assert sub.nbytes < lora.nbytes
-    with pytest.raises(InvalidInputError, match=r"`rank` must be in \(1, "):
-        personalize(tiny_pipe, _photo_bytes(), relax="subspace", **{**kw, "rank": 1})
+    # rank = the prediction's (1): the predicted core itself trains, with no extra components (what
+    # an old client asking for rank 1, valid for the LoRA relaxation, gets).
+    one = personalize(tiny_pipe, _photo_bytes(), relax="subspace", **{**kw, "rank": 1})
+    assert one.spec == pred.spec and (one.lidb["B_train"] - pred.lidb["B_train"]).abs().max() > 0
+    with pytest.raises(InvalidInputError, match=r"`rank` must be in \[1, \d+\] for relax='subspace'"):
+        personalize(tiny_pipe, _photo_bytes(), relax="subspace", **{**kw, "rank": 256})
     with pytest.raises(InvalidInputError, match="`relax` must be one of"):
         personalize(tiny_pipe, _photo_bytes(), relax="full", **kw)
     # The default is the subspace relaxation (measured at least as good, at half the time and size).
