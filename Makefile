@@ -101,7 +101,9 @@ bench: setup
 #                    (1 and 3 photos), HyperDreamBooth and the fine-tune from zero (40 steps,
 #                    relaxed in the LiDB subspace, the default) on all 55; the LoRA-relaxed pair
 #                    and HyperDreamBooth from 3 photos on the first $(FAST_PEOPLE); LiDB (400
-#                    steps), LoRA, DreamBooth (400) and Textual Inversion (500) on $(SLOW_PEOPLE)  ~3 h
+#                    steps), LoRA, DreamBooth (400) and Textual Inversion (500) on $(SLOW_PEOPLE)
+#                    (4.2 h of cells summed, one process of 1 thread; split conditions over two
+#                    processes with the same --inputs 3 to use both cores)               ~4 h
 LFW ?= ../shared/data/faces/lfw/identities.csv
 CALTECH ?= ../shared/data/faces/caltech/identities.csv
 CORPUS ?= runs/corpus_v2
