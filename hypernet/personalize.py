@@ -65,6 +65,9 @@ class PersonalizeConfig:
         "help": "rank of the relaxed LoRA (relax='lora'), or of the trained LiDB core (relax='subspace'; "
                 "equal to the prediction's rank, the core trains without extra components)"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the relaxed LoRA"})
+    batch_size: int = field(default=1, metadata={
+        "help": "photos per fine-tune step, drawn with replacement from the photos given (and their "
+                "mirrors); 0 = as many as photos given. Costs that many UNet passes per step"})
     token: str = field(default="ohwx", metadata={"help": "the rare identifier token"})
     class_noun: str = field(default="person", metadata={"help": "the class the subject belongs to"})
     seed: int = field(default=0, metadata={"help": "seeds noise, timesteps, flips and the LoRA init"})
@@ -91,6 +94,9 @@ class PersonalizeConfig:
             raise InvalidInputError(f"`steps` must be an integer in [0, 10000], got {self.steps!r}")
         if not isinstance(self.rank, int) or not 1 <= self.rank <= 256:
             raise InvalidInputError(f"`rank` must be an integer in [1, 256], got {self.rank!r}")
+        bs = self.batch_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or not 0 <= bs <= MAX_PHOTOS:
+            raise InvalidInputError(f"`batch_size` must be an integer in [0, {MAX_PHOTOS}], got {self.batch_size!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
         if self.init not in ("hypernetwork", "zero"):
@@ -293,7 +299,7 @@ def _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop) -> t
 def _train(pipe, params, pixels, cfg, progress, should_stop):
     data = build_train_data(pipe, pixels.to(pipe.vae.device, pipe.vae.dtype), cfg.prompt, flip=cfg.flip)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, flip=cfg.flip, log_every=0,
-                       mixed_precision=cfg.mixed_precision)
+                       batch_size=cfg.batch_size or len(pixels), mixed_precision=cfg.mixed_precision)
     try:
         return train(pipe, params, data, tcfg, progress=progress, should_stop=should_stop, stage="finetune")
     except TrainingCancelled as e:
