@@ -25,19 +25,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, help="diffusers base directory (default: the embedded tiny base)")
     p.add_argument("--hypernet", type=Path, help="exported hypernetwork folder or file (default: tiny-cpu)")
     p.add_argument("--backend", choices=("auto", "onnx", "torch"), default="auto", help="hypernetwork runtime")
-    p.add_argument("--steps", type=int, default=40, help="fast fine-tune steps; 0 = hypernetwork only (40)")
-    p.add_argument("--rank", type=int, default=4,
-                   help="rank of the relaxed LoRA, or of the subspace core with --relax subspace (4)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tune learning rate (1e-3)")
-    p.add_argument("--combine", choices=("weights", "embedding"), default="weights",
-                   help="several photos: mean of the predicted weights, or of the encoder tokens (weights)")
-    p.add_argument("--relax", choices=("lora", "subspace"), default="subspace",
+    d = _defaults()
+    p.add_argument("--steps", type=int, default=d.steps,
+                   help=f"fast fine-tune steps; 0 = hypernetwork only ({d.steps})")
+    p.add_argument("--rank", type=int, default=d.rank,
+                   help=f"rank of the subspace core, or of the relaxed LoRA with --relax lora ({d.rank})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"fine-tune learning rate ({d.lr:g})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="photos per fine-tune step, drawn from the photos given; 0 = as many as photos "
+                   f"given, at that many UNet passes per step ({d.batch_size})")
+    p.add_argument("--combine", choices=("weights", "embedding"), default=d.combine,
+                   help=f"several photos: mean of the predicted weights, or of the encoder tokens ({d.combine})")
+    p.add_argument("--relax", choices=("lora", "subspace"), default=d.relax,
                    help="relaxed fine-tune: rank --rank inside the LiDB subspace (8x smaller at SD 1.5; measured "
-                   "at least as good), or a LoRA over full layer dims (subspace)")
-    p.add_argument("--token", default="ohwx", help="identifier token (ohwx)")
-    p.add_argument("--class-noun", default="person", help="class noun (person)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and of generation (0)")
-    p.add_argument("--detector", choices=("auto", "mtcnn", "center"), default="auto", help="face crop")
+                   f"at least as good), or a LoRA over full layer dims ({d.relax})")
+    p.add_argument("--token", default=d.token, help=f"identifier token ({d.token})")
+    p.add_argument("--class-noun", default=d.class_noun, help=f"class noun ({d.class_noun})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the fine-tune and of generation ({d.seed})")
+    p.add_argument("--detector", choices=("auto", "mtcnn", "center"), default=d.detector,
+                   help=f"face crop ({d.detector})")
     p.add_argument("--prompt", action="append", help="generate with this prompt (repeatable); "
                    "use the token, e.g. 'a photo of ohwx person smiling'")
     p.add_argument("--negative-prompt", default="", help="negative prompt for generation")
@@ -50,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _defaults():
+    """The library's PersonalizeConfig defaults: the flags show and use them, never a copy."""
+    from hypernet.personalize_config import PersonalizeConfig
+
+    return PersonalizeConfig()
+
+
 def run(args: argparse.Namespace) -> int:
     from hypernet.base import load_pipeline
     from hypernet.batch_generate import GenRequest, generate_batch
@@ -58,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = PersonalizeConfig(steps=args.steps, rank=args.rank, lr=args.lr, token=args.token,
                             class_noun=args.class_noun, seed=args.seed, detector=args.detector,
-                            combine=args.combine, relax=args.relax)
+                            combine=args.combine, relax=args.relax, batch_size=args.batch_size)
     photos = list(args.photos)  # paths: a missing or bad one is named in the error (`photos[i]` (path))
     personalize_photos = photos if len(photos) > 1 else photos[0]
     pipe = load_pipeline(args.base or default_base_dir(), device=args.device, dtype=args.dtype)

@@ -27,6 +27,7 @@ from hypernet.errors import (
     ImageTooLargeError,
     InvalidInputError,
 )
+from hypernet.personalize_config import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,6 @@ log = logging.getLogger(__name__)
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP")
 #: Suffixes picked up when a directory is given (other files, e.g. a CSV, are ignored there).
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-#: 40 MP: above any phone camera (~12-50 MP photos are downscaled by the apps that send them).
-DEFAULT_MAX_PIXELS = 40_000_000
 #: Face detection runs on a copy whose long side is at most this (MTCNN is slow on big photos).
 _DETECT_MAX_SIDE = 640
 

@@ -87,6 +87,24 @@ def test_fine_tune_trains_on_every_photo(tiny_pipe, tiny_hypernet, monkeypatch):
     assert not _equal(three.lidb, one.lidb)
 
 
+def test_batch_size_zero_steps_on_every_photo_at_once(tiny_pipe, tiny_hypernet):
+    """batch_size=0 is one draw per photo given: with one photo it is the default, bit for bit; with
+    three it is another fine-tune than one photo per step (the same seed, steps and photos)."""
+    photos = [_photo_bytes(i) for i in range(3)]
+    kw = dict(hypernet=tiny_hypernet, steps=3, detector="center")
+    one_default = personalize(tiny_pipe, photos[:1], **kw)
+    one_all = personalize(tiny_pipe, photos[:1], batch_size=0, **kw)
+    assert _equal(one_default.lidb, one_all.lidb)
+    three_b1 = personalize(tiny_pipe, photos, batch_size=1, **kw)
+    three_all = personalize(tiny_pipe, photos, batch_size=0, **kw)
+    three_b3 = personalize(tiny_pipe, photos, batch_size=3, **kw)
+    assert not _equal(three_b1.lidb, three_all.lidb)
+    assert _equal(three_all.lidb, three_b3.lidb)
+    for bad in (-1, MAX_PHOTOS + 1, 1.5, True):
+        with pytest.raises(InvalidInputError, match=rf"`batch_size` must be an integer in \[0, {MAX_PHOTOS}\]"):
+            personalize(tiny_pipe, photos, batch_size=bad, **kw)
+
+
 def test_errors_name_the_photo_at_fault(tiny_pipe, tiny_hypernet, tmp_path):
     good = _photo_bytes()
     with pytest.raises(ImageDecodeError, match=r"^`photos\[2\]` must be a JPEG, PNG or WebP image"):
@@ -113,7 +131,7 @@ def test_cli_takes_several_photos(tiny_pipe, tiny_base_dir, tiny_hypernet, tmp_p
     out = tmp_path / "me.safetensors"
     common = ["--base", str(tiny_base_dir), "--hypernet", str(tiny_hypernet), "--steps", "1",
               "--detector", "center", "--device", "cpu", "--out", str(out)]
-    assert main(["personalize", *map(str, paths), "--combine", "embedding", "--relax", "subspace",
+    assert main(["personalize", *map(str, paths), "--combine", "embedding", "--relax", "subspace", "--batch-size", "0",
                  "--rank", "2", *common]) == 0
     ident = Identity.load(out)
     assert (ident.num_photos, ident.combine, ident.relax, ident.spec.r) == (3, "embedding", "subspace", 2)

@@ -1,0 +1,80 @@
+"""The fast fine-tune's settings (`PersonalizeConfig`), in a module light enough for CLI parsers.
+
+`hdb personalize --help` shows these defaults; importing `hypernet.personalize` (torch, diffusers)
+to read them cost seconds of start-up, so they live here and `hypernet.personalize` re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hypernet.errors import InvalidInputError
+
+#: Most photos one call takes: the fine-tune draws from all of them, and K preprocessed photos plus
+#: their VAE latents stay in memory for the call (a service bounds its queue by this).
+MAX_PHOTOS = 8
+COMBINE_MODES = ("weights", "embedding")
+RELAX_MODES = ("lora", "subspace")
+#: 40 MP: above any phone camera (~12-50 MP photos are downscaled by the apps that send them).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+__all__ = ["COMBINE_MODES", "DEFAULT_MAX_PIXELS", "MAX_PHOTOS", "RELAX_MODES", "PersonalizeConfig"]
+
+
+@dataclass
+class PersonalizeConfig:
+    """The fast fine-tune's knobs; defaults follow the paper (40 steps, rank > 1)."""
+
+    steps: int = field(default=40, metadata={"help": "fine-tune steps; 0 = hypernetwork only (paper: 40)"})
+    rank: int = field(default=4, metadata={
+        "help": "rank of the relaxed LoRA (relax='lora'), or of the trained LiDB core (relax='subspace'; "
+                "equal to the prediction's rank, the core trains without extra components)"})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the relaxed LoRA"})
+    batch_size: int = field(default=1, metadata={
+        "help": "photos per fine-tune step, drawn with replacement from the photos given (and their "
+                "mirrors); 0 = as many as photos given. Costs that many UNet passes per step"})
+    token: str = field(default="ohwx", metadata={"help": "the rare identifier token"})
+    class_noun: str = field(default="person", metadata={"help": "the class the subject belongs to"})
+    seed: int = field(default=0, metadata={"help": "seeds noise, timesteps, flips and the LoRA init"})
+    detector: str = field(default="auto", metadata={"help": "face detector: auto, mtcnn or center"})
+    flip: bool = field(default=True, metadata={"help": "horizontal-flip augmentation of the one photo"})
+    max_pixels: int = field(default=DEFAULT_MAX_PIXELS, metadata={"help": "reject larger photos"})
+    mixed_precision: str = field(default="no", metadata={"help": "autocast on CUDA: no, fp16, bf16"})
+    init: str = field(default="hypernetwork", metadata={
+        "help": "start of the fine-tune: 'hypernetwork' (HyperDreamBooth) or 'zero' (the fine-tune-only "
+                "ablation: same steps, no prediction)"})
+    combine: str = field(default="weights", metadata={
+        "help": "how predictions from several photos combine: 'weights' (mean of the predicted LiDB "
+                "weights; works on every runtime backend, ONNX included) or 'embedding' (mean of the "
+                "encoder's image tokens, decoded once; runs the torch model). Unused with one photo"})
+    relax: str = field(default="subspace", metadata={
+        "help": "how the fine-tune relaxes rank 1: 'subspace' (the LiDB core itself at rank `rank` inside "
+                "the aux bases, from the prediction; 410 KB at SD 1.5) or 'lora' (a rank-`rank` LoRA over "
+                "the full layer dims beside the frozen prediction; 3.2 MiB). The default since the "
+                "evaluation measured subspace at least as good on both face metrics, at half the time "
+                "(benchmarks/results/eval_v2/REPORT.md)"})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 0 <= self.steps <= 10_000:
+            raise InvalidInputError(f"`steps` must be an integer in [0, 10000], got {self.steps!r}")
+        if not isinstance(self.rank, int) or not 1 <= self.rank <= 256:
+            raise InvalidInputError(f"`rank` must be an integer in [1, 256], got {self.rank!r}")
+        bs = self.batch_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or not 0 <= bs <= MAX_PHOTOS:
+            raise InvalidInputError(f"`batch_size` must be an integer in [0, {MAX_PHOTOS}], got {self.batch_size!r}")
+        if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
+        if self.init not in ("hypernetwork", "zero"):
+            raise InvalidInputError(f"`init` must be 'hypernetwork' or 'zero', got {self.init!r}")
+        if self.combine not in COMBINE_MODES:
+            raise InvalidInputError(f"`combine` must be one of {list(COMBINE_MODES)}, got {self.combine!r}")
+        if self.relax not in RELAX_MODES:
+            raise InvalidInputError(f"`relax` must be one of {list(RELAX_MODES)}, got {self.relax!r}")
+        for k in ("token", "class_noun"):
+            v = getattr(self, k)
+            if not isinstance(v, str) or not v.strip() or len(v) > 64:
+                raise InvalidInputError(f"`{k}` must be a non-empty string of at most 64 characters, got {v!r}")
+
+    @property
+    def prompt(self) -> str:
+        return f"a photo of {self.token} {self.class_noun}"
