@@ -5,7 +5,9 @@ denoiser is built on the meta device (no memory, no weights), the family's defau
 attached by the library (`default_spec_for`), and the artifacts are saved with the library's own
 writers from zero tensors of the real shapes and layer names, so the byte counts are real files:
 - the LiDB file (`save_lidb`) and the hypernetwork-only identity (`Identity.save`, LiDB alone);
-- the HyperDreamBooth identity (LiDB + the rank-4 relaxed LoRA of the fast fine-tune);
+- the HyperDreamBooth identity after the fast fine-tune: with relax="subspace" (the default) the
+  LiDB core at rank 4 inside the same aux bases; with relax="lora" the rank-1 LiDB plus a rank-4
+  LoRA over the full layer dimensions;
 - the standard LoRA export (diffusers keys, rank r = 1: B_aux·B_train, A_train·A_aux per layer);
 - the LiDB file at the paper's a = b = 100, to show why a family's default differs from it;
 - the hypernetwork of the family's GPU config, heads sized from that spec (parameters, outputs,
@@ -24,7 +26,7 @@ from benchmarks.harness import BenchContext, Outcome, ratio
 log = logging.getLogger(__name__)
 
 NAME = "bases_scale"
-RELAXED_RANK = 4  # PersonalizeConfig().rank: the relaxed LoRA of an Identity
+RELAXED_RANK = 4  # PersonalizeConfig().rank: the subspace core's rank (or the relaxed LoRA's)
 FINGERPRINT = "0" * 16
 IDENTITY_BUDGET_BYTES = 250_000  # issue 17: an identity at r = 1 stays under about 250 KB
 
@@ -32,8 +34,10 @@ IDENTITY_BUDGET_BYTES = 250_000  # issue 17: an identity at r = 1 stays under ab
 def base_sizes(name: str, work: Path, full: bool = True) -> dict[str, Any]:
     """One base's denoiser size, default LiDB spec and the bytes of each artifact.
 
-    `full=False` (the test's setting) skips the large files: the identity with its relaxed LoRA,
+    `full=False` (the test's setting) skips the large files: the identities after the fine-tune,
     the LoRA export and the a = b = 100 variant."""
+    import dataclasses
+
     import torch
     from safetensors.torch import save_file
 
@@ -60,11 +64,15 @@ def base_sizes(name: str, work: Path, full: bool = True) -> dict[str, Any]:
     for i, (n_in, n_out) in enumerate(shapes if full else []):
         relaxed[f"{i}.A"] = torch.zeros(RELAXED_RANK, n_in)  # (R, n_in)
         relaxed[f"{i}.B"] = torch.zeros(n_out, RELAXED_RANK)  # (n_out, R)
+    sub_spec = dataclasses.replace(spec, r=RELAXED_RANK)  # relax="subspace": the same aux bases, rank R
+    sub = {"A_train": torch.zeros(L, RELAXED_RANK, spec.a),  # (L, R, a)
+           "B_train": torch.zeros(L, spec.b, RELAXED_RANK)}  # (L, b, R)
     ident = {}
-    kinds = (("hypernetwork_only_identity", {}), ("hyperdreambooth_identity", relaxed))
-    for label, rel in kinds if full else kinds[:1]:
-        obj = Identity(spec=spec, layers=layers, shapes=shapes, base_fingerprint=FINGERPRINT, lidb=lidb, relaxed=rel)
-        ident[label] = {"params": L * (spec.a + spec.b) * spec.r + sum(v.numel() for v in rel.values()),
+    kinds = (("hypernetwork_only_identity", spec, lidb, {}), ("hyperdreambooth_identity", sub_spec, sub, {}),
+             ("hyperdreambooth_identity_relax_lora", spec, lidb, relaxed))
+    for label, sp, core, rel in kinds if full else kinds[:1]:
+        obj = Identity(spec=sp, layers=layers, shapes=shapes, base_fingerprint=FINGERPRINT, lidb=core, relaxed=rel)
+        ident[label] = {"params": sum(v.numel() for v in [*core.values(), *rel.values()]),
                         "bytes": obj.save(out_dir / f"{label}.safetensors")}
     by_kind: dict[str, int] = {}
     for layer in layers:
@@ -96,7 +104,8 @@ def base_sizes(name: str, work: Path, full: bool = True) -> dict[str, Any]:
                             {"A_train": torch.zeros(len(paper_layers), 1, 100),
                              "B_train": torch.zeros(len(paper_layers), 100, 1)}, paper, paper_layers, FINGERPRINT)
     out.update({
-        "hyperdreambooth_identity": ident["hyperdreambooth_identity"],
+        "hyperdreambooth_identity": ident["hyperdreambooth_identity"],  # relax="subspace", the default
+        "hyperdreambooth_identity_relax_lora": ident["hyperdreambooth_identity_relax_lora"],
         "lora_export_bytes": (out_dir / "lora_export.safetensors").stat().st_size,
         "lidb_a100_b100": {"params": len(paper_layers) * 200, "bytes": paper_bytes},
     })

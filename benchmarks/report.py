@@ -110,11 +110,12 @@ def _headline(docs: dict[str, dict]) -> list[str]:
     if sz:
         rows.append(["DreamBooth UNet (fp32) / LiDB file, SD 1.5", fx(sz.get("dreambooth_fp32_over_lidb"), 0),
                      "paper 10,000x smaller"])
-        rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity (LiDB + rank-4 LoRA), SD 1.5",
-                     fx(sz.get("dreambooth_fp32_over_hyperdreambooth_identity"), 0), "paper 10,000x smaller"])
         if sz.get("dreambooth_fp32_over_hyperdreambooth_identity_subspace"):
-            rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity (rank 4 inside the LiDB subspace), SD 1.5",
+            rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity (rank 4 inside the LiDB subspace, "
+                         "the default), SD 1.5",
                          fx(sz["dreambooth_fp32_over_hyperdreambooth_identity_subspace"], 0), "paper 10,000x smaller"])
+        rows.append(["DreamBooth UNet (fp32) / HyperDreamBooth identity with relax='lora' (LiDB + rank-4 LoRA), "
+                     "SD 1.5", fx(sz.get("dreambooth_fp32_over_hyperdreambooth_identity"), 0), "paper 10,000x smaller"])
     st = docs.get("sd15_scale", {}).get("results", {}).get("step_times", {}).get("ratios") or {}
     if st:
         rows.append(["Full-UNet step / LiDB step, SD 1.5 at 256 px", fx(st.get("full_over_lidb"), 2), "-"])
@@ -211,10 +212,12 @@ def _bases(doc: dict, out: Path) -> list[str]:
         rows.append([name, f"{r['denoiser_params']:,}", r["layers"], r["narrowest_layer"],
                      f"{s['a']}/{s['b']}/{s['r']}", f"{r['lidb_params']:,}", fb(r["lidb_bytes"]),
                      fb(r["hypernetwork_only_identity"]["bytes"]), fb(r["hyperdreambooth_identity"]["bytes"]),
+                     fb(r.get("hyperdreambooth_identity_relax_lora", {}).get("bytes")),
                      fb(r["lora_export_bytes"]), fb(r["lidb_a100_b100"]["bytes"]),
                      fx(r["identity_bytes_over_sd15"], 2)])
     lines += [table(["base", "denoiser params", "layers", "narrowest", "a/b/r", "LiDB params", "LiDB file",
-                     "identity (LiDB only)", "identity + relaxed r4", "LoRA export (r=1)", "LiDB at a=b=100",
+                     "identity (LiDB only)", "identity, fine-tuned (subspace r4, default)",
+                     "identity, fine-tuned (relax=lora: + LoRA r4)", "LoRA export (r=1)", "LiDB at a=b=100",
                      "identity vs SD 1.5"], rows), ""]
     kinds = sorted({k for r in res.values() for k in r["layers_by_projection"]})
     rows = [[name] + [r["layers_by_projection"].get(k, 0) for k in kinds] for name, r in res.items()]

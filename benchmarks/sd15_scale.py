@@ -249,10 +249,10 @@ def run(ctx: BenchContext) -> Outcome:
     notes = [
         "Sizes at SD 1.5 shapes are real saved files except DreamBooth's, which is the UNet's parameter count x "
         "bytes per parameter (4 fp32, 2 fp16); the paper's '10,000x smaller' compares LiDB to DreamBooth.",
-        "The HyperDreamBooth identity carries the LiDB prediction plus the rank-4 relaxed LoRA of the fast "
-        "fine-tune, so it is larger than LiDB alone; the hypernetwork-only identity is LiDB alone.",
-        "hyperdreambooth_identity_subspace is relax='subspace': the fine-tune relaxes the rank inside the LiDB "
-        "subspace instead (A_train R x a, B_train b x R, R = 4), so only the rank-4 core is stored.",
+        "hyperdreambooth_identity_subspace is the default relax='subspace': the fine-tune relaxes the rank "
+        "inside the LiDB subspace (A_train R x a, B_train b x R, R = 4), so only the rank-4 core is stored.",
+        "hyperdreambooth_identity is relax='lora': the LiDB prediction plus a rank-4 LoRA over the full layer "
+        "dimensions, so it is the larger; the hypernetwork-only identity is LiDB alone.",
     ]
     if ctx.tiny:
         notes.append("Tiny mode: step times are for a narrow UNet with SD 1.5's block layout, not SD 1.5.")
