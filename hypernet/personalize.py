@@ -238,6 +238,7 @@ def _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop) -> t
 
 
 def _train(pipe, params, pixels, cfg, progress, should_stop):
+    pixels = pixels[: cfg.finetune_photos or len(pixels)]  # (K', 3, H, W): the photos the fine-tune sees
     data = build_train_data(pipe, pixels.to(pipe.vae.device, pipe.vae.dtype), cfg.prompt, flip=cfg.flip)
     tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, flip=cfg.flip, log_every=0,
                        batch_size=cfg.batch_size or len(pixels), mixed_precision=cfg.mixed_precision)

@@ -29,6 +29,9 @@ class PersonalizeConfig:
     rank: int = field(default=4, metadata={
         "help": "rank of the relaxed LoRA (relax='lora'), or of the trained LiDB core (relax='subspace'; "
                 "equal to the prediction's rank, the core trains without extra components)"})
+    finetune_photos: int = field(default=0, metadata={
+        "help": "how many of the photos the fine-tune trains on, the first ones; 0 = all of them. The "
+                "prediction combines all the photos either way"})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the relaxed LoRA"})
     batch_size: int = field(default=1, metadata={
         "help": "photos per fine-tune step, drawn with replacement from the photos given (and their "
@@ -62,6 +65,9 @@ class PersonalizeConfig:
         bs = self.batch_size
         if not isinstance(bs, int) or isinstance(bs, bool) or not 0 <= bs <= MAX_PHOTOS:
             raise InvalidInputError(f"`batch_size` must be an integer in [0, {MAX_PHOTOS}], got {self.batch_size!r}")
+        fp = self.finetune_photos
+        if not isinstance(fp, int) or isinstance(fp, bool) or not 0 <= fp <= MAX_PHOTOS:
+            raise InvalidInputError(f"`finetune_photos` must be an integer in [0, {MAX_PHOTOS}], got {fp!r}")
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
         if self.init not in ("hypernetwork", "zero"):
