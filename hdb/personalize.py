@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size,
                    help="photos per fine-tune step, drawn from the photos given; 0 = as many as photos "
                    f"given, at that many UNet passes per step ({d.batch_size})")
+    p.add_argument("--finetune-photos", type=int, default=d.finetune_photos,
+                   help="how many of the photos (the first ones) the fine-tune trains on; 0 = all. The "
+                   f"prediction combines all of them either way ({d.finetune_photos})")
     p.add_argument("--combine", choices=("weights", "embedding"), default=d.combine,
                    help=f"several photos: mean of the predicted weights, or of the encoder tokens ({d.combine})")
     p.add_argument("--relax", choices=("lora", "subspace"), default=d.relax,
@@ -71,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = PersonalizeConfig(steps=args.steps, rank=args.rank, lr=args.lr, token=args.token,
                             class_noun=args.class_noun, seed=args.seed, detector=args.detector,
-                            combine=args.combine, relax=args.relax, batch_size=args.batch_size)
+                            combine=args.combine, relax=args.relax, batch_size=args.batch_size,
+                            finetune_photos=args.finetune_photos)
     photos = list(args.photos)  # paths: a missing or bad one is named in the error (`photos[i]` (path))
     personalize_photos = photos if len(photos) > 1 else photos[0]
     pipe = load_pipeline(args.base or default_base_dir(), device=args.device, dtype=args.dtype)

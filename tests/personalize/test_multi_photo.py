@@ -105,6 +105,26 @@ def test_batch_size_zero_steps_on_every_photo_at_once(tiny_pipe, tiny_hypernet):
             personalize(tiny_pipe, photos, batch_size=bad, **kw)
 
 
+def test_finetune_photos_trains_on_the_first_ones_from_the_combined_prediction(tiny_pipe, tiny_hypernet):
+    """finetune_photos=1 on 3 photos: the prediction of all three, the fine-tune on the first alone."""
+    from hypernet.personalize import PersonalizeConfig, finetune
+
+    photos = [_photo_bytes(i) for i in range(3)]
+    kw = dict(hypernet=tiny_hypernet, steps=3, detector="center")
+    ft1 = personalize(tiny_pipe, photos, finetune_photos=1, **kw)
+    assert not _equal(ft1.lidb, personalize(tiny_pipe, photos, **kw).lidb)  # all three photos trained
+    assert not _equal(ft1.lidb, personalize(tiny_pipe, photos[:1], **kw).lidb)  # one photo's prediction
+    rt = HypernetRuntime.load(tiny_hypernet)
+    pred = {k: v.mean(0) for k, v in rt.predict(_pixels(photos)).items()}  # the weights-combined prediction
+    want, _ = finetune(tiny_pipe, _pixels(photos)[:1], rt.spec, pred, layers=list(rt.layers),
+                       config=PersonalizeConfig(steps=3, detector="center"))
+    for k in ("A_train", "B_train"):
+        torch.testing.assert_close(ft1.lidb[k], want.lidb[k], atol=1e-5, rtol=1e-5)
+    assert ft1.num_photos == 3
+    with pytest.raises(InvalidInputError, match=rf"`finetune_photos` must be an integer in \[0, {MAX_PHOTOS}\]"):
+        personalize(tiny_pipe, photos, finetune_photos=-1, **kw)
+
+
 def test_errors_name_the_photo_at_fault(tiny_pipe, tiny_hypernet, tmp_path):
     good = _photo_bytes()
     with pytest.raises(ImageDecodeError, match=r"^`photos\[2\]` must be a JPEG, PNG or WebP image"):
@@ -132,6 +152,7 @@ def test_cli_takes_several_photos(tiny_pipe, tiny_base_dir, tiny_hypernet, tmp_p
     common = ["--base", str(tiny_base_dir), "--hypernet", str(tiny_hypernet), "--steps", "1",
               "--detector", "center", "--device", "cpu", "--out", str(out)]
     assert main(["personalize", *map(str, paths), "--combine", "embedding", "--relax", "subspace", "--batch-size", "0",
+                 "--finetune-photos", "2",
                  "--rank", "2", *common]) == 0
     ident = Identity.load(out)
     assert (ident.num_photos, ident.combine, ident.relax, ident.spec.r) == (3, "embedding", "subspace", 2)
