@@ -12,6 +12,12 @@ probe answers that in seconds, on stage 2's own train/val split of the identitie
                  several strengths: the best linear read-out of the embedding. On stage 2's split,
                  and 5-fold over every identity at doubling training sizes (a learning curve:
                  whether more identities would make the targets predictable).
+    delta        the same mean and 5-fold ridge read-out, scored on the adapter's *effect* rather than
+                 its factors: the per-layer product B_train @ A_train (b x a; the weight change up to
+                 the frozen aux bases), whose Frobenius error no sign or scale symmetry of the
+                 factors can hide. Kernel form (Gram matrices of the products), so the b x a
+                 products are never stored. `shared_fraction` = ||mean||^2 / mean ||y||^2 says how
+                 much of the targets one adapter for everyone could carry, in each space.
     agreement    with `probe.against` (another stage-1 run of the same identities: another noise
                  seed, or other photos of the same people), the cosine of the two fits of one
                  identity against that of two different identities, raw and centred on the
@@ -115,6 +121,72 @@ def ridge_curve(x: torch.Tensor, y: torch.Tensor, sizes: list[int], lams=RIDGE_L
     return out
 
 
+def delta_gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of the identities' per-layer products B_train @ A_train, averaged over layers.
+
+    Args: A (n, L, r, a), B (n, L, b, r). Returns G (n, n) float64 with G[i, j] = mean over layers
+    of <B_i A_i, B_j A_j>_F = sum_rs (B_i^T B_j)_rs (A_i A_j^T)_rs: no (n, L, b, a) tensor is built.
+    """
+    if A.dim() != 4 or B.dim() != 4 or A.shape[:3] != (B.shape[0], B.shape[1], B.shape[3]):
+        raise InvalidInputError(f"`A` (n, L, r, a) and `B` (n, L, b, r) must agree on n, L and r, got "
+                                f"{tuple(A.shape)} and {tuple(B.shape)}")
+    n, L = A.shape[:2]
+    G = torch.zeros(n, n, dtype=torch.float64)
+    for layer in range(L):
+        bb = torch.einsum("ibr,jbs->ijrs", B[:, layer].double(), B[:, layer].double())  # (n, n, r, r)
+        aa = torch.einsum("ira,jsa->ijrs", A[:, layer].double(), A[:, layer].double())  # (n, n, r, r)
+        G += (bb * aa).sum((2, 3))
+    return G / L
+
+
+def gram_ridge_curve(gram: torch.Tensor, x: torch.Tensor, sizes: list[int], lams=RIDGE_LAMBDAS, folds: int = 5,
+                     seed: int = 0) -> dict[int, dict[str, float]]:
+    """`ridge_curve` for targets known only through their Gram matrix (n, n): the same folds, means
+    and ridge fits (every prediction is a weighted sum of training rows, so its squared error is a
+    quadratic form in the Gram matrix). `ridge_curve(x, y, ...)` == `gram_ridge_curve(y @ y.T, x, ...)`."""
+    n_all = x.shape[0]
+    if gram.shape != (n_all, n_all):
+        raise InvalidInputError(f"`gram` must have shape ({n_all}, {n_all}), got {tuple(gram.shape)}")
+    if folds < 2 or n_all < folds:
+        raise InvalidInputError(f"`folds` must be >= 2 and <= the {n_all} rows, got {folds}")
+    G, x = gram.double(), x.double()
+    order = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))
+    parts = order.chunk(folds)
+    out: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        sums: dict[str, float] = {}
+        for k, held in enumerate(parts):
+            train = torch.cat([p for j, p in enumerate(parts) if j != k])[:n]
+            nt = len(train)
+            if nt < 2:
+                raise InvalidInputError(f"`sizes` must be >= 2, got {n}")
+            g_tt, g_ht, g_hh = G[train][:, train], G[held][:, train], G[held, held].sum()  # G[held, held]: diagonal
+            errs = {"mean": _gram_error(torch.full((len(held), nt), 1 / nt, dtype=torch.float64), g_tt, g_ht, g_hh)}
+            mx = x[train].mean(0)
+            xc, xh = x[train] - mx, x[held] - mx  # (nt, d), (h, d)
+            for lam in lams:
+                alpha = xh @ torch.linalg.solve(xc.T @ xc + lam * torch.eye(x.shape[1], dtype=torch.float64), xc.T)
+                w = alpha + (1 - alpha.sum(1, keepdim=True)) / nt  # ybar + alpha (Y - ybar) as weights on Y
+                errs[f"ridge_{lam:g}"] = _gram_error(w, g_tt, g_ht, g_hh)
+            for key, e in errs.items():
+                sums[key] = sums.get(key, 0.0) + e
+        row = {key: v / n_all for key, v in sums.items()}
+        row["best_gain"] = 1 - min(v for key, v in row.items() if key.startswith("ridge_")) / row["mean"]
+        out[min(n, n_all - len(parts[0]))] = row
+    return out
+
+
+def _gram_error(w: torch.Tensor, g_tt: torch.Tensor, g_ht: torch.Tensor, g_hh: torch.Tensor) -> float:
+    """Summed squared error of predictions w @ Y_train (w (h, nt)) of held-out rows, from Gram blocks:
+    sum_h ||w_h Y_t - y_h||^2 = sum(w G_tt * w) - 2 sum(w * G_ht) + sum(diag G_hh)."""
+    return float((w @ g_tt * w).sum() - 2 * (w * g_ht).sum() + g_hh)
+
+
+def shared_fraction(gram: torch.Tensor) -> float:
+    """||mean of the rows||^2 / mean ||row||^2 from their Gram matrix: what one adapter for all carries."""
+    return float(gram.mean() / gram.diagonal().mean())
+
+
 def agreement(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Row i of `x` and of `y` are two fits of identity i (n >= 2 rows, P columns).
 
@@ -189,6 +261,12 @@ def run_probe(ctx: RunContext) -> dict:
         sizes = [n for n in (2 ** k for k in range(5, 20)) if n < len(y_all) * 4 // 5] + [len(y_all)]
         folds = min(5, len(y_all))  # >= 3: the split above has >= 2 train and >= 1 val identities
         res["cross_validated"] = {str(n): r for n, r in ridge_curve(x_all, y_all, sizes, folds=folds).items()}
+        t_all = {k: torch.cat([tgt["train"][k], tgt["val"][k]]) for k in ("A_train", "B_train")}
+        g_delta = delta_gram(t_all["A_train"], t_all["B_train"])
+        res["delta"] = {"shared_fraction": shared_fraction(g_delta),
+                        "shared_fraction_factors": shared_fraction(y_all @ y_all.T),
+                        "cross_validated": {str(n): r for n, r in
+                                            gram_ridge_curve(g_delta, x_all, sizes, folds=folds).items()}}
     else:
         res["ridge"] = "skipped: the pixel condition has no cached identity embedding"
     against = ctx.cfg.probe.against
@@ -214,6 +292,12 @@ def run_probe(ctx: RunContext) -> dict:
     for n, r in res.get("cross_validated", {}).items():
         log.info("probe: 5-fold, %s training identities: best ridge %.3f%% below the training mean", n,
                  100 * r["best_gain"])
+    if "delta" in res:
+        dl = res["delta"]
+        last = list(dl["cross_validated"].items())[-1]
+        log.info("probe: delta space (B_train @ A_train): the mean carries %.1f%% of the targets' energy (factors: "
+                 "%.1f%%); 5-fold, %s identities: best ridge %.3f%% below the mean", 100 * dl["shared_fraction"],
+                 100 * dl["shared_fraction_factors"], last[0], 100 * last[1]["best_gain"])
     if "agreement" in res:
         g = res["agreement"]["B_train"]
         log.info("probe: B_train cosine, same identity %.3f vs different %.3f (centred %.3f vs %.3f) against %s",
@@ -222,5 +306,5 @@ def run_probe(ctx: RunContext) -> dict:
     return res
 
 
-__all__ = ["PROBE_FILE", "RIDGE_LAMBDAS", "agreement", "flatten_targets", "ridge_curve", "ridge_fit",
-           "ridge_predict", "run_probe", "unflatten_targets"]
+__all__ = ["PROBE_FILE", "RIDGE_LAMBDAS", "agreement", "delta_gram", "flatten_targets", "gram_ridge_curve",
+           "ridge_curve", "ridge_fit", "ridge_predict", "run_probe", "shared_fraction", "unflatten_targets"]

@@ -125,6 +125,9 @@ def _check_probe(run, ov):
     # Strong ridge shrinks to the mean: its training error approaches the mean's.
     assert res["train_weight_mse"]["ridge_0.01"] <= res["train_weight_mse"]["ridge_1000"] + 1e-9
     assert res["cross_validated"] and all("best_gain" in r for r in res["cross_validated"].values())
+    d = res["delta"]  # the same read-out on B_train @ A_train: the same folds and training sizes
+    assert d["cross_validated"].keys() == res["cross_validated"].keys()
+    assert 0 <= d["shared_fraction"] <= 1 and 0 <= d["shared_fraction_factors"] <= 1
     g = res["agreement"]["B_train"]
     assert g["same_raw"] == pytest.approx(1.0) and g["same_centred"] == pytest.approx(1.0)
     assert g["different_centred"] < 0.99

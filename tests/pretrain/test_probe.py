@@ -90,3 +90,40 @@ def test_ridge_curve_grows_with_data_only_when_the_targets_are_predictable():
 
     with pytest.raises(InvalidInputError, match="`folds` must be >= 2"):
         ridge_curve(x[:3], y[:3], [2], folds=5)
+
+
+def test_gram_ridge_curve_is_ridge_curve_in_kernel_form():
+    """The delta read-out scores predictions through the targets' Gram matrix: on explicit targets
+    it must give ridge_curve's numbers exactly, predictable or not."""
+    from pretrain.probe import gram_ridge_curve, ridge_curve
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(60, 8, generator=gen, dtype=torch.float64)
+    for y in (x @ torch.randn(8, 7, generator=gen, dtype=torch.float64),
+              torch.randn(60, 7, generator=gen, dtype=torch.float64)):
+        want = ridge_curve(x, y, [10, 48], lams=(0.1, 10.0))
+        got = gram_ridge_curve(y @ y.T, x, [10, 48], lams=(0.1, 10.0))
+        assert want.keys() == got.keys()
+        for n in want:
+            for k in want[n]:
+                assert got[n][k] == pytest.approx(want[n][k], rel=1e-9, abs=1e-12)
+    with pytest.raises(InvalidInputError, match=r"`gram` must have shape \(60, 60\)"):
+        gram_ridge_curve(torch.eye(5, dtype=torch.float64), x, [10])
+
+
+def test_delta_gram_is_the_gram_of_the_layer_products():
+    from pretrain.probe import delta_gram, shared_fraction
+
+    gen = torch.Generator().manual_seed(6)
+    A = torch.randn(5, 3, 2, 4, generator=gen, dtype=torch.float64)  # (n, L, r, a)
+    B = torch.randn(5, 3, 6, 2, generator=gen, dtype=torch.float64)  # (n, L, b, r)
+    delta = B @ A  # (n, L, b, a)
+    want = torch.einsum("ilba,jlba->ij", delta, delta) / 3
+    torch.testing.assert_close(delta_gram(A, B), want)
+    # (A, B) and (-A, -B) are the same adapter: the same row of the delta Gram, not of the factors'
+    torch.testing.assert_close(delta_gram(-A, -B), want)
+    same = delta_gram(A[:1].expand(4, -1, -1, -1), B[:1].expand(4, -1, -1, -1))
+    assert shared_fraction(same) == pytest.approx(1.0)  # one adapter for all carries everything
+    assert shared_fraction(delta_gram(torch.cat([A[:1], -A[:1]]), torch.cat([B[:1], B[:1]]))) == pytest.approx(0.0)
+    with pytest.raises(InvalidInputError, match="must agree on n, L and r"):
+        delta_gram(A, B[:, :2])
