@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen-steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--sample-seeds", default="shared", choices=("shared", "per-identity"),
+                   help="seeds of the generated images: the same seed..seed+N-1 for every person (shared, "
+                   "default), or each person's own block, the same for every method (per-identity)")
     p.add_argument("--device", default=None, help="cpu or cuda (default auto)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default torch's; use 1 on a busy machine)")
@@ -67,7 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
         base=args.base, corpus=args.corpus, out=args.out, hypernet=args.hypernet, identities=args.identities,
         images_per_id=args.images_per_id, conditions=_csv(args.conditions),
         overrides=parse_overrides(args.override), gen_steps=args.gen_steps, guidance=args.guidance,
-        seed=args.seed, device=args.device, num_threads=args.threads,
+        seed=args.seed, sample_seeds=args.sample_seeds, device=args.device, num_threads=args.threads,
         detector=args.detector, metrics=_csv(args.metrics), slow_methods_people=args.slow_methods_people,
         other_train_ids=args.other_train_ids, grid_parts=_csv(args.grid_parts), held_inputs=args.inputs,
         people=_people(args.people),

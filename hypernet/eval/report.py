@@ -167,8 +167,10 @@ def _header(ev, summary: dict) -> list[str]:
         + ("held out by the base's split.json" if ev.train_ids else
            "**the base has no split.json: they are not known to be held out**")
         + f"), one input photo each; {cfg.images_per_id} images "
-        f"per person and method from \"{cfg.prompt}\" (seeds {cfg.seed}..{cfg.seed + cfg.images_per_id - 1}, "
-        f"{cfg.gen_steps} DPM-Solver++ steps, guidance {cfg.guidance}). Mean [95% bootstrap CI over people].",
+        f"per person and method from \"{cfg.prompt}\" ("
+        + (f"seeds {cfg.seed}..{cfg.seed + cfg.images_per_id - 1} for everyone, " if cfg.sample_seeds == "shared"
+           else f"{cfg.images_per_id} seeds of each person's own, the same for every method, ")
+        + f"{cfg.gen_steps} DPM-Solver++ steps, guidance {cfg.guidance}). Mean [95% bootstrap CI over people].",
         "",
         "Method settings: each method's library defaults"
         + (", except " + ", ".join(f"`{c}.{k}={v}`" for c, kv in cfg.overrides.items() for k, v in kv.items())

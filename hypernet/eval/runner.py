@@ -4,7 +4,9 @@ For each held-out identity, its first photo is the one input (its first 3 when a
 is among the conditions; see `EvalConfig.inputs`) and its other photos are the references. Each
 condition (`hypernet.eval.conditions`) personalises from the input, timed; then
 `images_per_id` images are generated with fixed seeds (the same seeds for every condition, so
-comparisons are paired) from "a photo of ohwx person", and scored by each face metric
+comparisons are paired; with `sample_seeds="per-identity"` each person gets their own seeds, so
+the run samples people x images noise draws instead of the same few for everyone) from
+"a photo of ohwx person", and scored by each face metric
 (`hypernet.eval.faces.FACE_METRICS`: dlib's ResNet and FaceNet, two independent networks):
 
     Face Rec.   mean cosine similarity of generated faces to the identity's reference photos
@@ -29,6 +31,7 @@ import json
 import logging
 import random
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +59,19 @@ from hypernet.photos import to_pil
 log = logging.getLogger(__name__)
 
 __all__ = ["REAL_PHOTO", "EvalConfig", "Evaluation", "run_evaluation"]
+
+
+#: How sampling seeds are assigned to people (`EvalConfig.sample_seeds`).
+SAMPLE_SEEDS = ("shared", "per-identity")
+
+
+def first_sample_seed(seed: int, identity: str, scheme: str) -> int:
+    """The seed of `identity`'s first generated image (the rest follow it): `seed` when shared;
+    else a block of 100 seeds picked by a hash of the name, stable across runs, machines and the
+    number of people evaluated, so cells stay reusable and every condition gets the same noise."""
+    if scheme == "shared":
+        return seed
+    return seed + 100 * (zlib.crc32(identity.encode()) % 1_000_000)
 
 
 @dataclass
@@ -94,6 +110,11 @@ class EvalConfig:
     held_inputs: int | None = field(default=None, metadata={
         "help": "photos held back as inputs per identity (default: the most any listed condition takes); "
                 "give the same N to runs of different condition lists so that their cells stay paired"})
+    sample_seeds: str = field(default="shared", metadata={
+        "help": "'shared': every person's images use seeds seed..seed+images_per_id-1; 'per-identity': "
+                "each person's own block of seeds (from a hash of the name), the same for every condition. "
+                "Shared seeds condition every result on a few noise draws (seeds 0..9 give dlib-detectable "
+                "faces far less often than others on face world v2: DIAGNOSIS.md)"})
     grid_parts: tuple[str, ...] = field(default=("caltech",), metadata={
         "help": "corpus parts whose people appear in grids ('all': everyone); LFW's faces must not be committed"})
 
@@ -102,6 +123,8 @@ class EvalConfig:
         self.hypernet = Path(self.hypernet) if self.hypernet else None
         self.conditions, self.metrics, self.grid_parts = tuple(self.conditions), tuple(self.metrics), \
             tuple(self.grid_parts)
+        if self.sample_seeds not in SAMPLE_SEEDS:
+            raise InvalidInputError(f"`sample_seeds` must be one of {list(SAMPLE_SEEDS)}, got {self.sample_seeds!r}")
         bad_metrics = [m for m in self.metrics if m not in FACE_METRICS]
         if bad_metrics or not self.metrics:
             raise InvalidInputError(f"`metrics` must be a non-empty subset of {list(FACE_METRICS)}, "
@@ -151,6 +174,8 @@ class EvalConfig:
                  loss_t=self.loss_timesteps, overrides=self.overrides.get(condition, {}))
         if self.inputs > 1:  # other references: other cells (1 keeps the keys of earlier runs)
             d["inputs"] = self.inputs
+        if self.sample_seeds != "shared":  # shared keeps the keys of earlier runs
+            d["sample_seeds"] = self.sample_seeds
         relax = relax_of(condition, self.overrides.get(condition))
         if relax is not None:  # the fine-tune's relaxation: a changed library default reruns the cell
             d["relax"] = relax
@@ -342,13 +367,14 @@ class Evaluation:
         done = personalise(self.pipe, condition, photos, runtime=self.runtime, token=cfg.token,
                            class_noun=cfg.class_noun, overrides=cfg.overrides.get(condition), seed=cfg.seed,
                            detector=cfg.detector)
-        images = self._generate(done.artifact)
+        images = self._generate(done.artifact, ident)
         loss = self._heldout_loss(done.artifact, ident)
         scores = self._score_all(images, ident, cfg.metrics)
         cell = Cell(condition, ident, scores, loss, done.seconds, done.nbytes, key, time.perf_counter() - t0)
         (folder / ident).mkdir(parents=True, exist_ok=True)
+        first = first_sample_seed(cfg.seed, ident, cfg.sample_seeds)
         for i, im in enumerate(images):
-            im.save(folder / ident / f"seed{cfg.seed + i:04d}.png")
+            im.save(folder / ident / f"seed{first + i:04d}.png")
         atomic_write_bytes(cell_file, json.dumps(asdict(cell), indent=1).encode())
         log.info("%s / identity %s: %s; loss %.4f (%.0f s train, %.0f s total)", condition, ident,
                  "; ".join(f"{m} face rec {s['face_rec']:.3f} margin {s['margin']:+.3f} detect {s['detection']:.2f}"
@@ -360,7 +386,8 @@ class Evaluation:
         missing = [m for m in self.cfg.metrics if m not in cell.scores]
         if not missing:
             return cell
-        files = [image_dir / f"seed{self.cfg.seed + i:04d}.png" for i in range(self.cfg.images_per_id)]
+        first = first_sample_seed(self.cfg.seed, cell.identity, self.cfg.sample_seeds)
+        files = [image_dir / f"seed{first + i:04d}.png" for i in range(self.cfg.images_per_id)]
         if not all(f.is_file() for f in files):
             raise InvalidInputError(f"cell {cell.condition}/{cell.identity} must keep its images to be rescored "
                                     f"with {missing}, got none in {str(image_dir)!r}: delete the cell to rerun it")
@@ -371,14 +398,15 @@ class Evaluation:
         log.info("%s / identity %s: rescored with %s from its saved images", cell.condition, cell.identity, missing)
         return cell
 
-    def _generate(self, artifact) -> list[Image.Image]:
+    def _generate(self, artifact, ident: str) -> list[Image.Image]:
         from hypernet.generate import MAX_IMAGES, generate
 
         cfg, images = self.cfg, []
+        first = first_sample_seed(cfg.seed, ident, cfg.sample_seeds)
         for start in range(0, cfg.images_per_id, MAX_IMAGES // 2):
             n = min(MAX_IMAGES // 2, cfg.images_per_id - start)
             images += generate(self.pipe, cfg.prompt, artifact=artifact, steps=cfg.gen_steps,
-                               guidance=cfg.guidance, seed=cfg.seed + start, height=self.resolution,
+                               guidance=cfg.guidance, seed=first + start, height=self.resolution,
                                width=self.resolution, num_images=n)
         return images
 

@@ -181,3 +181,38 @@ def test_hypernet_rows_differ_as_documented(tiny_pipe, faces_dir, tmp_path, one_
     with pytest.raises(InvalidInputError, match="must be given a hypernetwork"):
         personalise(tiny_pipe, "hyperdreambooth", photo)
     assert personalise(tiny_pipe, "base", photo).artifact is None
+
+
+@pytest.mark.needs_shared
+def test_per_identity_sample_seeds_give_each_person_their_own_noise(tiny_base_dir, three_identities, tmp_path,
+                                                                     one_thread):
+    """Shared seeds: the base draws the very same images for everyone. Per-identity: each person's
+    own seeds (named in the image files), the base's images differ between people, and the cells
+    are keyed apart from the shared run's, so neither reuses the other's."""
+    from PIL import Image
+
+    from hypernet.eval.runner import first_sample_seed
+
+    common = ["--base", str(tiny_base_dir), "--corpus", str(three_identities), "--conditions", "base",
+              "--images-per-id", "2", "--gen-steps", "2", "--device", "cpu", "--threads", "1",
+              "--detector", "center", "--metrics", "dlib", "--identities", "2"]
+    out = tmp_path / "eval"
+    images = {}
+    for scheme in ("shared", "per-identity"):
+        assert main(["eval", "--out", str(out), "--sample-seeds", scheme, *common]) == 0
+        ids = json.loads((out / "results.json").read_text())["identities"]
+        images[scheme] = {}
+        for ident in ids:
+            first = first_sample_seed(0, ident, scheme)
+            f = out / "cells" / "base" / ident / f"seed{first:04d}.png"
+            images[scheme][ident] = np.asarray(Image.open(f))
+        keys = {json.loads((out / "cells" / "base" / f"{i}.json").read_text())["key"] for i in ids}
+        images[scheme]["keys"] = keys
+    a, b = [images["shared"][i] for i in ids]
+    assert np.array_equal(a, b)  # the same noise for everyone
+    a, b = [images["per-identity"][i] for i in ids]
+    assert not np.array_equal(a, b)
+    assert {first_sample_seed(0, i, "per-identity") for i in ids} != {0}
+    assert first_sample_seed(7, ids[0], "per-identity") == first_sample_seed(0, ids[0], "per-identity") + 7
+    assert images["shared"]["keys"].isdisjoint(images["per-identity"]["keys"])
+    assert "seeds of each person's own" in (out / "REPORT.md").read_text()
