@@ -99,11 +99,12 @@ bench: setup
 #                    the stage-1 targets at all? -> $(FACE_HYPERNET)/probe.json)          ~1 h
 #   eval-run         `hdb eval` on the held-out people, both face metrics: hypernetwork only
 #                    (1 and 3 photos), HyperDreamBooth and the fine-tune from zero (40 steps,
-#                    relaxed in the LiDB subspace, the default) on all 55; the LoRA-relaxed pair
-#                    and HyperDreamBooth from 3 photos on the first $(FAST_PEOPLE); LiDB (400
-#                    steps), LoRA, DreamBooth (400) and Textual Inversion (500) on $(SLOW_PEOPLE)
-#                    (4.2 h of cells summed, one process of 1 thread; split conditions over two
-#                    processes with the same --inputs 3 to use both cores)               ~4 h
+#                    relaxed in the LiDB subspace, the default), HyperDreamBooth from 3 photos
+#                    (fine-tuned on all, or on the first) on all 55; the LoRA-relaxed pair and
+#                    the batch-of-3 fine-tune on the first $(FAST_PEOPLE); LiDB (400 steps), LoRA,
+#                    DreamBooth (400) and Textual Inversion (500) on $(SLOW_PEOPLE)
+#                    (4.8 h of cells summed, one process of 1 thread; split conditions over two
+#                    processes with the same --inputs 3 to use both cores)               ~5 h
 LFW ?= ../shared/data/faces/lfw/identities.csv
 CALTECH ?= ../shared/data/faces/caltech/identities.csv
 CORPUS ?= runs/corpus_v2
@@ -120,7 +121,8 @@ FAST_PEOPLE ?= 24
 SLOW_PEOPLE ?= 6
 EVAL_OUT ?= runs/eval_v2
 EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,hypernetwork-3photos-embedding,fast-finetune,hyperdreambooth,\
-	hyperdreambooth-3photos,hyperdreambooth-relax-lora,fast-finetune-relax-lora,lidb,lora,dreambooth,textual-inversion
+	hyperdreambooth-3photos,hyperdreambooth-3photos-ft1,hyperdreambooth-3photos-batch3,hyperdreambooth-relax-lora,\
+	fast-finetune-relax-lora,lidb,lora,dreambooth,textual-inversion
 EVAL_ARGS ?= --override dreambooth.steps=400 --override textual-inversion.steps=500
 .PHONY: eval-corpus eval-face-world eval-pretrain eval-run
 eval: eval-run
@@ -138,7 +140,7 @@ eval-pretrain: eval-face-world
 eval-run: eval-pretrain
 	nice -n 19 $(PY) -m hdb.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
 		--corpus $(CORPUS)/identities.csv --out $(EVAL_OUT) --threads 1 --detector center --inputs 3 \
-		--conditions $(EVAL_CONDITIONS) --people hyperdreambooth-3photos=$(FAST_PEOPLE) \
+		--conditions $(EVAL_CONDITIONS) --people hyperdreambooth-3photos-batch3=$(FAST_PEOPLE) \
 		--people hyperdreambooth-relax-lora=$(FAST_PEOPLE) --people fast-finetune-relax-lora=$(FAST_PEOPLE) \
 		--people lidb=$(SLOW_PEOPLE) --people lora=$(SLOW_PEOPLE) --people dreambooth=$(SLOW_PEOPLE) \
 		--people textual-inversion=$(SLOW_PEOPLE) $(EVAL_ARGS)
