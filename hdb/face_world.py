@@ -41,6 +41,7 @@ def register_base_action(bsub: argparse._SubParsersAction) -> None:
     opt("--width", "width", int)
     opt("--export-every", "export_every", int)
     opt("--grid-samples", "grid_samples", int)
+    opt("--detect-samples", "detect_samples", int)
     opt("--threads", "num_threads", int)
     opt("--detector", "detector", str)
     opt("--max-photos", "max_photos", int)
@@ -117,6 +118,7 @@ def _train_face_world(args: argparse.Namespace) -> int:
     cfg = FaceWorldConfig(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, holdout_identities=args.holdout,
         width=args.width, export_every=args.export_every, grid_samples=args.grid_samples,
+        detect_samples=args.detect_samples,
         num_threads=args.threads, detector=args.detector, margins=tuple(args.margins),
         mirror=args.mirror, max_photos=args.max_photos,
     )

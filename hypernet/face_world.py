@@ -60,6 +60,8 @@ __all__ = [
 #: Image size of the face world (16x16 latents).
 FACE_WORLD_RESOLUTION = 128
 CAPTION = "a photo of a person"
+#: First seed of the samples dlib scores at each export (the grid uses 0..grid_samples-1).
+DETECT_SEED = 1000
 #: Photos per on-disk latent shard (the unit of resumable encoding).
 SHARD = 256
 
@@ -338,14 +340,19 @@ class FaceWorldTrainer:
         pipe = self.pipeline()
         pipe.save_pretrained(str(self.out), safe_serialization=True)
         pipe.set_progress_bar_config(disable=True)
+        images, first = [], 0
         if self.cfg.grid_samples:
             images = sample_images(pipe, n=self.cfg.grid_samples, seed=0, steps=self.cfg.grid_steps)
             (self.out / "samples").mkdir(exist_ok=True)
             tile(images).save(self.out / "samples" / f"step{self.step:06d}.png")
-            rate = face_detection_rate(images)
-            if rate is not None:
-                self.detections.append(dict(step=self.step, detected=rate, samples=len(images)))
-                log.info("dlib found a face in %.0f%% of %d samples at step %d", 100 * rate, len(images), self.step)
+        if self.cfg.detect_samples:  # other seeds than the grid's, and more of them
+            first = DETECT_SEED
+            images = sample_images(pipe, n=self.cfg.detect_samples, seed=first, steps=self.cfg.grid_steps)
+        rate = face_detection_rate(images) if images else None
+        if rate is not None:
+            self.detections.append(dict(step=self.step, detected=rate, samples=len(images),
+                                        seeds=f"{first}..{first + len(images) - 1}"))
+            log.info("dlib found a face in %.0f%% of %d samples at step %d", 100 * rate, len(images), self.step)
         info = dict(step=self.step, config=asdict(self.cfg), split=asdict(self.split), history=self.history,
                     detections=self.detections,
                     unet_parameters=sum(p.numel() for p in pipe.unet.parameters()))

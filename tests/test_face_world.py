@@ -62,7 +62,8 @@ def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tae
 
     out = tmp_path / "world"
     common = ["--corpus", str(small_corpus), "--batch-size", "2", "--holdout", "1", "--width", "32",
-              "--export-every", "2", "--grid-samples", "1", "--threads", "1", "--taef2", str(taef2_dir)]
+              "--export-every", "2", "--grid-samples", "1", "--detect-samples", "2", "--threads", "1",
+              "--taef2", str(taef2_dir)]
     args = ["base", "train-face-world", "--out", str(out), *common]
     assert main([*args, "--steps", "2"]) == 0
     split = IdentitySplit.load(out / "split.json")
@@ -72,7 +73,8 @@ def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tae
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 2
     assert (out / "samples" / "step000002.png").is_file()
     info = json.loads((out / "face_world.json").read_text())
-    assert info["detections"] == [{"step": 2, "detected": info["detections"][0]["detected"], "samples": 1}]
+    assert info["detections"] == [{"step": 2, "detected": info["detections"][0]["detected"], "samples": 2,
+                                   "seeds": "1000..1001"}]  # not the grid's sample: other seeds, more of them
     assert info["unet_parameters"] > 0
     ema = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     assert ema["conv_in.weight"].shape[1] == 32  # 32-channel TAEF2 latents
