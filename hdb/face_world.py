@@ -25,7 +25,8 @@ def register_base_action(bsub: argparse._SubParsersAction) -> None:
         "OUT/split.json. OUT becomes a diffusers pipeline directory usable as --base. "
         "Resumable: checkpoints go to OUT/checkpoint/.",
     )
-    helps = {f.name: f.metadata.get("help", "") for f in fields(FaceWorldConfig)}
+    # argparse %-formats help strings: a config's "81%" must reach it as "81%%"
+    helps = {f.name: f.metadata.get("help", "").replace("%", "%%") for f in fields(FaceWorldConfig)}
     d = FaceWorldConfig()
 
     def opt(flag: str, name: str, typ: type) -> None:

@@ -15,9 +15,15 @@ import pytest
 from hdb.cli import build_parser
 
 
-def _subcommands() -> list[str]:
-    parser = build_parser()
-    return [n for a in parser._actions if isinstance(a, argparse._SubParsersAction) for n in a.choices]
+def _subcommands(parser: argparse.ArgumentParser | None = None) -> list[list[str]]:
+    """Every command path, nested ones included (`base train-face-world`)."""
+    parser = parser or build_parser()
+    out = []
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for name, sub in a.choices.items():
+                out += [[name], *([name, *rest] for rest in _subcommands(sub))]
+    return out
 
 PROBE = """
 import sys
@@ -31,7 +37,7 @@ print("HEAVY=" + ",".join(heavy))
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], *[[name, "--help"] for name in _subcommands()]])
+@pytest.mark.parametrize("argv", [["--help"], *[[*path, "--help"] for path in _subcommands()]], ids=" ".join)
 def test_help_imports_no_heavy_library(argv):
     out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=120)
     assert "usage:" in out.stdout, out.stderr[-2000:]
