@@ -96,7 +96,22 @@ def ridge_curve(x: torch.Tensor, y: torch.Tensor, sizes: list[int], lams=RIDGE_L
     Args: x (N, d), y (N, P). Returns {n: {"mean": mse, "ridge_<lam>": mse, ..., "best_gain": 1 -
     best ridge / mean}}, mse = squared error summed over P, averaged over the held-out rows.
     """
-    n_all = x.shape[0]
+
+    def fold_errors(train: torch.Tensor, held: torch.Tensor) -> dict[str, float]:
+        yt, yh = y[train].double(), y[held].double()
+        errs = {"mean": float((yt.mean(0) - yh).pow(2).sum(1).sum())}
+        for lam in lams:
+            pred = ridge_predict(*ridge_fit(x[train], yt, lam), x[held])
+            errs[f"ridge_{lam:g}"] = float((pred - yh).pow(2).sum(1).sum())
+        return errs
+
+    return _cross_validate(x.shape[0], sizes, folds, seed, fold_errors)
+
+
+def _cross_validate(n_all: int, sizes: list[int], folds: int, seed: int, fold_errors) -> dict[int, dict[str, float]]:
+    """The learning curve's folds, shared by `ridge_curve` and `gram_ridge_curve`: rows shuffled
+    (seeded) into `folds` folds; each fold scored by `fold_errors(train_rows, held_rows)` -> summed
+    squared errors by name, from the first n rows of the other folds for every n in `sizes`."""
     if folds < 2 or n_all < folds:
         raise InvalidInputError(f"`folds` must be >= 2 and <= the {n_all} rows, got {folds}")
     order = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))
@@ -108,13 +123,8 @@ def ridge_curve(x: torch.Tensor, y: torch.Tensor, sizes: list[int], lams=RIDGE_L
             train = torch.cat([p for j, p in enumerate(parts) if j != k])[:n]
             if len(train) < 2:
                 raise InvalidInputError(f"`sizes` must be >= 2, got {n}")
-            yt, yh = y[train].double(), y[held].double()
-            errs = {"mean": (yt.mean(0) - yh).pow(2).sum(1).sum()}
-            for lam in lams:
-                pred = ridge_predict(*ridge_fit(x[train], yt, lam), x[held])
-                errs[f"ridge_{lam:g}"] = (pred - yh).pow(2).sum(1).sum()
-            for key, e in errs.items():
-                sums[key] = sums.get(key, 0.0) + float(e)
+            for key, e in fold_errors(train, held).items():
+                sums[key] = sums.get(key, 0.0) + e
         row = {key: v / n_all for key, v in sums.items()}
         row["best_gain"] = 1 - min(v for key, v in row.items() if key.startswith("ridge_")) / row["mean"]
         out[min(n, n_all - len(parts[0]))] = row
@@ -147,33 +157,21 @@ def gram_ridge_curve(gram: torch.Tensor, x: torch.Tensor, sizes: list[int], lams
     n_all = x.shape[0]
     if gram.shape != (n_all, n_all):
         raise InvalidInputError(f"`gram` must have shape ({n_all}, {n_all}), got {tuple(gram.shape)}")
-    if folds < 2 or n_all < folds:
-        raise InvalidInputError(f"`folds` must be >= 2 and <= the {n_all} rows, got {folds}")
     G, x = gram.double(), x.double()
-    order = torch.randperm(n_all, generator=torch.Generator().manual_seed(seed))
-    parts = order.chunk(folds)
-    out: dict[int, dict[str, float]] = {}
-    for n in sizes:
-        sums: dict[str, float] = {}
-        for k, held in enumerate(parts):
-            train = torch.cat([p for j, p in enumerate(parts) if j != k])[:n]
-            nt = len(train)
-            if nt < 2:
-                raise InvalidInputError(f"`sizes` must be >= 2, got {n}")
-            g_tt, g_ht, g_hh = G[train][:, train], G[held][:, train], G[held, held].sum()  # G[held, held]: diagonal
-            errs = {"mean": _gram_error(torch.full((len(held), nt), 1 / nt, dtype=torch.float64), g_tt, g_ht, g_hh)}
-            mx = x[train].mean(0)
-            xc, xh = x[train] - mx, x[held] - mx  # (nt, d), (h, d)
-            for lam in lams:
-                alpha = xh @ torch.linalg.solve(xc.T @ xc + lam * torch.eye(x.shape[1], dtype=torch.float64), xc.T)
-                w = alpha + (1 - alpha.sum(1, keepdim=True)) / nt  # ybar + alpha (Y - ybar) as weights on Y
-                errs[f"ridge_{lam:g}"] = _gram_error(w, g_tt, g_ht, g_hh)
-            for key, e in errs.items():
-                sums[key] = sums.get(key, 0.0) + e
-        row = {key: v / n_all for key, v in sums.items()}
-        row["best_gain"] = 1 - min(v for key, v in row.items() if key.startswith("ridge_")) / row["mean"]
-        out[min(n, n_all - len(parts[0]))] = row
-    return out
+
+    def fold_errors(train: torch.Tensor, held: torch.Tensor) -> dict[str, float]:
+        nt = len(train)
+        g_tt, g_ht, g_hh = G[train][:, train], G[held][:, train], G[held, held].sum()  # G[held, held]: diagonal
+        errs = {"mean": _gram_error(torch.full((len(held), nt), 1 / nt, dtype=torch.float64), g_tt, g_ht, g_hh)}
+        mx = x[train].mean(0)
+        xc, xh = x[train] - mx, x[held] - mx  # (nt, d), (h, d)
+        for lam in lams:
+            alpha = xh @ torch.linalg.solve(xc.T @ xc + lam * torch.eye(x.shape[1], dtype=torch.float64), xc.T)
+            w = alpha + (1 - alpha.sum(1, keepdim=True)) / nt  # ybar + alpha (Y - ybar) as weights on Y
+            errs[f"ridge_{lam:g}"] = _gram_error(w, g_tt, g_ht, g_hh)
+        return errs
+
+    return _cross_validate(n_all, sizes, folds, seed, fold_errors)
 
 
 def _gram_error(w: torch.Tensor, g_tt: torch.Tensor, g_ht: torch.Tensor, g_hh: torch.Tensor) -> float:
