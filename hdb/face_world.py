@@ -38,6 +38,7 @@ def register_base_action(bsub: argparse._SubParsersAction) -> None:
     opt("--steps", "steps", int)
     opt("--batch-size", "batch_size", int)
     opt("--lr", "lr", float)
+    opt("--decay-start", "decay_start", int)
     opt("--holdout", "holdout_identities", int)
     opt("--width", "width", int)
     opt("--export-every", "export_every", int)
@@ -117,7 +118,8 @@ def _train_face_world(args: argparse.Namespace) -> int:
     from hypernet.face_world import train_face_world  # torch/diffusers: only when it runs
 
     cfg = FaceWorldConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, holdout_identities=args.holdout,
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, decay_start=args.decay_start,
+        holdout_identities=args.holdout,
         width=args.width, export_every=args.export_every, grid_samples=args.grid_samples,
         detect_samples=args.detect_samples,
         num_threads=args.threads, detector=args.detector, margins=tuple(args.margins),

@@ -147,6 +147,19 @@ def _load_crops(path: Path, margins: tuple[float, ...], detector: str) -> torch.
     return torch.stack(out)
 
 
+def face_world_lr(step: int, cfg: FaceWorldConfig) -> float:
+    """The learning rate of optimizer step `step` (0-based): linear warm-up to `cfg.lr`, constant,
+    then (with `cfg.decay_start`) a cosine from `cfg.lr` at `decay_start` to 0 at `cfg.steps`.
+
+    A pure function of the step, so a run resumed with a later `steps` and a `decay_start` at the
+    checkpoint's step anneals from where the constant phase left off."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+    if cfg.decay_start and step >= cfg.decay_start:
+        progress = (step - cfg.decay_start) / (cfg.steps - cfg.decay_start)  # [0, 1)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
 class FaceWorldTrainer:
     """setup -> train -> (save_checkpoint / export) -> cleanup; resumable from `out/checkpoint/`."""
 
@@ -285,7 +298,7 @@ class FaceWorldTrainer:
         drop = torch.rand(cfg.batch_size, generator=self.gen) < cfg.caption_dropout
         emb = torch.where(drop[:, None, None], self.uncond, self.cond)  # (B, 77, 128)
         for g in self.opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps)
+            g["lr"] = face_world_lr(self.step, cfg)
         loss = diffusion_loss(self.unet, self.scheduler, latents, emb, self.gen, cfg.min_snr_gamma)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from hdb.cli import main
 from hypernet.errors import InvalidInputError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
-from hypernet.face_world import FaceWorldConfig, _load_crops
+from hypernet.face_world import FaceWorldConfig, _load_crops, face_world_lr
 
 
 @pytest.fixture()
@@ -53,6 +53,20 @@ def test_config_validation():
         FaceWorldConfig(width=40)
     with pytest.raises(InvalidInputError, match="`caption_dropout`"):
         FaceWorldConfig(caption_dropout=1.0)
+    with pytest.raises(InvalidInputError, match="`decay_start` must be below `steps` \\(100\\), got 100"):
+        FaceWorldConfig(steps=100, decay_start=100)
+
+
+def test_learning_rate_warms_up_holds_then_decays_from_decay_start_only():
+    const = FaceWorldConfig(steps=1000, lr=1e-3, warmup_steps=10)
+    decay = FaceWorldConfig(steps=1000, lr=1e-3, warmup_steps=10, decay_start=600)
+    assert face_world_lr(0, const) == pytest.approx(1e-4)  # warm-up: (step + 1) / warmup
+    # identical up to decay_start, so a resumed run that adds a decay continues the same schedule
+    assert [face_world_lr(s, decay) for s in range(601)] == [face_world_lr(s, const) for s in range(601)]
+    assert face_world_lr(999, const) == 1e-3
+    assert face_world_lr(800, decay) == pytest.approx(0.5e-3)  # half way down the cosine
+    lrs = [face_world_lr(s, decay) for s in range(600, 1000)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False)) and 0 < lrs[-1] < 1e-7
 
 
 @pytest.mark.needs_shared("faces", "taef2")
