@@ -4,7 +4,9 @@
     torchrun --nproc-per-node 2 -m pretrain all --config tiny-cpu --output-dir runs/tiny --stage2.steps 200
 
 STAGE is prepare, stage1, stage2, export or all; `probe` (after stage1, not part of all) measures
-whether the condition can predict stage 1's targets at all, before stage 2 is paid for.
+whether the condition can predict stage 1's targets at all, before stage 2 is paid for;
+`mean-adapter` (after stage1) writes the control a trained hypernetwork must beat: one adapter for
+everyone (the mean stage-1 target) in the export format, to OUTPUT/mean_adapter/.
 Every config value can be overridden with
 `--section.key VALUE` (or `--set section.key=VALUE`; values parsed as YAML). Every stage skips work already done for the
 same settings, so rerunning a killed command resumes it.
@@ -20,6 +22,9 @@ from pathlib import Path
 from hypernet.errors import InvalidInputError
 
 STAGES = ("prepare", "stage1", "stage2", "export")
+#: Read-outs run on their own after stage1: `probe` (can the condition predict the targets?) and
+#: `mean-adapter` (the control hypernetwork: one adapter for everyone, in the export format).
+EXTRA_STAGES = ("probe", "mean-adapter")
 
 log = logging.getLogger("pretrain")
 
@@ -28,8 +33,9 @@ _OVERRIDE = "override:"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", choices=(*STAGES, "probe", "all"),
-                   help="which stage to run (all: prepare to export in order; probe: after stage1)")
+    p.add_argument("stage", choices=(*STAGES, *EXTRA_STAGES, "all"),
+                   help="which stage to run (all: prepare to export in order; probe and mean-adapter: "
+                        "after stage1, not part of all)")
     p.add_argument("--config", default="tiny-cpu",
                    help="YAML/TOML file, or a shipped config name: tiny-cpu, face-world-cpu, sd15-gpu "
                         "(default tiny-cpu)")
@@ -135,8 +141,10 @@ def _run_stage(stage: str, ctx) -> None:
         from pretrain.export import run_export as fn
     elif stage == "probe":
         from pretrain.probe import run_probe as fn
+    elif stage == "mean-adapter":
+        from pretrain.mean_adapter import run_mean_adapter as fn
     else:
-        raise InvalidInputError(f"`stage` must be one of {', '.join(STAGES)} or probe, got {stage!r}")
+        raise InvalidInputError(f"`stage` must be one of {', '.join((*STAGES, *EXTRA_STAGES))}, got {stage!r}")
     fn(ctx)
 
 
@@ -155,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
     return run_with_exit_codes(lambda: _run_args(args))
 
 
-__all__ = ["STAGES", "main", "register", "run_stages"]
+__all__ = ["EXTRA_STAGES", "STAGES", "main", "register", "run_stages"]

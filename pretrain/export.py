@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 
@@ -26,16 +27,18 @@ log = logging.getLogger(__name__)
 
 def run_export(ctx: RunContext) -> None:
     if ctx.dist.is_main:
-        _export(ctx)
+        src = ctx.stage2_dir / FINAL
+        if not src.is_file():
+            raise EnvironmentProblem(f"stage2 output {src} must exist before `export`: run `stage2` first")
+        export_files(ctx, src, ctx.export_dir)
     barrier()
 
 
-def _export(ctx: RunContext) -> None:
-    src = ctx.stage2_dir / FINAL
-    if not src.is_file():
-        raise EnvironmentProblem(f"stage2 output {src} must exist before `export`: run `stage2` first")
-    out, cfg = ctx.export_dir, ctx.cfg.export
-    atomic_write_bytes(out / SAFETENSORS_NAME, src.read_bytes())
+def export_files(ctx: RunContext, src: Path, out: Path) -> None:
+    """The hypernetwork file `src` as `out/hypernet.safetensors` (+ ONNX, cross-checked) and report.json."""
+    cfg = ctx.cfg.export
+    if src.resolve() != (out / SAFETENSORS_NAME).resolve():
+        atomic_write_bytes(out / SAFETENSORS_NAME, src.read_bytes())
     model, info = load_hypernet(out / SAFETENSORS_NAME)  # proves it loads from the file alone
     report = {"safetensors": SAFETENSORS_NAME, "bytes": (out / SAFETENSORS_NAME).stat().st_size,
               "base_fingerprint": info.base_fingerprint, "resolution": info.resolution,
@@ -87,4 +90,4 @@ def onnx_max_abs_diff(model, onnx_path, pixels: torch.Tensor, faces: torch.Tenso
     return max(float((got[k] - ref[k]).abs().max()) for k in ("A_train", "B_train"))
 
 
-__all__ = ["onnx_max_abs_diff", "run_export"]
+__all__ = ["export_files", "onnx_max_abs_diff", "run_export"]

@@ -94,6 +94,24 @@ def test_refinement_adds_one_decoder_update_per_iteration():
     assert not torch.allclose(steps[0], steps[-1])  # later iterations change the estimate
 
 
+def test_make_constant_predicts_the_given_weights_for_any_photo():
+    from hypernet.hypernetwork.model import make_constant
+
+    torch.manual_seed(0)
+    cfg = small_cfg(iterations=3, head_init_std=0.1)
+    g = torch.Generator().manual_seed(1)
+    w = {"A_train": torch.randn(3, 2, 4, generator=g), "B_train": torch.randn(3, 5, 2, generator=g)}
+    model = HyperNetwork(cfg).eval()
+    with torch.no_grad():
+        before = model(pixels(2))
+        out = make_constant(model, w)(pixels(2, seed=3))
+    assert not torch.allclose(before["A_train"][0], before["A_train"][1])  # a trained net depends on the photo
+    for k, v in w.items():
+        torch.testing.assert_close(out[k], v.expand_as(out[k]))
+    with pytest.raises(InvalidInputError, match="`weights` must have shapes"):
+        make_constant(model, {"A_train": w["A_train"], "B_train": w["B_train"][:, :4]})
+
+
 def test_encoder_weights_come_from_a_local_file_only(tmp_path):
     torch.manual_seed(0)
     donor = HyperNetwork(small_cfg()).encoder

@@ -178,6 +178,31 @@ class HyperNetwork(nn.Module):
         return unpack_theta(theta, cfg)
 
 
+@torch.no_grad()
+def make_constant(model: HyperNetwork, weights: dict[str, torch.Tensor]) -> HyperNetwork:
+    """Make `model` ignore its input and predict `weights` ({"A_train": (L, r, a), "B_train":
+    (L, b, r)}) for every photo; returns `model`.
+
+    The heads' weights are zeroed and their bias set to weights / iterations, so every refinement
+    adds the same step and the s steps sum to `weights`. Why: "one adapter for everyone" (the
+    training mean of the stage-1 targets) is the control a trained hypernetwork has to beat, and in
+    this form it is a hypernetwork file like any other, so it runs through the same runtime, ONNX
+    export, `hdb personalize`, service and evaluation as the real one.
+
+    Raises:
+        InvalidInputError: `weights` do not have the model's (L, r, a) / (L, b, r) shapes.
+    """
+    cfg = model.cfg
+    want = {"A_train": (cfg.num_layers, cfg.r, cfg.a), "B_train": (cfg.num_layers, cfg.b, cfg.r)}
+    got = {k: tuple(weights[k].shape) if k in weights else None for k in want}
+    if got != want:
+        raise InvalidInputError(f"`weights` must have shapes {want}, got {got}")
+    theta = pack_theta({k: v[None].float() for k, v in weights.items()})[0]  # (L, P)
+    model.head_weight.zero_()
+    model.head_bias.copy_(theta / cfg.iterations)
+    return model
+
+
 def unpack_theta(theta: torch.Tensor, cfg: HypernetConfig) -> dict[str, torch.Tensor]:
     """(N, L, P) -> packed LiDB weights; inverse of `pack_theta`."""
     n, L = theta.shape[0], cfg.num_layers
@@ -194,4 +219,4 @@ def pack_theta(weights: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([A.reshape(n, L, -1), B.reshape(n, L, -1)], dim=-1)  # (N, L, r*a + b*r)
 
 
-__all__ = ["HyperNetwork", "build_encoder", "pack_theta", "unpack_theta"]
+__all__ = ["HyperNetwork", "build_encoder", "make_constant", "pack_theta", "unpack_theta"]

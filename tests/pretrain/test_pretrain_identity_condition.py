@@ -85,6 +85,30 @@ def test_identity_pipeline_caches_embeddings_once_and_exports(tmp_path, tiny_bas
     rt = HypernetRuntime.load(tmp_path / "export", backend="onnx")
     pred = rt.predict(data.pixels(idx["rows"]), faces=torch.zeros(2, 3, 112, 112))
     assert pred["A_train"].shape[0] == 2
+    _check_mean_adapter(tmp_path, ov, data)
+
+
+def _check_mean_adapter(run, ov, data):
+    """`mean-adapter`: the control hypernetwork predicts the training mean target for any photo,
+    through the exported ONNX graph that `hdb personalize`, the service and `hdb eval` load."""
+    from hypernet.hypernetwork import HypernetRuntime
+    from pretrain.cli import run_stages
+    from pretrain.mean_adapter import MEAN_ADAPTER_DIR
+    from pretrain.stage1 import load_stage1
+
+    run_stages(None, run, ["mean-adapter"], ov, distributed=False)
+    out = run / MEAN_ADAPTER_DIR
+    report = json.loads((out / "report.json").read_text())
+    assert report["max_abs_diff"] <= 1e-4 and report["config"]["condition"] == "both"
+    s1 = load_stage1(run / "stage1")
+    ids = [i for i in data.identities("train") if i in s1.identities]
+    mean = {k: v.mean(0) for k, v in s1.targets(ids).items()}
+    rows = [r for i in data.identities() for r in data.rows(i)][:3]
+    faces = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pred = HypernetRuntime.load(out, backend="onnx").predict(data.pixels(rows), faces=faces)
+    for k, v in mean.items():
+        torch.testing.assert_close(pred[k], v.expand_as(pred[k]), atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(mean["B_train"], torch.zeros_like(mean["B_train"]))
 
 
 def _val_targets(run):

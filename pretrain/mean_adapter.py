@@ -1,0 +1,65 @@
+"""Stage `mean-adapter` (after stage1, not part of `all`): the control hypernetwork.
+
+    OUTPUT/mean_adapter/hypernet.safetensors (+ .onnx, report.json)   the export format
+
+A hypernetwork of stage 2's architecture that ignores the photo and predicts the mean stage-1
+target of stage 2's training identities: one adapter for everyone. A trained hypernetwork has
+learned something about the *person* only where it beats this control, so the evaluation runs
+both the same way (`hdb eval --hypernet OUTPUT/mean_adapter --conditions hypernetwork,...`), and
+HyperDreamBooth started from it is the fine-tune from a generic prior rather than from zero.
+It costs seconds: no training, only the mean and the export's ONNX check.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from hypernet.errors import InvalidInputError
+from hypernet.hypernetwork.export import SAFETENSORS_NAME, HypernetInfo, save_hypernet
+from hypernet.hypernetwork.model import HyperNetwork, make_constant
+from pretrain.cache import PreparedData
+from pretrain.context import RunContext
+from pretrain.distributed import barrier
+from pretrain.export import export_files
+from pretrain.stage1 import Stage1Outputs, load_stage1
+
+log = logging.getLogger(__name__)
+
+MEAN_ADAPTER_DIR = "mean_adapter"
+
+
+def mean_target(data: PreparedData, s1: Stage1Outputs) -> tuple[dict[str, torch.Tensor], int]:
+    """The mean over stage 2's training identities of their stage-1 targets, A (L, r, a) and
+    B (L, b, r) (what stage 2's validation reports as `weight_mse_mean`), and how many there are."""
+    ids = [i for i in data.identities("train") if i in s1.identities]
+    if not ids:
+        raise InvalidInputError("`mean-adapter` must have training identities with stage-1 targets, got none: "
+                                "run `stage1` first")
+    return {k: v.mean(0) for k, v in s1.targets(ids).items()}, len(ids)
+
+
+def run_mean_adapter(ctx: RunContext) -> None:
+    if ctx.dist.is_main:
+        _write(ctx)
+    barrier()
+
+
+def _write(ctx: RunContext) -> None:
+    data, s1 = PreparedData(ctx.prepared_dir), load_stage1(ctx.stage1_dir)
+    weights, n = mean_target(data, s1)
+    spec = s1.spec
+    mcfg = ctx.cfg.stage2.model.for_lidb(len(s1.layers), spec.a, spec.b, spec.r)
+    torch.manual_seed(ctx.cfg.stage2.seed)  # the rest of the network is never read, but stays seeded
+    model = make_constant(HyperNetwork(mcfg), weights)
+    info = HypernetInfo(mcfg, spec, s1.layers, s1.base_fingerprint, data.resolution,
+                        arch=ctx.arch())
+    out = ctx.out / MEAN_ADAPTER_DIR
+    path = save_hypernet(out / SAFETENSORS_NAME, model, info, extra_meta={"control": "mean_adapter"})
+    export_files(ctx, path, out)
+    log.info("mean-adapter: one adapter for everyone (the mean of %d identities' stage-1 targets) in %s",
+             n, out)
+
+
+__all__ = ["MEAN_ADAPTER_DIR", "mean_target", "run_mean_adapter"]
