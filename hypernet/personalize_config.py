@@ -58,16 +58,10 @@ class PersonalizeConfig:
                 "(benchmarks/results/eval_v2/REPORT.md)"})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or not 0 <= self.steps <= 10_000:
-            raise InvalidInputError(f"`steps` must be an integer in [0, 10000], got {self.steps!r}")
-        if not isinstance(self.rank, int) or not 1 <= self.rank <= 256:
-            raise InvalidInputError(f"`rank` must be an integer in [1, 256], got {self.rank!r}")
-        bs = self.batch_size
-        if not isinstance(bs, int) or isinstance(bs, bool) or not 0 <= bs <= MAX_PHOTOS:
-            raise InvalidInputError(f"`batch_size` must be an integer in [0, {MAX_PHOTOS}], got {self.batch_size!r}")
-        fp = self.finetune_photos
-        if not isinstance(fp, int) or isinstance(fp, bool) or not 0 <= fp <= MAX_PHOTOS:
-            raise InvalidInputError(f"`finetune_photos` must be an integer in [0, {MAX_PHOTOS}], got {fp!r}")
+        _check_int(self, "steps", 0, 10_000)
+        _check_int(self, "rank", 1, 256)
+        _check_int(self, "batch_size", 0, MAX_PHOTOS)
+        _check_int(self, "finetune_photos", 0, MAX_PHOTOS)
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
         if self.init not in ("hypernetwork", "zero"):
@@ -84,3 +78,10 @@ class PersonalizeConfig:
     @property
     def prompt(self) -> str:
         return f"a photo of {self.token} {self.class_noun}"
+
+
+def _check_int(cfg: PersonalizeConfig, name: str, lo: int, hi: int) -> None:
+    """`cfg.name` must be an int (not a bool) in [lo, hi]."""
+    v = getattr(cfg, name)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise InvalidInputError(f"`{name}` must be an integer in [{lo}, {hi}], got {v!r}")

@@ -52,7 +52,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hypernetwork-3photos-embedding": ("hypernetwork", {"combine": "embedding"}, 3),
     "hyperdreambooth-3photos": ("hyperdreambooth", {"combine": "weights"}, 3),
     "hyperdreambooth-3photos-embedding": ("hyperdreambooth", {"combine": "embedding"}, 3),
-    "hyperdreambooth-3photos-batch1": ("hyperdreambooth", {"combine": "weights", "batch_size": 1}, 3),
     "hyperdreambooth-3photos-batch3": ("hyperdreambooth", {"combine": "weights", "batch_size": 3}, 3),
     "hyperdreambooth-3photos-ft1": ("hyperdreambooth", {"combine": "weights", "finetune_photos": 1}, 3),
     "hyperdreambooth-relax-lora": ("hyperdreambooth", {"relax": "lora"}, 1),
