@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from hypernet.eval.conditions import CONDITIONS, VARIANTS
+    from hypernet.eval.conditions import CONDITIONS, CONTROLS, VARIANTS
 
     p = sub.add_parser(
         "eval", help="compare personalisation methods on held-out identities (Face Rec., margin, time, size)",
@@ -26,13 +26,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", type=Path, required=True, help="base pipeline dir (its split.json names held-out ids)")
     p.add_argument("--hypernet", type=Path, default=None,
                    help="hypernetwork export (needed for hyperdreambooth/hypernetwork/fast-finetune)")
+    p.add_argument("--mean-adapter", type=Path, default=None,
+                   help="the control hypernetwork from `hdb pretrain mean-adapter` (one adapter for everyone; "
+                   f"needed for {'/'.join(CONTROLS)})")
     p.add_argument("--corpus", type=Path, required=True, help="`file,identity` CSV of labelled faces")
     p.add_argument("--out", type=Path, default=Path("runs/eval"), help="output folder (default runs/eval)")
     p.add_argument("--identities", type=int, default=None, help="evaluate the first N held-out identities")
     p.add_argument("--images-per-id", type=int, default=10, help="images per identity and method (default 10)")
     p.add_argument("--conditions", default=",".join(CONDITIONS),
                    help=f"comma-separated subset of {','.join(CONDITIONS)} (default all) and the opt-in "
-                   f"variants {','.join(VARIANTS)}")
+                   f"variants {','.join(VARIANTS)} and controls {','.join(CONTROLS)}")
     p.add_argument("--override", action="append", default=[], metavar="COND.KEY=VALUE",
                    help="method config override, e.g. lora.steps=100 (repeatable)")
     p.add_argument("--gen-steps", type=int, default=25, help="sampling steps (default 25)")
@@ -67,7 +70,8 @@ def _eval(args: argparse.Namespace) -> int:
     from hypernet.eval.runner import EvalConfig, run_evaluation
 
     cfg = EvalConfig(
-        base=args.base, corpus=args.corpus, out=args.out, hypernet=args.hypernet, identities=args.identities,
+        base=args.base, corpus=args.corpus, out=args.out, hypernet=args.hypernet, mean_adapter=args.mean_adapter,
+        identities=args.identities,
         images_per_id=args.images_per_id, conditions=_csv(args.conditions),
         overrides=parse_overrides(args.override), gen_steps=args.gen_steps, guidance=args.guidance,
         seed=args.seed, sample_seeds=args.sample_seeds, device=args.device, num_threads=args.threads,

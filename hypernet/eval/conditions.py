@@ -14,6 +14,9 @@ condition: 3 input photos instead of 1, combined in weight or embedding space; t
 fine-tune as a LoRA over full layer dims or inside the LiDB subspace. A variant with 3 inputs takes
 the identity's first 3 photos; the runner then scores every condition against the photos after them.
 
+Opt-in controls (`CONTROLS`) run `hypernetwork` and `hyperdreambooth` with the control
+hypernetwork (one adapter for everyone) in place of the trained one.
+
 Every method runs at its library defaults unless `overrides` says otherwise; LiDB's training
 prompt (the paper's "a {token} face") is set to the evaluation prompt so that every method is
 asked for what it was trained on (the face world only ever saw "a photo of a person").
@@ -36,8 +39,8 @@ from hypernet.errors import InvalidInputError
 REAL_PHOTO = "real-photo"
 
 __all__ = [
-    "ALL_CONDITIONS", "CONDITIONS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS", "VARIANTS",
-    "Personalised", "input_photos", "parse_overrides", "personalise", "relax_of",
+    "ALL_CONDITIONS", "CONDITIONS", "CONTROLS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS", "VARIANTS",
+    "Personalised", "input_photos", "needs_control", "needs_hypernet", "parse_overrides", "personalise", "relax_of",
 ]
 
 CONDITIONS = (
@@ -59,7 +62,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
     "fast-finetune-relax-lora": ("fast-finetune", {"relax": "lora"}, 1),
 }
-ALL_CONDITIONS = CONDITIONS + tuple(VARIANTS)
+#: Controls: name -> the hypernetwork condition they run with the *control* hypernetwork
+#: (`EvalConfig.mean_adapter`, from `hdb pretrain mean-adapter`: one adapter for everyone, the mean
+#: stage-1 target) in place of the trained one. Paired with their trained counterparts they say what
+#: the hypernetwork knows about the person rather than about faces in general.
+CONTROLS: dict[str, str] = {
+    "mean-adapter": "hypernetwork",
+    "hyperdreambooth-mean-adapter": "hyperdreambooth",
+}
+ALL_CONDITIONS = CONDITIONS + tuple(VARIANTS) + tuple(CONTROLS)
 EVAL_PROMPT_TEMPLATE = "a photo of {token} {class_noun}"
 
 
@@ -73,14 +84,20 @@ class Personalised:
 
 
 def needs_hypernet(conditions) -> bool:
+    """Whether any of `conditions` runs the trained hypernetwork (`EvalConfig.hypernet`)."""
     return any(VARIANTS.get(c, (c,))[0] in _HYPERNET_CONDITIONS for c in conditions)
+
+
+def needs_control(conditions) -> bool:
+    """Whether any of `conditions` runs the control hypernetwork (`EvalConfig.mean_adapter`)."""
+    return any(c in CONTROLS for c in conditions)
 
 
 def relax_of(condition: str, overrides: dict[str, Any] | None = None) -> str | None:
     """The relaxed fine-tune `condition` runs (None: it runs none), after its variant's settings and
     `overrides`; the library default otherwise. Part of a cell's key, so that a changed default
     reruns the cells computed under the old one instead of reusing them."""
-    base, settings, _ = VARIANTS.get(condition, (condition, {}, 1))
+    base, settings, _ = VARIANTS.get(condition, (CONTROLS.get(condition, condition), {}, 1))
     if base not in ("hyperdreambooth", "fast-finetune"):
         return None
     from hypernet.personalize import PersonalizeConfig
@@ -146,6 +163,7 @@ def personalise(
     if condition in VARIANTS:
         condition, settings, _ = VARIANTS[condition]
         overrides = {**settings, **overrides}
+    condition = CONTROLS.get(condition, condition)  # the caller passes the control's runtime
     if condition == "base":
         return Personalised(None, 0.0, 0)
     t0 = time.perf_counter()

@@ -29,6 +29,8 @@ _LABELS = {
     "textual-inversion": "Textual Inversion",
     "base": "Base, no personalisation",
     "real-photo": "*Real input photo (ceiling)*",
+    "mean-adapter": "*Control: one adapter for everyone (mean stage-1 target)*",
+    "hyperdreambooth-mean-adapter": "*Control: HyperDreamBooth from the mean adapter*",
 }
 _METRIC_LABELS = {"dlib": "dlib ResNet (128-d)", "facenet": "FaceNet Inception-ResNet-v1 (512-d)"}
 _SCORES = ("face_rec", "margin", "detection")
@@ -36,7 +38,11 @@ _SCORES = ("face_rec", "margin", "detection")
 #: Paired comparisons (a - b, per identity, same seeds): what the hypernetwork adds.
 PAIRS = (
     ("hypernetwork", "base", "Hypernetwork only − base"),
+    ("hypernetwork", "mean-adapter", "Hypernetwork only − one adapter for everyone (what it knows of the person)"),
+    ("mean-adapter", "base", "One adapter for everyone − base"),
     ("hyperdreambooth", "fast-finetune", "HyperDreamBooth − fine-tune from zero (same steps and lr)"),
+    ("hyperdreambooth", "hyperdreambooth-mean-adapter",
+     "HyperDreamBooth − the same fine-tune from one adapter for everyone"),
     ("hyperdreambooth", "lidb", "HyperDreamBooth − LiDB from scratch"),
     ("hypernetwork-3photos", "hypernetwork", "3 photos − 1, hypernetwork only (predictions averaged)"),
     ("hypernetwork-3photos-embedding", "hypernetwork", "3 photos − 1, hypernetwork only (embeddings averaged)"),
@@ -162,7 +168,9 @@ def _header(ev, summary: dict) -> list[str]:
     lines = [
         "# Identity quality on held-out identities",
         "",
-        f"Base `{cfg.base}`, hypernetwork `{cfg.hypernet}`, corpus `{cfg.corpus}`.",
+        f"Base `{cfg.base}`, hypernetwork `{cfg.hypernet}`, "
+        + (f"control (one adapter for everyone) `{cfg.mean_adapter}`, " if cfg.mean_adapter else "")
+        + f"corpus `{cfg.corpus}`.",
         f"{len(ev.eval_ids)} held-out people ({', '.join(f'{n} {p}' for p, n in counts.items())}; "
         + ("held out by the base's split.json" if ev.train_ids else
            "**the base has no split.json: they are not known to be held out**")

@@ -43,10 +43,12 @@ from hypernet.errors import InvalidInputError
 from hypernet.eval.conditions import (
     ALL_CONDITIONS,
     CONDITIONS,
+    CONTROLS,
     EVAL_PROMPT_TEMPLATE,
     REAL_PHOTO,
     SLOW_CONDITIONS,
     input_photos,
+    needs_control,
     needs_hypernet,
     personalise,
     relax_of,
@@ -82,6 +84,9 @@ class EvalConfig:
     corpus: Path = field(metadata={"help": "`file,identity` manifest"})
     out: Path = field(metadata={"help": "output folder (REPORT.md, results.json, grids, cells/)"})
     hypernet: Path | None = field(default=None, metadata={"help": "hypernetwork export for the HDB rows"})
+    mean_adapter: Path | None = field(default=None, metadata={
+        "help": "the control hypernetwork (`hdb pretrain mean-adapter`: one adapter for everyone) for the "
+                "mean-adapter and hyperdreambooth-mean-adapter rows"})
     identities: int | None = field(default=None, metadata={"help": "evaluate the first N held-out ids"})
     images_per_id: int = field(default=10, metadata={"help": "generated images per identity and condition"})
     conditions: tuple[str, ...] = field(default=CONDITIONS, metadata={"help": "conditions to run"})
@@ -121,6 +126,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self.base, self.corpus, self.out = Path(self.base), Path(self.corpus), Path(self.out)
         self.hypernet = Path(self.hypernet) if self.hypernet else None
+        self.mean_adapter = Path(self.mean_adapter) if self.mean_adapter else None
         self.conditions, self.metrics, self.grid_parts = tuple(self.conditions), tuple(self.metrics), \
             tuple(self.grid_parts)
         if self.sample_seeds not in SAMPLE_SEEDS:
@@ -137,6 +143,10 @@ class EvalConfig:
             raise InvalidInputError(
                 "`hypernet` must be given for the hyperdreambooth/hypernetwork/fast-finetune conditions, got None"
             )
+        if needs_control(self.conditions) and self.mean_adapter is None:
+            raise InvalidInputError(
+                f"`mean_adapter` must be given for the {'/'.join(CONTROLS)} conditions, got None "
+                "(write it with `hdb pretrain mean-adapter`)")
         for name in ("images_per_id", "gen_steps", "loss_timesteps", "n_boot"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -169,6 +179,8 @@ class EvalConfig:
         cells survive a retrained hypernetwork (and can be computed before it exists).
         """
         hypernet = str(self.hypernet) if needs_hypernet((condition,)) else None
+        if condition in CONTROLS:
+            hypernet = str(self.mean_adapter)
         d = dict(models=models, hypernet=hypernet, n=self.images_per_id, det=self.detector,
                  steps=self.gen_steps, guidance=self.guidance, prompt=self.prompt, seed=self.seed,
                  loss_t=self.loss_timesteps, overrides=self.overrides.get(condition, {}))
@@ -231,27 +243,35 @@ class Evaluation:
         self.eval_ids, self.train_ids = self._choose_identities()
         self.pipe = load_pipeline(cfg.base, device=cfg.device)
         self.resolution = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
-        self.runtime = None
-        if needs_hypernet(cfg.conditions):
+        self.runtime = self.control_runtime = None
+        if needs_hypernet(cfg.conditions) or needs_control(cfg.conditions):
             from hypernet.personalize import load_runtime
 
-            self.runtime = load_runtime(str(cfg.hypernet))
+            if needs_hypernet(cfg.conditions):
+                self.runtime = load_runtime(str(cfg.hypernet))
+            if needs_control(cfg.conditions):
+                self.control_runtime = load_runtime(str(cfg.mean_adapter))
         self.embedders: dict[str, FaceMetric] = {m: load_face_metric(m) for m in cfg.metrics}
         from hypernet.base.loading import base_fingerprint
 
         self.base_id = base_fingerprint(self.pipe)
         self.hypernet_id = self._hypernet_id()
+        self.control_id = self._hypernet_id(self.cfg.mean_adapter)
         self._setup_references()
 
-    def _hypernet_id(self) -> str:
-        """The hypernetwork files' names, sizes and mtimes ("" without one): a retrained one reruns its cells."""
-        if self.cfg.hypernet is None or not self.cfg.hypernet.exists():
+    def _hypernet_id(self, path: Path | None = None) -> str:
+        """The hypernetwork files' names, sizes and mtimes ("" without one): a retrained one reruns its
+        cells. `path`: another hypernetwork (the control) instead of `cfg.hypernet`."""
+        path = self.cfg.hypernet if path is None else path
+        if path is None or not path.exists():
             return ""
-        files = [self.cfg.hypernet] if self.cfg.hypernet.is_file() else sorted(self.cfg.hypernet.iterdir())
+        files = [path] if path.is_file() else sorted(path.iterdir())
         return "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
 
     def _models_id(self, condition: str) -> str:
         """The weights a cell depends on: the base's fingerprint, plus the hypernetwork's if it uses one."""
+        if condition in CONTROLS:
+            return self.base_id + "|" + self.control_id
         return self.base_id + ("|" + self.hypernet_id if needs_hypernet((condition,)) else "")
 
     def _choose_identities(self) -> tuple[list[str], list[str]]:
@@ -364,7 +384,8 @@ class Evaluation:
                 return self._rescore_missing(cached, folder / ident)
         t0 = time.perf_counter()
         photos = self.corpus.photos[ident][: input_photos(condition)]
-        done = personalise(self.pipe, condition, photos, runtime=self.runtime, token=cfg.token,
+        runtime = self.control_runtime if condition in CONTROLS else self.runtime
+        done = personalise(self.pipe, condition, photos, runtime=runtime, token=cfg.token,
                            class_noun=cfg.class_noun, overrides=cfg.overrides.get(condition), seed=cfg.seed,
                            detector=cfg.detector)
         images = self._generate(done.artifact, ident)

@@ -150,3 +150,69 @@ def test_people_caps_run_a_condition_on_the_first_n_people_only(tmp_path):
         _config(tmp_path, ("lidb",), people={"lidb": 0})
     with pytest.raises(InvalidInputError, match="COND=N"):
         _people(["lidb"])
+
+
+def _mean_adapter(hypernet_dir, out_dir):
+    """The control made from `hypernet_dir`'s model: predicts seeded fixed weights for any photo."""
+    import torch
+
+    from hypernet.hypernetwork.export import load_hypernet, save_hypernet
+    from hypernet.hypernetwork.model import make_constant
+
+    model, info = load_hypernet(hypernet_dir / "hypernet.safetensors")
+    c, g = model.cfg, torch.Generator().manual_seed(5)
+    w = {"A_train": torch.randn(c.num_layers, c.r, c.a, generator=g) * 0.1,
+         "B_train": torch.randn(c.num_layers, c.b, c.r, generator=g) * 0.1}
+    out_dir.mkdir()
+    save_hypernet(out_dir / "hypernet.safetensors", make_constant(model, w), info)
+    return out_dir, w
+
+
+def test_mean_adapter_controls_run_the_control_hypernetwork(tiny_pipe, tiny_hypernet, photo_paths, tmp_path):
+    import torch
+
+    from hypernet.eval.conditions import CONTROLS, needs_control
+
+    assert not set(CONTROLS) & set(CONDITIONS) and needs_control(("mean-adapter",))
+    assert not needs_hypernet(tuple(CONTROLS))  # the trained hypernetwork is not needed for them
+    control, w = _mean_adapter(tiny_hypernet, tmp_path / "mean")
+    rt = HypernetRuntime.load(control)
+    a = personalise(tiny_pipe, "mean-adapter", photo_paths[0], runtime=rt, detector="center").artifact
+    b = personalise(tiny_pipe, "mean-adapter", photo_paths[1], runtime=rt, detector="center").artifact
+    for k, v in w.items():  # the same adapter, whatever the photo
+        torch.testing.assert_close(a.lidb[k], v)
+        torch.testing.assert_close(b.lidb[k], v)
+    hdb = personalise(tiny_pipe, "hyperdreambooth-mean-adapter", photo_paths[0], runtime=rt, detector="center",
+                      overrides={"steps": 1}).artifact
+    assert hdb.relax == "subspace" and (hdb.lidb["B_train"] - w["B_train"]).abs().max() > 0  # fine-tuned from it
+
+
+@pytest.mark.needs_shared
+def test_eval_pairs_the_hypernetwork_with_the_mean_adapter_over_the_cli(tiny_base_dir, tiny_hypernet, faces_dir,
+                                                                         tmp_path, capsys):
+    from hdb.cli import main
+    from hypernet.eval.corpus import read_manifest
+
+    corpus = read_manifest(faces_dir / "identities.csv")
+    ids = corpus.identities[:2]
+    lines = ["file,identity"] + [f"{p},{i}" for i in ids for p in corpus.photos[i][:3]]
+    (tmp_path / "faces.csv").write_text("\n".join(lines) + "\n")
+    control, _ = _mean_adapter(tiny_hypernet, tmp_path / "mean")
+    out = tmp_path / "eval"
+    argv = ["eval", "--base", str(tiny_base_dir), "--hypernet", str(tiny_hypernet), "--corpus",
+            str(tmp_path / "faces.csv"), "--out", str(out), "--images-per-id", "1", "--gen-steps", "2",
+            "--device", "cpu", "--threads", "1", "--detector", "center", "--metrics", "dlib",
+            "--conditions", "hypernetwork,mean-adapter"]
+    assert main(argv) == 2  # no --mean-adapter
+    err = capsys.readouterr().err
+    assert "`mean_adapter` must be given for the mean-adapter/hyperdreambooth-mean-adapter" in err
+    assert main([*argv, "--mean-adapter", str(control)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    pairs = {(p["a"], p["b"]): p for p in results["paired"]}
+    assert pairs[("hypernetwork", "mean-adapter")]["n"] == 2
+    cells = {c: json.loads((out / "cells" / c / f"{ids[0]}.json").read_text())
+             for c in ("hypernetwork", "mean-adapter")}
+    assert cells["hypernetwork"]["key"] != cells["mean-adapter"]["key"]
+    report = (out / "REPORT.md").read_text()
+    assert f"control (one adapter for everyone) `{control}`" in report
+    assert "| Hypernetwork only − one adapter for everyone (what it knows of the person) | 2 |" in report
