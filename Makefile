@@ -97,12 +97,15 @@ bench: setup
 #                    $(STAGE1_IDENTITIES) training identities, batched (500 in 44 min on 2 ranks)
 #                    + stage 2 (identity condition, 300 steps, ~1.1 s/step: 2,000 over-fitted from
 #                    ~250 on) + ONNX export, then `probe` (seconds: can the face embedding predict
-#                    the stage-1 targets at all? -> $(FACE_HYPERNET)/probe.json)          ~1 h
+#                    the stage-1 targets at all? -> $(FACE_HYPERNET)/probe.json), then
+#                    `mean-adapter` (seconds: the control, one adapter for everyone, as a
+#                    hypernetwork export -> $(FACE_HYPERNET)/mean_adapter)                  ~1 h
 #   eval-run         `hdb eval` on the held-out people, both face metrics: hypernetwork only
 #                    (1 and 3 photos), HyperDreamBooth and the fine-tune from zero (40 steps,
 #                    relaxed in the LiDB subspace, the default), HyperDreamBooth from 3 photos
 #                    (fine-tuned on all, or on the first) on all 55; the LoRA-relaxed pair and
-#                    the batch-of-3 fine-tune on the first $(FAST_PEOPLE); LiDB (400 steps), LoRA,
+#                    the batch-of-3 fine-tune on the first $(FAST_PEOPLE); the controls (the
+#                    mean adapter alone and HyperDreamBooth from it) on all 55; LiDB (400 steps), LoRA,
 #                    DreamBooth (400) and Textual Inversion (500) on $(SLOW_PEOPLE)
 #                    (4.8 h of cells summed, one process of 1 thread; split conditions over two
 #                    processes with the same --inputs 3 to use both cores)               ~5 h
@@ -123,7 +126,7 @@ SLOW_PEOPLE ?= 6
 EVAL_OUT ?= runs/eval_v2
 EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,hypernetwork-3photos-embedding,fast-finetune,hyperdreambooth,\
 	hyperdreambooth-3photos,hyperdreambooth-3photos-ft1,hyperdreambooth-3photos-batch3,hyperdreambooth-relax-lora,\
-	fast-finetune-relax-lora,lidb,lora,dreambooth,textual-inversion
+	fast-finetune-relax-lora,mean-adapter,hyperdreambooth-mean-adapter,lidb,lora,dreambooth,textual-inversion
 EVAL_ARGS ?= --override dreambooth.steps=400 --override textual-inversion.steps=500
 .PHONY: eval-corpus eval-face-world eval-pretrain eval-run
 eval: eval-run
@@ -138,8 +141,10 @@ eval-face-world: eval-corpus
 eval-pretrain: eval-face-world
 	nice -n 19 $(PY) -m hdb.cli pretrain all --config face-world-cpu --output-dir $(FACE_HYPERNET) $(PRETRAIN_SETS)
 	$(PY) -m hdb.cli pretrain probe --config face-world-cpu --output-dir $(FACE_HYPERNET) $(PRETRAIN_SETS)
+	$(PY) -m hdb.cli pretrain mean-adapter --config face-world-cpu --output-dir $(FACE_HYPERNET) $(PRETRAIN_SETS)
 eval-run: eval-pretrain
 	nice -n 19 $(PY) -m hdb.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
+		--mean-adapter $(FACE_HYPERNET)/mean_adapter \
 		--corpus $(CORPUS)/identities.csv --out $(EVAL_OUT) --threads 1 --detector center --inputs 3 \
 		--conditions $(EVAL_CONDITIONS) --people hyperdreambooth-3photos-batch3=$(FAST_PEOPLE) \
 		--people hyperdreambooth-relax-lora=$(FAST_PEOPLE) --people fast-finetune-relax-lora=$(FAST_PEOPLE) \
