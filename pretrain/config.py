@@ -120,6 +120,10 @@ class Stage2Config:
     max_grad_norm: float | None = field(default=1.0, metadata={"help": "clip; None: off"})
     alpha: float = field(default=1.0, metadata={"help": "weight of the diffusion loss"})
     beta: float = field(default=1.0, metadata={"help": "weight of the L2 to stage-1 targets"})
+    cross_photo: bool = field(default=False, metadata={
+        "help": "take the diffusion loss on another photo of the person than the one the hypernetwork is "
+                "conditioned on (a random other one each step; the same photo for people with one): it "
+                "rewards what the photos share, the person, not pose, light and background"})
     min_snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR weighting; None: off"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights (0: off); export uses EMA"})
     val_every: int = field(default=100, metadata={"help": "validate every N steps (and at the end)"})

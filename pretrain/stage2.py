@@ -51,12 +51,17 @@ FINAL = "final.safetensors"
 #: stage-2 settings that do not change the trained weights (free to differ on resume).
 _FREE = ("val_every", "val_noise_draws", "ckpt_every", "keep_checkpoints", "log_every")
 _CONDITION_FIELDS = ("condition", "identity_tokens", "face_encoder", "identity_dim")
+#: Stage-2 settings added after runs were finished: at their defaults they leave the key as it was.
+_LATER_FIELDS = {"cross_photo": False}
 
 
 def stage2_key(ctx: RunContext) -> str:
     d = dataclasses.asdict(ctx.cfg)
     for k in _FREE:
         d["stage2"].pop(k)
+    for k, default in _LATER_FIELDS.items():
+        if d["stage2"][k] == default:
+            d["stage2"].pop(k)
     # Condition fields at their defaults (the pixel model) leave the key as it was before they
     # existed, so finished pixel-conditioned runs are not redone.
     defaults = dataclasses.asdict(HypernetConfig())
@@ -111,11 +116,13 @@ class Stage2Recipe:
         s1 = load_stage1(self.ctx.stage1_dir)
         self.s1 = s1
         self.samples: dict[str, list] = {}
+        self.rows_of: dict[str, list[list]] = {}
         self.targets: dict[str, dict[str, torch.Tensor]] = {}
         for split in ("train", "val"):
             ids = [i for i in self.data.identities(split) if i in s1.identities]
             self.targets[split] = s1.targets(ids)  # (n_ids, L, r, a) / (n_ids, L, b, r)
             self.samples[split] = [(j, row) for j, ident in enumerate(ids) for row in self.data.rows(ident)]
+            self.rows_of[split] = [self.data.rows(ident) for ident in ids]  # identity index -> its rows
         # One adapter for everyone (A (L, r, a), B (L, b, r)): validation's bar for a hypernetwork that
         # has learned something about the person, rather than the mean target any input gets.
         self.mean_target = {k: v.mean(0) for k, v in self.targets["train"].items()}
@@ -208,21 +215,32 @@ class Stage2Recipe:
         pooled = self.pooled.expand(n, -1) if self.pooled is not None else None
         return self.text_emb.expand(n, -1, -1), pooled
 
-    def _batch(self, pairs: list[tuple[int, bool]], split: str = "train"):
+    def _batch(self, pairs: list[tuple[int, bool]], split: str = "train", gen: torch.Generator | None = None):
         """-> pixels (B, 3, R, R), latents (B, C, h, w), targets {A (B, L, r, a), B (B, L, b, r)},
-        identity embeddings (B, 512) of the (mirrored where flipped) photos, or None (pixel condition)."""
+        identity embeddings (B, 512) of the (mirrored where flipped) photos, or None (pixel condition).
+
+        With `gen` (`stage2.cross_photo`) the latents are of another photo of the same person, drawn
+        from `gen`, where the person has one; the condition is still the sampled photo."""
         picked = [(self.samples[split][i], f) for i, f in pairs]
         rows = [row for (_, row), _ in picked]
         flips = torch.tensor([f for _, f in picked])  # (B,)
         pix = self.data.pixels(rows)  # (B, 3, R, R)
         pix = torch.where(flips[:, None, None, None], pix.flip(-1), pix)
-        lat = torch.where(flips[:, None, None, None], self.data.latents(rows, flip=True),
-                          self.data.latents(rows))  # (B, C, h, w)
+        lat_rows = rows if gen is None else [self._other_photo(split, j, row, gen) for (j, row), _ in picked]
+        lat = torch.where(flips[:, None, None, None], self.data.latents(lat_rows, flip=True),
+                          self.data.latents(lat_rows))  # (B, C, h, w)
         tidx = torch.tensor([j for (j, _), _ in picked])
         tgt = {k: v[tidx] for k, v in self.targets[split].items()}
         dev = self.dist.device
         ident = self.emb.get(rows, flips).to(dev) if self.emb is not None else None  # (B, 512)
         return pix.to(dev), lat.to(dev), {k: v.to(dev) for k, v in tgt.items()}, ident
+
+    def _other_photo(self, split: str, j: int, row, gen: torch.Generator):
+        """A row of identity j other than `row`, uniformly from `gen`; `row` itself when it is the only one."""
+        others = [r for r in self.rows_of[split][j] if tuple(r) != tuple(row)]
+        if not others:
+            return row
+        return others[int(torch.randint(len(others), (1,), generator=gen))]
 
     def predict(self, model, pix: torch.Tensor, ident: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The model's prediction for a batch: pixels only where the condition uses them."""
@@ -231,8 +249,10 @@ class Stage2Recipe:
     def _loss_step(self, micro: int) -> tuple[torch.Tensor, dict[str, float]]:
         c, d = self.cfg, self.dist
         pairs = self.stream.micro_batch(self.step, micro, d.rank, d.world_size, c.grad_accum, c.batch_size)
-        pix, lat, tgt, ident = self._batch(pairs)
         gen = torch.Generator().manual_seed(step_seed(c.seed, self.step, micro, d.rank))
+        # The other photos are drawn first from the step's generator, so the run stays a pure
+        # function of (seed, step, micro-step, rank) and resumes exactly.
+        pix, lat, tgt, ident = self._batch(pairs, gen=gen if c.cross_photo else None)
         with self.ctx.autocast():
             pred = self.predict(self.ddp, pix, ident)  # {"A_train": (B, L, r, a), "B_train": (B, L, b, r)}
             dl = None

@@ -157,3 +157,32 @@ def test_stage1_targets_of_a_base_changed_in_place_are_stale(tmp_path, tiny_base
     save_file(sd, weights)
     after = make_ctx(tmp_path / "a", base, corpus)
     assert stage1_key(after) != keys[0] and target_key(after) != keys[1]
+
+
+def test_cross_photo_takes_the_diffusion_latents_of_another_photo_of_the_person(tmp_path, tiny_base_dir, corpus):
+    from pretrain.prepare import run_prepare
+    from pretrain.stage1 import run_stage1
+    from pretrain.stage2 import Stage2Recipe, stage2_key
+
+    ctx = make_ctx(tmp_path, tiny_base_dir, corpus, "stage2.cross_photo=true", "data.val_fraction=0.2")
+    run_prepare(ctx)
+    run_stage1(ctx)
+    recipe = Stage2Recipe(ctx)
+    recipe._setup_data()
+    data = recipe.data
+    for i, (j, row) in enumerate(recipe.samples["train"]):
+        rows = recipe.rows_of["train"][j]
+        pix, lat, _, _ = recipe._batch([(i, False)], gen=torch.Generator().manual_seed(0))
+        same = recipe._batch([(i, False)])[1]  # the default: the conditioning photo's own latents
+        assert torch.equal(pix, data.pixels([row])) and torch.equal(same, data.latents([row]))
+        if len(rows) == 1:  # one photo: nothing else to take
+            assert torch.equal(lat, same)
+        else:
+            other = [r for r in rows if tuple(r) != tuple(row)]
+            assert len(other) == 1 and torch.equal(lat, data.latents(other))
+        flipped = recipe._batch([(i, True)], gen=torch.Generator().manual_seed(0))[1]
+        assert torch.equal(flipped, data.latents(other if len(rows) > 1 else [row], flip=True))
+    assert any(len(r) > 1 for r in recipe.rows_of["train"])  # the corpus has people with 2 photos
+    # Off by default; turning it on is another stage-2 run.
+    off = make_ctx(tmp_path, tiny_base_dir, corpus, "data.val_fraction=0.2")
+    assert not off.cfg.stage2.cross_photo and stage2_key(off) != stage2_key(ctx)
