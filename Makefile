@@ -107,8 +107,8 @@ bench: setup
 #                    the batch-of-3 fine-tune on the first $(FAST_PEOPLE); the controls (the
 #                    mean adapter alone and HyperDreamBooth from it) on all 55; LiDB (400 steps), LoRA,
 #                    DreamBooth (400) and Textual Inversion (500) on $(SLOW_PEOPLE)
-#                    (4.8 h of cells summed, one process of 1 thread; split conditions over two
-#                    processes with the same --inputs 3 to use both cores)               ~5 h
+#                    (5.5 h of cells summed, one process of 1 thread; split conditions over two
+#                    processes with the same --inputs 3 to use both cores)               ~5.5 h
 LFW ?= ../shared/data/faces/lfw/identities.csv
 CALTECH ?= ../shared/data/faces/caltech/identities.csv
 CORPUS ?= runs/corpus_v2
