@@ -7,17 +7,21 @@ target of stage 2's training identities: one adapter for everyone. A trained hyp
 learned something about the *person* only where it beats this control, so the evaluation runs
 both the same way (`hdb eval --hypernet OUTPUT/mean_adapter --conditions hypernetwork,...`), and
 HyperDreamBooth started from it is the fine-tune from a generic prior rather than from zero.
-It costs seconds: no training, only the mean and the export's ONNX check.
+It costs seconds: no training, only the mean and the export's ONNX check. Like every stage it
+skips work already done for the same settings: rewriting the files would change their mtimes,
+which `hdb eval` reads as a new hypernetwork and reruns its cells.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
 import torch
 
 from hypernet.errors import InvalidInputError
-from hypernet.hypernetwork.export import SAFETENSORS_NAME, HypernetInfo, save_hypernet
+from hypernet.hypernetwork.export import SAFETENSORS_NAME, HypernetInfo, read_info, save_hypernet
 from hypernet.hypernetwork.model import HyperNetwork, make_constant
 from pretrain.cache import PreparedData
 from pretrain.context import RunContext
@@ -40,6 +44,16 @@ def mean_target(data: PreparedData, s1: Stage1Outputs) -> tuple[dict[str, torch.
     return {k: v.mean(0) for k, v in s1.targets(ids).items()}, len(ids)
 
 
+def mean_adapter_key(ctx: RunContext, s1: Stage1Outputs) -> str:
+    """What the control depends on: the stage-1 targets (their index's key), stage 2's
+    architecture and seed, the data split and the export settings."""
+    d = ctx.cfg.to_dict()
+    stage1_index = json.loads((s1.root / "index.json").read_text()).get("key")
+    payload = {"stage1": stage1_index, "model": d["stage2"]["model"], "seed": d["stage2"]["seed"],
+               "data": d["data"], "export": d["export"]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def run_mean_adapter(ctx: RunContext) -> None:
     if ctx.dist.is_main:
         _write(ctx)
@@ -48,6 +62,12 @@ def run_mean_adapter(ctx: RunContext) -> None:
 
 def _write(ctx: RunContext) -> None:
     data, s1 = PreparedData(ctx.prepared_dir), load_stage1(ctx.stage1_dir)
+    out = ctx.out / MEAN_ADAPTER_DIR
+    key = mean_adapter_key(ctx, s1)
+    path = out / SAFETENSORS_NAME
+    if path.is_file() and (out / "report.json").is_file() and read_info(path).metadata.get("control_key") == key:
+        log.info("mean-adapter: already done for these settings (%s), skipping", out)
+        return
     weights, n = mean_target(data, s1)
     spec = s1.spec
     mcfg = ctx.cfg.stage2.model.for_lidb(len(s1.layers), spec.a, spec.b, spec.r)
@@ -55,11 +75,12 @@ def _write(ctx: RunContext) -> None:
     model = make_constant(HyperNetwork(mcfg), weights)
     info = HypernetInfo(mcfg, spec, s1.layers, s1.base_fingerprint, data.resolution,
                         arch=ctx.arch())
-    out = ctx.out / MEAN_ADAPTER_DIR
-    path = save_hypernet(out / SAFETENSORS_NAME, model, info, extra_meta={"control": "mean_adapter"})
+    # report.json is written last: a run killed before it is redone.
+    (out / "report.json").unlink(missing_ok=True)
+    save_hypernet(path, model, info, extra_meta={"control": "mean_adapter", "control_key": key})
     export_files(ctx, path, out)
     log.info("mean-adapter: one adapter for everyone (the mean of %d identities' stage-1 targets) in %s",
              n, out)
 
 
-__all__ = ["MEAN_ADAPTER_DIR", "mean_target", "run_mean_adapter"]
+__all__ = ["MEAN_ADAPTER_DIR", "mean_adapter_key", "mean_target", "run_mean_adapter"]

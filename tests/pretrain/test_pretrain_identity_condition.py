@@ -109,6 +109,12 @@ def _check_mean_adapter(run, ov, data):
     for k, v in mean.items():
         torch.testing.assert_close(pred[k], v.expand_as(pred[k]), atol=1e-6, rtol=1e-5)
     assert not torch.allclose(mean["B_train"], torch.zeros_like(mean["B_train"]))
+    # Rerun: skipped, files untouched (hdb eval keys cells on the files' mtimes); other settings redo it.
+    mtimes = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    run_stages(None, run, ["mean-adapter"], ov, distributed=False)
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
+    run_stages(None, run, ["mean-adapter"], [*ov, "stage2.seed=1"], distributed=False)
+    assert (out / "hypernet.safetensors").stat().st_mtime_ns != mtimes["hypernet.safetensors"]
 
 
 def _val_targets(run):
