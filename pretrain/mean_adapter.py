@@ -5,7 +5,7 @@
 A hypernetwork of stage 2's architecture that ignores the photo and predicts the mean stage-1
 target of stage 2's training identities: one adapter for everyone. A trained hypernetwork has
 learned something about the *person* only where it beats this control, so the evaluation runs
-both the same way (`hdb eval --hypernet OUTPUT/mean_adapter --conditions hypernetwork,...`), and
+both the same way (`hdb eval --mean-adapter OUTPUT/mean_adapter --conditions mean-adapter,...`), and
 HyperDreamBooth started from it is the fine-tune from a generic prior rather than from zero.
 It costs seconds: no training, only the mean and the export's ONNX check. Like every stage it
 skips work already done for the same settings: rewriting the files would change their mtimes,
