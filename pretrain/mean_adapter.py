@@ -37,7 +37,7 @@ MEAN_ADAPTER_DIR = "mean_adapter"
 def mean_target(data: PreparedData, s1: Stage1Outputs) -> tuple[dict[str, torch.Tensor], int]:
     """The mean over stage 2's training identities of their stage-1 targets, A (L, r, a) and
     B (L, b, r) (what stage 2's validation reports as `weight_mse_mean`), and how many there are."""
-    ids = [i for i in data.identities("train") if i in s1.identities]
+    ids = s1.fitted(data.identities("train"))
     if not ids:
         raise InvalidInputError("`mean-adapter` must have training identities with stage-1 targets, got none: "
                                 "run `stage1` first")

@@ -225,7 +225,7 @@ def run_probe(ctx: RunContext) -> dict:
     """Measure, write probe.json, log; -> the result dict."""
     data = PreparedData(ctx.prepared_dir)
     s1 = load_stage1(ctx.stage1_dir)
-    ids = {s: [i for i in data.identities(s) if i in s1.identities] for s in ("train", "val")}
+    ids = {s: s1.fitted(data.identities(s)) for s in ("train", "val")}
     if len(ids["train"]) < 2 or not ids["val"]:
         raise InvalidInputError(
             f"probe must have >= 2 training and >= 1 validation identities with stage-1 targets, got "

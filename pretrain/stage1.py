@@ -185,6 +185,11 @@ class Stage1Outputs:
     base_fingerprint: str
     identities: dict[str, dict]
 
+    def fitted(self, ids) -> list[str]:
+        """`ids` (in their order) that this stage 1 has a target for: the split's identities a later
+        stage can train or score on (a split may name people stage 1 skipped or has not reached)."""
+        return [i for i in ids if i in self.identities]
+
     def targets(self, ids: list[str]) -> dict[str, torch.Tensor]:
         """Packed weights of `ids`: A_train (n, L, r, a), B_train (n, L, b, r) (fp32, CPU)."""
         L, s = len(self.layers), self.spec

@@ -119,7 +119,7 @@ class Stage2Recipe:
         self.rows_of: dict[str, list[list]] = {}
         self.targets: dict[str, dict[str, torch.Tensor]] = {}
         for split in ("train", "val"):
-            ids = [i for i in self.data.identities(split) if i in s1.identities]
+            ids = s1.fitted(self.data.identities(split))
             self.targets[split] = s1.targets(ids)  # (n_ids, L, r, a) / (n_ids, L, b, r)
             self.samples[split] = [(j, row) for j, ident in enumerate(ids) for row in self.data.rows(ident)]
             self.rows_of[split] = [self.data.rows(ident) for ident in ids]  # identity index -> its rows

@@ -123,6 +123,10 @@ def test_max_identities_picks_a_nested_subset_and_chunk_size_only_changes_round_
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     more = load_stage1(tmp_path / "a" / "stage1").identities
     assert set(first) < set(more) and len(more) == 5
+    # What later stages train on: the split's people stage 1 has reached, in the split's order.
+    everyone = [f"person{i}" for i in range(6)]
+    assert s1.fitted(everyone) == [i for i in everyone if i in first]
+    assert s1.fitted(list(reversed(everyone)))[::-1] == s1.fitted(everyone)
     # The same identities fitted one per call: the same weights up to float round-off.
     (tmp_path / "c").mkdir()
     shutil.copytree(tmp_path / "a" / "prepared", tmp_path / "c" / "prepared")
