@@ -40,7 +40,7 @@ REAL_PHOTO = "real-photo"
 
 __all__ = [
     "ALL_CONDITIONS", "CONDITIONS", "CONTROLS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS", "VARIANTS",
-    "Personalised", "input_photos", "needs_control", "needs_hypernet", "parse_overrides", "personalise", "relax_of",
+    "Personalised", "finetune_of", "input_photos", "needs_control", "needs_hypernet", "parse_overrides", "personalise",
 ]
 
 CONDITIONS = (
@@ -93,16 +93,17 @@ def needs_control(conditions) -> bool:
     return any(c in CONTROLS for c in conditions)
 
 
-def relax_of(condition: str, overrides: dict[str, Any] | None = None) -> str | None:
-    """The relaxed fine-tune `condition` runs (None: it runs none), after its variant's settings and
-    `overrides`; the library default otherwise. Part of a cell's key, so that a changed default
-    reruns the cells computed under the old one instead of reusing them."""
+def finetune_of(condition: str, overrides: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The fine-tune `condition` runs (None: it runs none): its relaxation and learning rate, after
+    its variant's settings and `overrides`; the library defaults otherwise. Part of a cell's key, so
+    that a changed default reruns the cells computed under the old one instead of reusing them."""
     base, settings, _ = VARIANTS.get(condition, (CONTROLS.get(condition, condition), {}, 1))
     if base not in ("hyperdreambooth", "fast-finetune"):
         return None
     from hypernet.personalize import PersonalizeConfig
 
-    return {**settings, **(overrides or {})}.get("relax", PersonalizeConfig().relax)
+    d, eff = PersonalizeConfig(), {**settings, **(overrides or {})}
+    return {"relax": eff.get("relax", d.relax), "lr": eff.get("lr", d.lr)}
 
 
 def input_photos(condition: str) -> int:

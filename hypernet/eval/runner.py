@@ -47,11 +47,11 @@ from hypernet.eval.conditions import (
     EVAL_PROMPT_TEMPLATE,
     REAL_PHOTO,
     SLOW_CONDITIONS,
+    finetune_of,
     input_photos,
     needs_control,
     needs_hypernet,
     personalise,
-    relax_of,
 )
 from hypernet.eval.corpus import FaceCorpus, IdentitySplit, interleave_parts, part_of, read_manifest
 from hypernet.eval.faces import FACE_METRICS, FaceMetric, cosine, load_face_metric
@@ -188,9 +188,10 @@ class EvalConfig:
             d["inputs"] = self.inputs
         if self.sample_seeds != "shared":  # shared keeps the keys of earlier runs
             d["sample_seeds"] = self.sample_seeds
-        relax = relax_of(condition, self.overrides.get(condition))
-        if relax is not None:  # the fine-tune's relaxation: a changed library default reruns the cell
-            d["relax"] = relax
+        ft = finetune_of(condition, self.overrides.get(condition))
+        if ft is not None:  # the fine-tune's relaxation and rate: a changed library default reruns the cell
+            d["relax"] = ft["relax"]
+            d["overrides"] = {"lr": ft["lr"], **d["overrides"]}  # an override naming it: the same cell
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

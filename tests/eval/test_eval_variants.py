@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -108,23 +109,41 @@ def test_cell_keys_change_only_when_a_variant_holds_back_more_inputs(tmp_path):
         _config(tmp_path, ("hypernetwork",), held_inputs=0)
 
 
-def test_cell_keys_follow_the_relaxation_the_fine_tune_runs(tmp_path):
-    """A cell computed under another relaxation (a variant, an override or the old default) is not reused."""
-    from hypernet.eval.conditions import relax_of
+def test_cell_keys_follow_the_relaxation_and_rate_the_fine_tune_runs(tmp_path, monkeypatch):
+    """A cell computed under another relaxation or learning rate (a variant, an override or the old
+    default) is not reused; an override naming the default learning rate is the same computation."""
+    from hypernet import personalize
+    from hypernet.eval.conditions import finetune_of
     from hypernet.personalize import PersonalizeConfig
 
     cfg = _config(tmp_path, ("hyperdreambooth", "hyperdreambooth-relax-lora", "hyperdreambooth-relax-subspace",
                              "fast-finetune", "hypernetwork"))
-    default = PersonalizeConfig().relax
-    got = (relax_of("hyperdreambooth"), relax_of("fast-finetune"), relax_of("hypernetwork"))
+    d = PersonalizeConfig()
+    default = {"relax": d.relax, "lr": d.lr}
+    got = (finetune_of("hyperdreambooth"), finetune_of("fast-finetune"), finetune_of("hypernetwork"))
     assert got == (default, default, None)
-    assert relax_of("hyperdreambooth-relax-lora") == "lora" and relax_of("hyperdreambooth", {"relax": "lora"}) == "lora"
-    other = "lora" if default == "subspace" else "subspace"
+    assert finetune_of("hyperdreambooth-mean-adapter") == default and finetune_of("mean-adapter") is None
+    assert finetune_of("hyperdreambooth-relax-lora")["relax"] == "lora"
+    assert finetune_of("hyperdreambooth", {"relax": "lora", "lr": 0.5}) == {"relax": "lora", "lr": 0.5}
+    other = "lora" if d.relax == "subspace" else "subspace"
     key = cfg.cell_key("hyperdreambooth", "m")
-    assert key == cfg.cell_key(f"hyperdreambooth-relax-{default}", "m")  # the same computation
+    assert key == cfg.cell_key(f"hyperdreambooth-relax-{d.relax}", "m")  # the same computation
     assert key != cfg.cell_key(f"hyperdreambooth-relax-{other}", "m")
-    cfg.overrides = {"hyperdreambooth": {"relax": default}}  # an override naming the default: still another key
+    cfg.overrides = {"hyperdreambooth": {"relax": d.relax}}  # an override naming the default relaxation: another key
     assert cfg.cell_key("hyperdreambooth", "m") != key
+    cfg.overrides = {"hyperdreambooth": {"lr": d.lr}}  # naming the default rate: the same cell
+    assert cfg.cell_key("hyperdreambooth", "m") == key
+    cfg.overrides = {"hyperdreambooth": {"lr": d.lr / 10}}
+    assert cfg.cell_key("hyperdreambooth", "m") != key
+    cfg.overrides = {}
+    plain = cfg.cell_key("hypernetwork", "m")  # no fine-tune: the rate is not part of it
+
+    @dataclasses.dataclass
+    class Older(PersonalizeConfig):  # another library default
+        lr: float = d.lr / 10
+
+    monkeypatch.setattr(personalize, "PersonalizeConfig", Older)
+    assert cfg.cell_key("hyperdreambooth", "m") != key and cfg.cell_key("hypernetwork", "m") == plain
 
 
 def _config(tmp_path, conditions, **kw):
