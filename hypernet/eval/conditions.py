@@ -94,16 +94,22 @@ def needs_control(conditions) -> bool:
 
 
 def finetune_of(condition: str, overrides: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """The fine-tune `condition` runs (None: it runs none): its relaxation and learning rate, after
-    its variant's settings and `overrides`; the library defaults otherwise. Part of a cell's key, so
-    that a changed default reruns the cells computed under the old one instead of reusing them."""
+    """The training `condition` runs (None: it trains nothing): its learning rate, and for the
+    hypernetwork's fine-tunes its relaxation, after its variant's settings and `overrides`; the
+    library defaults otherwise. Part of a cell's key, so that a changed default reruns the cells
+    computed under the old one instead of reusing them."""
     base, settings, _ = VARIANTS.get(condition, (CONTROLS.get(condition, condition), {}, 1))
-    if base not in ("hyperdreambooth", "fast-finetune"):
-        return None
-    from hypernet.personalize import PersonalizeConfig
+    eff = {**settings, **(overrides or {})}
+    if base in ("hyperdreambooth", "fast-finetune"):
+        from hypernet.personalize import PersonalizeConfig
 
-    d, eff = PersonalizeConfig(), {**settings, **(overrides or {})}
-    return {"relax": eff.get("relax", d.relax), "lr": eff.get("lr", d.lr)}
+        d = PersonalizeConfig()
+        return {"relax": eff.get("relax", d.relax), "lr": eff.get("lr", d.lr)}
+    if base in ("hypernetwork", "base"):
+        return None
+    from hypernet.methods import get_method
+
+    return {"lr": eff.get("lr", get_method(base).config_cls().train.lr)}
 
 
 def input_photos(condition: str) -> int:

@@ -189,8 +189,9 @@ class EvalConfig:
         if self.sample_seeds != "shared":  # shared keeps the keys of earlier runs
             d["sample_seeds"] = self.sample_seeds
         ft = finetune_of(condition, self.overrides.get(condition))
-        if ft is not None:  # the fine-tune's relaxation and rate: a changed library default reruns the cell
-            d["relax"] = ft["relax"]
+        if ft is not None:  # the training's rate (and relaxation): a changed library default reruns the cell
+            if "relax" in ft:
+                d["relax"] = ft["relax"]
             d["overrides"] = {"lr": ft["lr"], **d["overrides"]}  # an override naming it: the same cell
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

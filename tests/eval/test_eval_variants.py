@@ -144,6 +144,18 @@ def test_cell_keys_follow_the_relaxation_and_rate_the_fine_tune_runs(tmp_path, m
 
     monkeypatch.setattr(personalize, "PersonalizeConfig", Older)
     assert cfg.cell_key("hyperdreambooth", "m") != key and cfg.cell_key("hypernetwork", "m") == plain
+    # The classic methods' cells follow their own default rate the same way.
+    from hypernet.methods import get_method
+
+    lidb_lr = get_method("lidb").config_cls().train.lr
+    assert finetune_of("lidb") == {"lr": lidb_lr} and finetune_of("lidb", {"lr": 0.5}) == {"lr": 0.5}
+    assert finetune_of("base") is None
+    assert finetune_of("dreambooth") == {"lr": get_method("dreambooth").config_cls().train.lr}
+    key = cfg.cell_key("lidb", "m")
+    cfg.overrides = {"lidb": {"lr": lidb_lr}}
+    assert cfg.cell_key("lidb", "m") == key
+    cfg.overrides = {"lidb": {"lr": lidb_lr * 3}}
+    assert cfg.cell_key("lidb", "m") != key
 
 
 def _config(tmp_path, conditions, **kw):
