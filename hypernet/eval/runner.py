@@ -55,7 +55,7 @@ from hypernet.eval.conditions import (
 )
 from hypernet.eval.corpus import FaceCorpus, IdentitySplit, interleave_parts, part_of, read_manifest
 from hypernet.eval.faces import FACE_METRICS, FaceMetric, cosine, load_face_metric
-from hypernet.files import atomic_write_bytes
+from hypernet.files import atomic_write, atomic_write_bytes
 from hypernet.photos import to_pil
 
 log = logging.getLogger(__name__)
@@ -462,10 +462,10 @@ class Evaluation:
 
 
 def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez through a temporary file: a kill mid-write leaves the previous cache readable."""
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    """np.savez through a temporary file of its own: a kill mid-write leaves the previous cache
+    readable, and two processes sharing OUT (conditions split over cores) never rename each
+    other's file away."""
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def run_evaluation(cfg: EvalConfig) -> Path:

@@ -216,3 +216,24 @@ def test_per_identity_sample_seeds_give_each_person_their_own_noise(tiny_base_di
     assert first_sample_seed(7, ids[0], "per-identity") == first_sample_seed(0, ids[0], "per-identity") + 7
     assert images["shared"]["keys"].isdisjoint(images["per-identity"]["keys"])
     assert "seeds of each person's own" in (out / "REPORT.md").read_text()
+
+
+def test_caches_written_by_two_processes_sharing_out_stay_readable(tmp_path):
+    """Conditions split over two `hdb eval` processes with the same --out write the reference-embedding
+    cache at the same moment: each writes through a temporary file of its own, so neither renames the
+    other's away (a shared temporary name made one of them crash), and the cache is always whole."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hypernet.eval.runner import _save_npz
+
+    path = tmp_path / "reference_embeddings.npz"
+
+    def write(k: int) -> None:
+        for _ in range(5):
+            _save_npz(path, {"emb": np.full((256, 512), float(k), dtype=np.float32)})
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(8)))  # raises if any writer failed
+    emb = np.load(path)["emb"]
+    assert emb.shape == (256, 512) and len(np.unique(emb)) == 1 and 0 <= emb[0, 0] < 8
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
