@@ -86,8 +86,9 @@ bench: setup
 # Identity quality on people no training stage saw (issue 14) -> $(EVAL_OUT)/REPORT.md: four stages,
 # each resumable (rerun `make eval` after a kill: finished work is skipped) and runnable alone
 # (`make eval-corpus`, `eval-face-world`, `eval-pretrain`, `eval-run`; each makes the ones before).
-# The defaults reproduce benchmarks/results/eval_v2/REPORT.md (30 Nov 2026); measured wall times
-# on the 2 shared cores (other jobs running; idle is ~1.5x faster):
+# The defaults reproduce benchmarks/results/eval_v3/REPORT.md (30 Nov 2026: per-identity sampling
+# seeds, the fine-tune at its 1e-2 default); measured wall times on the 2 shared cores (other jobs
+# running; idle is ~1.5x faster):
 #   eval-corpus      LFW + Caltech merged, 48 + 7 people held out ............ seconds
 #   eval-face-world  face world v2, 2,500 steps of batch 32 (~1.6 s/step) + encoding 7,283 photos
 #                    (<= 2 per person, one crop, no mirror; resumable shards)  ~2.5 h
@@ -100,15 +101,16 @@ bench: setup
 #                    the stage-1 targets at all? -> $(FACE_HYPERNET)/probe.json), then
 #                    `mean-adapter` (seconds: the control, one adapter for everyone, as a
 #                    hypernetwork export -> $(FACE_HYPERNET)/mean_adapter)                  ~1 h
-#   eval-run         `hdb eval` on the held-out people, both face metrics: hypernetwork only
-#                    (1 and 3 photos), HyperDreamBooth and the fine-tune from zero (40 steps,
-#                    relaxed in the LiDB subspace, the default), HyperDreamBooth from 3 photos
-#                    (fine-tuned on all, or on the first) on all 55; the LoRA-relaxed pair and
-#                    the batch-of-3 fine-tune on the first $(FAST_PEOPLE); the controls (the
-#                    mean adapter alone and HyperDreamBooth from it) on all 55; LiDB (400 steps), LoRA,
-#                    DreamBooth (400) and Textual Inversion (500) on $(SLOW_PEOPLE)
-#                    (5.5 h of cells summed, one process of 1 thread; split conditions over two
-#                    processes with the same --inputs 3 to use both cores)               ~5.5 h
+#   eval-run         `hdb eval --sample-seeds per-identity` on the held-out people, both face
+#                    metrics: hypernetwork only (1 and 3 photos), HyperDreamBooth and the fine-tune
+#                    from zero (40 steps, relaxed in the LiDB subspace, lr 1e-2: the defaults),
+#                    HyperDreamBooth from 3 photos, and the controls (the mean adapter alone and
+#                    HyperDreamBooth from it) on all 55; LiDB (400 steps, lr 3e-3) on the first
+#                    $(FAST_PEOPLE); LoRA, DreamBooth (400) and Textual Inversion (500) on
+#                    $(SLOW_PEOPLE) (~3.5 h of cells summed, one process of 1 thread; split
+#                    conditions over two processes with the same --inputs 3 to use both cores)
+#                    The variants of eval_v2/REPORT.md (lr 1e-3, seeds 0..9) run when added:
+#                    EVAL_CONDITIONS="$(EVAL_CONDITIONS),$(EVAL_VARIANTS)"                 ~3.5 h
 LFW ?= ../shared/data/faces/lfw/identities.csv
 CALTECH ?= ../shared/data/faces/caltech/identities.csv
 CORPUS ?= runs/corpus_v2
@@ -123,10 +125,11 @@ PRETRAIN_SETS = --set base=$(FACE_WORLD) --set 'data.corpus=["$(FACE_WORLD)/trai
 	--set stage2.steps=$(STAGE2_STEPS)
 FAST_PEOPLE ?= 24
 SLOW_PEOPLE ?= 6
-EVAL_OUT ?= runs/eval_v2
-EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,hypernetwork-3photos-embedding,fast-finetune,hyperdreambooth,\
-	hyperdreambooth-3photos,hyperdreambooth-3photos-ft1,hyperdreambooth-3photos-batch3,hyperdreambooth-relax-lora,\
-	fast-finetune-relax-lora,mean-adapter,hyperdreambooth-mean-adapter,lidb,lora,dreambooth,textual-inversion
+EVAL_OUT ?= runs/eval_v3
+EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,fast-finetune,hyperdreambooth,hyperdreambooth-3photos,\
+	mean-adapter,hyperdreambooth-mean-adapter,lidb,lora,dreambooth,textual-inversion
+EVAL_VARIANTS = hypernetwork-3photos-embedding,hyperdreambooth-3photos-ft1,hyperdreambooth-3photos-batch3,\
+	hyperdreambooth-relax-lora,fast-finetune-relax-lora
 EVAL_ARGS ?= --override dreambooth.steps=400 --override textual-inversion.steps=500
 .PHONY: eval-corpus eval-face-world eval-pretrain eval-run
 eval: eval-run
@@ -146,10 +149,10 @@ eval-run: eval-pretrain
 	nice -n 19 $(PY) -m hdb.cli eval --base $(FACE_WORLD) --hypernet $(FACE_HYPERNET)/export \
 		--mean-adapter $(FACE_HYPERNET)/mean_adapter \
 		--corpus $(CORPUS)/identities.csv --out $(EVAL_OUT) --threads 1 --detector center --inputs 3 \
-		--conditions $(EVAL_CONDITIONS) --people hyperdreambooth-3photos-batch3=$(FAST_PEOPLE) \
-		--people hyperdreambooth-relax-lora=$(FAST_PEOPLE) --people fast-finetune-relax-lora=$(FAST_PEOPLE) \
-		--people lidb=$(SLOW_PEOPLE) --people lora=$(SLOW_PEOPLE) --people dreambooth=$(SLOW_PEOPLE) \
-		--people textual-inversion=$(SLOW_PEOPLE) $(EVAL_ARGS)
+		--sample-seeds per-identity --conditions $(EVAL_CONDITIONS) \
+		--people hyperdreambooth-3photos-batch3=$(FAST_PEOPLE) --people hyperdreambooth-relax-lora=$(FAST_PEOPLE) \
+		--people fast-finetune-relax-lora=$(FAST_PEOPLE) --people lidb=$(FAST_PEOPLE) --people lora=$(SLOW_PEOPLE) \
+		--people dreambooth=$(SLOW_PEOPLE) --people textual-inversion=$(SLOW_PEOPLE) $(EVAL_ARGS)
 
 # Fuzzing, fault injection, a 10-minute soak, security and privacy checks of the gRPC service
 # (< 30 min on 2 cores) -> benchmarks/results/reliability.md (+ .json, soak PNG).

@@ -35,7 +35,7 @@ class PersonalizeConfig:
     lr: float = field(default=1e-2, metadata={
         "help": "AdamW learning rate of the fine-tune. 1e-2 scored best of 1e-3, 3e-3, 1e-2 and 3e-2 for "
                 "HyperDreamBooth on 24 held-out people on the face world, on both face metrics "
-                "(benchmarks/results/eval_v2/DIAGNOSIS.md section 10); unmeasured on SD-scale bases"})
+                "(benchmarks/results/eval_v2/DIAGNOSIS.md section 9); unmeasured on SD-scale bases"})
     batch_size: int = field(default=1, metadata={
         "help": "photos per fine-tune step, drawn with replacement from the photos given (and their "
                 "mirrors); 0 = as many as photos given. Costs that many UNet passes per step"})
