@@ -18,7 +18,7 @@ DEFAULT_SCHEDULE = {
     "dreambooth": (1000, 5e-6),
     "textual-inversion": (3000, 5e-4),
     "lora": (500, 1e-4),
-    "lidb": (400, 1e-3),
+    "lidb": (400, 3e-3),  # measured on the face world: eval_v2/DIAGNOSIS.md section 9
 }
 #: One setting per method that its own `__post_init__` must reject.
 BAD_SETTING = {
