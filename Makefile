@@ -107,8 +107,9 @@ bench: setup
 #                    HyperDreamBooth from 3 photos, and the controls (the mean adapter alone and
 #                    HyperDreamBooth from it) on all 55; LiDB (400 steps, lr 3e-3) on the first
 #                    $(FAST_PEOPLE); LoRA, DreamBooth (400) and Textual Inversion (500) on
-#                    $(SLOW_PEOPLE) (~3.5 h of cells summed, one process of 1 thread; split
-#                    conditions over two processes with the same --inputs 3 to use both cores)
+#                    $(SLOW_PEOPLE) (the report's cells sum to 6.1 h, computed with up to 8
+#                    processes sharing the 2 cores; ~3.5 h alone. Split conditions over two
+#                    processes with the same --out and --inputs 3 to use both cores)
 #                    The variants of eval_v2/REPORT.md (lr 1e-3, seeds 0..9) run when added:
 #                    EVAL_CONDITIONS="$(EVAL_CONDITIONS),$(EVAL_VARIANTS)"                 ~3.5 h
 LFW ?= ../shared/data/faces/lfw/identities.csv
