@@ -117,6 +117,7 @@ CALTECH ?= ../shared/data/faces/caltech/identities.csv
 CORPUS ?= runs/corpus_v2
 FACE_WORLD ?= runs/face_world_v2
 FACE_WORLD_STEPS ?= 2500
+FACE_WORLD_WIDTH ?= 64
 FACE_HYPERNET ?= runs/face_world_v2_hypernet
 STAGE1_IDENTITIES ?= 500
 HYPERNET_CONDITION ?= identity
@@ -139,7 +140,7 @@ eval-corpus: setup
 		--part lfw=$(LFW) --holdout lfw=48:5 --part caltech=$(CALTECH) --holdout caltech=7:3
 eval-face-world: eval-corpus
 	nice -n 19 $(PY) -m hdb.cli base train-face-world --corpus $(CORPUS)/identities.csv \
-		--split $(CORPUS)/split.json --out $(FACE_WORLD) --steps $(FACE_WORLD_STEPS) --threads 2 \
+		--split $(CORPUS)/split.json --out $(FACE_WORLD) --steps $(FACE_WORLD_STEPS) --width $(FACE_WORLD_WIDTH) --threads 2 \
 		--export-every 500 --detector center --margins 0.5 --max-photos 2 --no-mirror --resume
 # stage 1 reads only the face world's train_identities.csv: no held-out person reaches pretraining
 eval-pretrain: eval-face-world
