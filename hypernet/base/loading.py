@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import diffusers
@@ -26,6 +27,14 @@ log = logging.getLogger(__name__)
 # Never reach a hub: every load below also passes local_files_only=True.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+#: Serialises model loads in this process. diffusers builds each model under accelerate's
+#: `init_empty_weights`, which swaps `torch.nn.Module.register_parameter` for the whole process,
+#: not per thread. Two loads at once (the service loads its base in a background thread; tests
+#: and the CLI load in the main one) can each restore the other's patch and leave it installed:
+#: from then on every module built anywhere in the process gets meta-device parameters
+#: ("Cannot copy out of meta tensor"). Every `from_pretrained` of a model holds this lock.
+MODEL_LOAD_LOCK = threading.RLock()
 
 _NO_SAFETY = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -104,7 +113,8 @@ def load_pipeline(
         index = _read_model_index(path)
         _import_own_components(index)
         cls, extra = _pipeline_class(arch_from_model_index(index, source=str(path / "model_index.json")))
-        pipe = cls.from_pretrained(str(path), dtype=dt, local_files_only=True, **extra)
+        with MODEL_LOAD_LOCK:
+            pipe = cls.from_pretrained(str(path), dtype=dt, local_files_only=True, **extra)
     elif path.suffix == ".safetensors":
         if config_dir is None or not Path(config_dir).is_dir():
             raise InvalidInputError(
@@ -113,7 +123,9 @@ def load_pipeline(
             )
         index = _read_model_index(Path(config_dir))
         cls, extra = _pipeline_class(arch_from_model_index(index, source=str(Path(config_dir) / "model_index.json")))
-        pipe = cls.from_single_file(str(path), config=str(config_dir), dtype=dt, local_files_only=True, **extra)
+        with MODEL_LOAD_LOCK:
+            pipe = cls.from_single_file(str(path), config=str(config_dir), dtype=dt, local_files_only=True,
+                                        **extra)
     else:
         raise InvalidInputError(f"`base` must be a directory or a .safetensors file, got {str(path)!r}")
     pipe = pipe.to(dev)

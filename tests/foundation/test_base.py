@@ -95,3 +95,36 @@ def test_fingerprint_tracks_weights_not_dtype(tmp_path, tiny_base_dir):
     b = load_pipeline(make_tiny_pipeline(tmp_path / "s1", seed=1), device="cpu")
     assert base_fingerprint(a) != base_fingerprint(b)
     assert base_fingerprint(a) == base_fingerprint(load_pipeline(tiny_base_dir, device="cpu", dtype="bf16"))
+
+
+def test_loads_in_several_threads_at_once_leave_torch_unpatched(tiny_base_dir):
+    """Regression: diffusers loads under accelerate's `init_empty_weights`, which swaps
+    `nn.Module.register_parameter` process-wide. Four threads loading at once restored each
+    other's patch and left it installed, so every module built afterwards, in any thread, got
+    meta-device parameters (CI then failed 154 unrelated tests). `load_pipeline` serialises loads."""
+    import threading
+
+    original = torch.nn.Module.register_parameter
+    pipes, errors = [], []
+
+    def load():
+        try:
+            pipes.append(load_pipeline(tiny_base_dir, device="cpu", dtype="fp32"))
+        except Exception as e:  # collected: an assert in a thread would not fail the test
+            errors.append(e)
+
+    for _ in range(2):
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    try:
+        assert errors == []
+        assert torch.nn.Module.register_parameter is original
+        assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+        assert len(pipes) == 8
+        for pipe in pipes:
+            assert {p.device.type for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()} == {"cpu"}
+    finally:  # never let a leak from this test break the rest of the session
+        torch.nn.Module.register_parameter = original

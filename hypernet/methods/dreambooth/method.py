@@ -17,6 +17,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
 from hypernet.base import base_fingerprint
+from hypernet.base.loading import MODEL_LOAD_LOCK
 from hypernet.errors import IncompatibleAdapterError, InvalidInputError, ModelNotFoundError
 from hypernet.methods._common import TrainCall, config_json, dir_size, personaliser, pipe_resolution
 from hypernet.methods.base import HDB_META_FILE
@@ -155,10 +156,11 @@ class DreamBoothArtifact:
             raise ModelNotFoundError(f"{path} must be a diffusers pipeline directory with model_index.json")
         meta_file = path / HDB_META_FILE
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True)
-        te = None
-        if meta.get("train_text_encoder", not meta):
-            te = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
+        with MODEL_LOAD_LOCK:  # diffusers' loading patches torch.nn.Module process-wide
+            unet = UNet2DConditionModel.from_pretrained(str(path / "unet"), local_files_only=True)
+            te = None
+            if meta.get("train_text_encoder", not meta):
+                te = CLIPTextModel.from_pretrained(str(path / "text_encoder"), local_files_only=True)
         for m in (unet, te):
             if m is not None:
                 m.requires_grad_(False).eval()
