@@ -121,6 +121,8 @@ def personalize(
     pred = _predict(runtime, pixels, faces, cfg.combine)  # (L, r, a), (L, b, r)
     if cfg.init == "zero":
         pred = {k: torch.zeros_like(v) for k, v in pred.items()}
+    elif cfg.prediction_scale != 1:
+        pred = scale_prediction(pred, cfg.prediction_scale)
     timings["hypernetwork"] = time.perf_counter() - t
     _check_stop(should_stop)
 
@@ -173,6 +175,15 @@ def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, faces: torch.Tensor
                 for k, v in runtime.predict(pixels, faces=faces).items()}
     tokens = runtime.encode(pixels, faces=faces)  # (K, T, d)
     return {k: v[0] for k, v in runtime.decode(tokens.mean(0, keepdim=True)).items()}
+
+
+def scale_prediction(pred: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """LiDB weights whose delta_W is `scale` times `pred`'s: delta_W is bilinear in A_train and
+    B_train, so both factors take sqrt(scale), which keeps them balanced for the fine-tune."""
+    if scale < 0:
+        raise InvalidInputError(f"`scale` must be >= 0, got {scale!r}")
+    f = float(scale) ** 0.5
+    return {k: v * f for k, v in pred.items()}
 
 
 def finetune(

@@ -36,6 +36,10 @@ class PersonalizeConfig:
         "help": "AdamW learning rate of the fine-tune. 1e-2 scored best of 1e-3, 3e-3, 1e-2 and 3e-2 for "
                 "HyperDreamBooth on 24 held-out people on the face world, on both face metrics "
                 "(benchmarks/results/eval_v2/DIAGNOSIS.md section 9); unmeasured on SD-scale bases"})
+    prediction_scale: float = field(default=1.0, metadata={
+        "help": "multiplies the hypernetwork's predicted delta_W before the fine-tune (both LiDB factors by "
+                "its square root). A prediction trained by regression onto per-photo targets is shrunk "
+                "towards their mean; > 1 undoes some of that. 1 = the prediction as trained"})
     batch_size: int = field(default=1, metadata={
         "help": "photos per fine-tune step, drawn with replacement from the photos given (and their "
                 "mirrors); 0 = as many as photos given. Costs that many UNet passes per step"})
@@ -67,6 +71,8 @@ class PersonalizeConfig:
         _check_int(self, "finetune_photos", 0, MAX_PHOTOS)
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
+        if not (isinstance(self.prediction_scale, (int, float)) and 0 <= self.prediction_scale <= 100):
+            raise InvalidInputError(f"`prediction_scale` must be a number in [0, 100], got {self.prediction_scale!r}")
         if self.init not in ("hypernetwork", "zero"):
             raise InvalidInputError(f"`init` must be 'hypernetwork' or 'zero', got {self.init!r}")
         if self.combine not in COMBINE_MODES:

@@ -59,6 +59,22 @@ def test_steps_zero_is_hypernetwork_only_and_changes_images(tiny_pipe, tiny_hype
     assert np.abs(np.asarray(base, dtype=int) - np.asarray(mine, dtype=int)).max() > 0
 
 
+def test_prediction_scale_multiplies_the_predicted_delta(tiny_pipe, tiny_hypernet):
+    """`prediction_scale` s: the hypernetwork-only identity's delta_W (B_train @ A_train per layer)
+    is s times the plain prediction's, with both factors scaled alike (sqrt(s) each)."""
+    plain = personalize(tiny_pipe, _photo_bytes(2), hypernet=tiny_hypernet, steps=0, detector="center")
+    scaled = personalize(tiny_pipe, _photo_bytes(2), hypernet=tiny_hypernet, steps=0, detector="center",
+                         prediction_scale=4.0)
+    delta = {name: i.lidb["B_train"] @ i.lidb["A_train"] for name, i in (("plain", plain), ("scaled", scaled))}
+    assert delta["plain"].abs().max() > 0
+    torch.testing.assert_close(delta["scaled"], 4.0 * delta["plain"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(scaled.lidb["A_train"], 2.0 * plain.lidb["A_train"], rtol=1e-5, atol=1e-7)
+    assert _clean(tiny_pipe)
+    for bad in (-1, 101, "2"):
+        with pytest.raises(InvalidInputError, match="`prediction_scale`"):
+            PersonalizeConfig(prediction_scale=bad)
+
+
 def test_cancellation_stops_and_keeps_nothing(tiny_pipe, tiny_hypernet):
     seen = []
 
