@@ -121,8 +121,10 @@ def personalize(
     pred = _predict(runtime, pixels, faces, cfg.combine)  # (L, r, a), (L, b, r)
     if cfg.init == "zero":
         pred = {k: torch.zeros_like(v) for k, v in pred.items()}
-    elif cfg.prediction_scale != 1:
-        pred = scale_prediction(pred, cfg.prediction_scale)
+    else:
+        scale = runtime.prediction_scale if cfg.prediction_scale is None else cfg.prediction_scale
+        if scale != 1:
+            pred = scale_prediction(pred, scale)
     timings["hypernetwork"] = time.perf_counter() - t
     _check_stop(should_stop)
 

@@ -18,7 +18,15 @@ RELAX_MODES = ("lora", "subspace")
 #: 40 MP: above any phone camera (~12-50 MP photos are downscaled by the apps that send them).
 DEFAULT_MAX_PIXELS = 40_000_000
 
-__all__ = ["COMBINE_MODES", "DEFAULT_MAX_PIXELS", "MAX_PHOTOS", "RELAX_MODES", "PersonalizeConfig"]
+__all__ = ["COMBINE_MODES", "DEFAULT_MAX_PIXELS", "MAX_PHOTOS", "RELAX_MODES", "PersonalizeConfig",
+           "check_prediction_scale"]
+
+
+def check_prediction_scale(scale) -> float:
+    """Raises InvalidInputError unless `scale` is a finite number in [0, 100]."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 100:
+        raise InvalidInputError(f"`prediction_scale` must be a number in [0, 100], got {scale!r}")
+    return float(scale)
 
 
 @dataclass
@@ -36,10 +44,11 @@ class PersonalizeConfig:
         "help": "AdamW learning rate of the fine-tune. 1e-2 scored best of 1e-3, 3e-3, 1e-2 and 3e-2 for "
                 "HyperDreamBooth on 24 held-out people on the face world, on both face metrics "
                 "(benchmarks/results/eval_v2/DIAGNOSIS.md section 9); unmeasured on SD-scale bases"})
-    prediction_scale: float = field(default=1.0, metadata={
+    prediction_scale: float | None = field(default=None, metadata={
         "help": "multiplies the hypernetwork's predicted delta_W before the fine-tune (both LiDB factors by "
                 "its square root). A prediction trained by regression onto per-photo targets is shrunk "
-                "towards their mean; > 1 undoes some of that. 1 = the prediction as trained"})
+                "towards their mean; > 1 undoes some of that. None = the hypernetwork's own, calibrated "
+                "on held-out people and stored in its file at export (1 for files without one)"})
     batch_size: int = field(default=1, metadata={
         "help": "photos per fine-tune step, drawn with replacement from the photos given (and their "
                 "mirrors); 0 = as many as photos given. Costs that many UNet passes per step"})
@@ -71,8 +80,8 @@ class PersonalizeConfig:
         _check_int(self, "finetune_photos", 0, MAX_PHOTOS)
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
-        if not (isinstance(self.prediction_scale, (int, float)) and 0 <= self.prediction_scale <= 100):
-            raise InvalidInputError(f"`prediction_scale` must be a number in [0, 100], got {self.prediction_scale!r}")
+        if self.prediction_scale is not None:
+            check_prediction_scale(self.prediction_scale)
         if self.init not in ("hypernetwork", "zero"):
             raise InvalidInputError(f"`init` must be 'hypernetwork' or 'zero', got {self.init!r}")
         if self.combine not in COMBINE_MODES:

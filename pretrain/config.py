@@ -159,6 +159,10 @@ class ExportConfig:
     opset: int = field(default=18, metadata={"help": "ONNX opset"})
     max_abs_diff: float = field(default=1e-4, metadata={"help": "fail if ONNX and torch differ more"})
     check_batch: int = field(default=3, metadata={"help": "batch used for the ONNX-vs-torch check"})
+    prediction_scale: float = field(default=1.0, metadata={
+        "help": "written into both files: what `personalize` multiplies the predicted delta_W by unless "
+                "told otherwise (the prediction is shrunk towards the mean target; calibrate it on held-out "
+                "people with `hdb eval --override hypernetwork.prediction_scale=S`)"})
 
 
 @dataclass

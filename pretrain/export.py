@@ -16,7 +16,7 @@ import torch
 
 from hypernet.errors import EnvironmentProblem
 from hypernet.files import atomic_write_bytes
-from hypernet.hypernetwork.export import ONNX_NAME, SAFETENSORS_NAME, export_onnx, load_hypernet
+from hypernet.hypernetwork.export import ONNX_NAME, SAFETENSORS_NAME, export_onnx, load_hypernet, save_hypernet
 from pretrain.cache import PreparedData
 from pretrain.context import RunContext
 from pretrain.distributed import barrier
@@ -37,12 +37,17 @@ def run_export(ctx: RunContext) -> None:
 def export_files(ctx: RunContext, src: Path, out: Path) -> None:
     """The hypernetwork file `src` as `out/hypernet.safetensors` (+ ONNX, cross-checked) and report.json."""
     cfg = ctx.cfg.export
-    if src.resolve() != (out / SAFETENSORS_NAME).resolve():
-        atomic_write_bytes(out / SAFETENSORS_NAME, src.read_bytes())
+    model, info = load_hypernet(src)
+    if info.prediction_scale != cfg.prediction_scale or src.resolve() != (out / SAFETENSORS_NAME).resolve():
+        own = info.to_metadata()
+        extra = {k: v for k, v in info.metadata.items() if k not in own}  # e.g. the control's key
+        info.prediction_scale = cfg.prediction_scale
+        save_hypernet(out / SAFETENSORS_NAME, model, info, extra_meta=extra)
     model, info = load_hypernet(out / SAFETENSORS_NAME)  # proves it loads from the file alone
     report = {"safetensors": SAFETENSORS_NAME, "bytes": (out / SAFETENSORS_NAME).stat().st_size,
               "base_fingerprint": info.base_fingerprint, "resolution": info.resolution,
-              "layers": len(info.layers), "config": json.loads(info.config.to_json())}
+              "layers": len(info.layers), "config": json.loads(info.config.to_json()),
+              "prediction_scale": info.prediction_scale}
     if cfg.onnx:
         export_onnx(model, info, out / ONNX_NAME, opset=cfg.opset, exporter=cfg.exporter)
         pixels = _check_pixels(ctx, cfg.check_batch, info.resolution)

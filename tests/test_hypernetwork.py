@@ -171,6 +171,40 @@ def test_safetensors_round_trip_carries_config_and_base(tmp_path):
         read_info(tmp_path / "lora.safetensors")
 
 
+def test_prediction_scale_travels_in_both_files_and_defaults_to_one(tmp_path):
+    """The calibrated scale is part of what a hypernetwork file says about itself: written by
+    `save_hypernet` and `export_onnx`, read back by `read_info`; older files without it read as 1."""
+    import json
+
+    cfg = small_cfg()
+    model = HyperNetwork(cfg).eval()
+    info = info_for(cfg)
+    info.prediction_scale = 2.5
+    save_hypernet(tmp_path / "h.safetensors", model, info)
+    export_onnx(model, info, tmp_path / "h.onnx")
+    assert read_info(tmp_path / "h.safetensors").prediction_scale == 2.5
+    assert read_info(tmp_path / "h.onnx").prediction_scale == 2.5
+
+    meta = info_for(cfg).to_metadata()
+    del meta["prediction_scale"]  # a file written before the key existed
+    from safetensors.torch import save as st_save
+
+    (tmp_path / "old.safetensors").write_bytes(st_save({"x": torch.zeros(1)}, metadata=meta))
+    assert read_info(tmp_path / "old.safetensors").prediction_scale == 1.0
+    for bad in ("nan", "-1", "x"):
+        raw = bytearray((tmp_path / "h.safetensors").read_bytes())
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        header["__metadata__"]["prediction_scale"] = bad
+        body = json.dumps(header).encode()
+        (tmp_path / "bad.safetensors").write_bytes(len(body).to_bytes(8, "little") + body + raw[8 + n:])
+        with pytest.raises(InvalidInputError, match="prediction_scale"):
+            read_info(tmp_path / "bad.safetensors")
+    info.prediction_scale = 101
+    with pytest.raises(InvalidInputError, match="`prediction_scale` must be"):
+        save_hypernet(tmp_path / "too_big.safetensors", model, info)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """A small trained-looking model exported to a folder with both files."""

@@ -31,6 +31,7 @@ from hypernet.errors import IncompatibleAdapterError, InvalidInputError, ModelNo
 from hypernet.files import atomic_write_bytes
 from hypernet.hypernetwork.config import HypernetConfig
 from hypernet.hypernetwork.model import HyperNetwork
+from hypernet.personalize_config import check_prediction_scale
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,16 @@ class HypernetInfo:
     #: The base family it predicts for (`hypernet.base.arch.ARCHS`). Files written before other
     #: families existed lack the key: they were all trained on SD 1.x/2.x.
     arch: str = "sd15"
+    #: How much `personalize` multiplies the predicted delta_W by, unless told otherwise. A
+    #: hypernetwork trained by regression onto per-photo stage-1 targets predicts their
+    #: conditional mean, shrunk towards the average adapter; the scale that scores best on
+    #: held-out people is a property of the trained network, so it travels in its file
+    #: (`hdb pretrain export --set export.prediction_scale=S`). Files without the key: 1.
+    prediction_scale: float = 1.0
 
     def to_metadata(self) -> dict[str, str]:
-        extra = {"config": self.config.to_json(), "resolution": str(self.resolution), "arch": self.arch}
+        extra = {"config": self.config.to_json(), "resolution": str(self.resolution), "arch": self.arch,
+                 "prediction_scale": repr(float(self.prediction_scale))}
         return encode_metadata(self.spec, self.layers, self.base_fingerprint, fmt=FORMAT, extra=extra)
 
     @classmethod
@@ -74,6 +82,7 @@ class HypernetInfo:
             resolution=int(meta["resolution"]),
             metadata=dict(meta),
             arch=meta.get("arch", "sd15"),
+            prediction_scale=_scale_of(meta, source),
         )
 
     def check(self) -> None:
@@ -81,6 +90,7 @@ class HypernetInfo:
 
         if self.arch not in ARCHS:
             raise InvalidInputError(f"hypernetwork `arch` must be one of {ARCHS}, got {self.arch!r}")
+        check_prediction_scale(self.prediction_scale)
         c = self.config
         if (c.num_layers, c.a, c.b, c.r) != (len(self.layers), self.spec.a, self.spec.b, self.spec.r):
             raise InvalidInputError(
@@ -88,6 +98,14 @@ class HypernetInfo:
                 f"a={self.spec.a}, b={self.spec.b}, r={self.spec.r}), got L={c.num_layers}, "
                 f"a={c.a}, b={c.b}, r={c.r}"
             )
+
+
+def _scale_of(meta: dict[str, str], source: str) -> float:
+    raw = meta.get("prediction_scale", "1.0")
+    try:
+        return check_prediction_scale(float(raw))
+    except (ValueError, InvalidInputError) as e:
+        raise InvalidInputError(f"{source} must have a `prediction_scale` number in [0, 100], got {raw!r}") from e
 
 
 def save_hypernet(path: str | Path, model: HyperNetwork, info: HypernetInfo,

@@ -77,6 +77,11 @@ class HypernetRuntime:
         return self.info.config
 
     @property
+    def prediction_scale(self) -> float:
+        """The scale `personalize` applies to this network's predictions by default (its file's)."""
+        return self.info.prediction_scale
+
+    @property
     def needs_faces(self) -> bool:
         """True for an identity-conditioned hypernetwork: `predict` uses aligned faces."""
         return self.info.config.uses_identity

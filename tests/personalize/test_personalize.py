@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,9 +71,32 @@ def test_prediction_scale_multiplies_the_predicted_delta(tiny_pipe, tiny_hyperne
     torch.testing.assert_close(delta["scaled"], 4.0 * delta["plain"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(scaled.lidb["A_train"], 2.0 * plain.lidb["A_train"], rtol=1e-5, atol=1e-7)
     assert _clean(tiny_pipe)
-    for bad in (-1, 101, "2"):
+    for bad in (-1, 101, "2", float("nan")):
         with pytest.raises(InvalidInputError, match="`prediction_scale`"):
             PersonalizeConfig(prediction_scale=bad)
+
+
+def test_the_hypernetwork_files_own_prediction_scale_is_the_default(tmp_path, tiny_pipe, tiny_hypernet):
+    """A hypernetwork exported with prediction_scale 4 predicts 4x the delta by default; an
+    explicit `prediction_scale` wins over the file's."""
+    from hypernet.hypernetwork.export import load_hypernet, read_info, save_hypernet
+    from hypernet.personalize import load_runtime
+
+    src = next(Path(tiny_hypernet).glob("*.safetensors")) if Path(tiny_hypernet).is_dir() else Path(tiny_hypernet)
+    model, info = load_hypernet(src)
+    assert info.prediction_scale == 1.0
+    info.prediction_scale = 4.0
+    save_hypernet(tmp_path / "hypernet.safetensors", model, info)
+    assert read_info(tmp_path / "hypernet.safetensors").prediction_scale == 4.0
+
+    def delta(hypernet, **kw):
+        i = personalize(tiny_pipe, _photo_bytes(3), hypernet=hypernet, steps=0, detector="center", **kw)
+        return i.lidb["B_train"] @ i.lidb["A_train"]
+
+    plain = delta(load_runtime(str(src), backend="torch"))
+    scaled = load_runtime(str(tmp_path / "hypernet.safetensors"), backend="torch")
+    torch.testing.assert_close(delta(scaled), 4.0 * plain, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(delta(scaled, prediction_scale=1.0), plain, rtol=1e-5, atol=1e-7)
 
 
 def test_cancellation_stops_and_keeps_nothing(tiny_pipe, tiny_hypernet):
@@ -131,3 +155,24 @@ def test_prediction_start_beats_zero_start(faces_dir, default_hypernet):
         losses[init] = paired_diffusion_loss(pipe, data.latents, data.text_emb, draws=64)
         ident.remove(pipe)
     assert losses["hypernetwork"] < losses["zero"], losses
+
+
+def test_cli_prediction_scale_flag(tiny_base_dir, tiny_hypernet, tmp_path, capsys):
+    """`hdb personalize --prediction-scale 4 --steps 0` saves 4x the plain prediction's delta;
+    an out-of-range value exits non-zero and says what is wrong."""
+    from hdb.cli import main
+    from hypernet.identity import Identity
+
+    photo = tmp_path / "me.jpg"
+    photo.write_bytes(_photo_bytes(4))
+    common = [str(photo), "--base", str(tiny_base_dir), "--hypernet", str(tiny_hypernet), "--steps", "0",
+              "--detector", "center", "--device", "cpu"]
+    deltas = []
+    for name, extra in (("plain", []), ("scaled", ["--prediction-scale", "4"])):
+        assert main(["personalize", *common, "--out", str(tmp_path / f"{name}.safetensors"), *extra]) == 0
+        ident = Identity.load(tmp_path / f"{name}.safetensors")
+        deltas.append(ident.lidb["B_train"] @ ident.lidb["A_train"])
+    torch.testing.assert_close(deltas[1], 4.0 * deltas[0], rtol=1e-5, atol=1e-7)
+    capsys.readouterr()
+    assert main(["personalize", *common, "--out", str(tmp_path / "bad.safetensors"), "--prediction-scale", "-2"]) != 0
+    assert "`prediction_scale` must be a number in [0, 100], got -2.0" in capsys.readouterr().err

@@ -85,6 +85,17 @@ def test_identity_pipeline_caches_embeddings_once_and_exports(tmp_path, tiny_bas
     rt = HypernetRuntime.load(tmp_path / "export", backend="onnx")
     pred = rt.predict(data.pixels(idx["rows"]), faces=torch.zeros(2, 3, 112, 112))
     assert pred["A_train"].shape[0] == 2
+    # the calibrated prediction scale: re-exported into both files (the weights are untouched)
+    from hypernet.hypernetwork.export import read_info
+
+    assert read_info(tmp_path / "export" / "hypernet.onnx").prediction_scale == 1.0
+    run_stages(None, tmp_path, ["export"], [*ov, "export.prediction_scale=2.5"], distributed=False)
+    for name in ("hypernet.safetensors", "hypernet.onnx"):
+        assert read_info(tmp_path / "export" / name).prediction_scale == 2.5
+    assert json.loads((tmp_path / "export" / "report.json").read_text())["prediction_scale"] == 2.5
+    again = HypernetRuntime.load(tmp_path / "export", backend="onnx")
+    assert again.prediction_scale == 2.5
+    torch.testing.assert_close(again.predict(data.pixels(idx["rows"]), faces=torch.zeros(2, 3, 112, 112)), pred)
     _check_mean_adapter(tmp_path, ov, data)
 
 
@@ -115,6 +126,13 @@ def _check_mean_adapter(run, ov, data):
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == mtimes
     run_stages(None, run, ["mean-adapter"], [*ov, "stage2.seed=1"], distributed=False)
     assert (out / "hypernet.safetensors").stat().st_mtime_ns != mtimes["hypernet.safetensors"]
+    # the control takes the same calibrated scale as the hypernetwork it controls for, and keeps its key
+    from hypernet.hypernetwork.export import read_info
+
+    run_stages(None, run, ["mean-adapter"], [*ov, "export.prediction_scale=2.5"], distributed=False)
+    info = read_info(out / "hypernet.safetensors")
+    assert info.prediction_scale == read_info(out / "hypernet.onnx").prediction_scale == 2.5
+    assert info.metadata["control"] == "mean_adapter" and info.metadata["control_key"]
 
 
 def _val_targets(run):
