@@ -208,6 +208,9 @@ class Cell:
     nbytes: int
     key: str = ""
     wall_seconds: float = 0.0  # personalisation + generation + scoring
+    #: The references its scores were computed against (`Evaluation.references_key`): a cell
+    #: scored against others is rescored from its saved images, never retrained.
+    refs: str = ""
 
     @classmethod
     def from_json(cls, d: dict) -> Cell:
@@ -242,7 +245,7 @@ class Evaluation:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.corpus: FaceCorpus = read_manifest(cfg.corpus)
-        self.eval_ids, self.train_ids = self._choose_identities()
+        self.eval_ids, self.train_ids, self.heldout_ids = self._choose_identities()
         self.pipe = load_pipeline(cfg.base, device=cfg.device)
         self.resolution = int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
         self.runtime = self.control_runtime = None
@@ -276,7 +279,10 @@ class Evaluation:
             return self.base_id + "|" + self.control_id
         return self.base_id + ("|" + self.hypernet_id if needs_hypernet((condition,)) else "")
 
-    def _choose_identities(self) -> tuple[list[str], list[str]]:
+    def _choose_identities(self) -> tuple[list[str], list[str], list[str]]:
+        """(the evaluated people, the training people, every held-out person): with a split, the
+        margin compares against all held-out people whatever `identities` evaluates, so a run on
+        the first 24 scores a cell exactly as a run on all 55 does."""
         split_file = self.cfg.base / "split.json"
         if split_file.is_file():
             split = IdentitySplit.load(split_file)
@@ -289,23 +295,26 @@ class Evaluation:
                         "known to be held out from the base's training", self.cfg.base)
             held, train = [i for i in self.corpus.identities if len(self.corpus.photos[i]) >= 3], []
         held = interleave_parts([i for i in held if len(self.corpus.photos[i]) >= self.cfg.inputs + 1])
-        if self.cfg.identities is not None:
-            held = held[: self.cfg.identities]
-        if not held:
+        evaluated = held if self.cfg.identities is None else held[: self.cfg.identities]
+        if not evaluated:
             raise InvalidInputError(f"`corpus` must have at least one held-out identity with >= "
                                     f"{self.cfg.inputs + 1} photos, got none")
-        return held, train
+        # Without a split every person with enough photos is a candidate: compare against the
+        # evaluated ones only (embedding a whole corpus's references would take hours).
+        return evaluated, train, (held if split_file.is_file() else evaluated)
 
     def _comparison_ids(self) -> list[str]:
-        """The people the margin compares against: every held-out one, plus per part a seeded sample of
-        `other_train_ids` others (a merged corpus holds thousands: embedding them all would take hours)."""
-        rest = [i for i in self.corpus.identities if i not in self.eval_ids]
+        """The people the margin compares against: every held-out one (evaluated or not), plus per
+        part a seeded sample of `other_train_ids` others (a merged corpus holds thousands: embedding
+        them all would take hours)."""
+        held = set(self.heldout_ids)
+        rest = [i for i in self.corpus.identities if i not in held]
         by_part: dict[str, list[str]] = {}
         for i in rest:
             by_part.setdefault(part_of(i), []).append(i)
         rng = random.Random(self.cfg.seed)
         sample = [i for ids in by_part.values() for i in rng.sample(ids, min(self.cfg.other_train_ids, len(ids)))]
-        return self.eval_ids + sorted(sample, key=rest.index)
+        return self.heldout_ids + sorted(sample, key=rest.index)
 
     @torch.no_grad()
     def _setup_references(self) -> None:
@@ -316,11 +325,16 @@ class Evaluation:
         cache = dict(np.load(cache_file)) if cache_file.is_file() else {}
         self.cfg.out.mkdir(parents=True, exist_ok=True)
         new = 0
+        comparison = self._comparison_ids()
+        held = set(self.heldout_ids)
+        self.references_key = hashlib.sha256(json.dumps(
+            [comparison, self.cfg.inputs, self.cfg.other_photos_per_id, self.resolution, self.cfg.detector]
+        ).encode()).hexdigest()[:16]
         self.ref_emb: dict[str, dict[str, np.ndarray]] = {m: {} for m in self.cfg.metrics}  # metric -> id -> (n, D)
         self.ref_pixels: dict[str, torch.Tensor] = {}
-        for ident in self._comparison_ids():
+        for ident in comparison:
             photos = self.corpus.photos[ident]
-            refs = photos[self.cfg.inputs:] if ident in self.eval_ids else photos[: self.cfg.other_photos_per_id]
+            refs = photos[self.cfg.inputs:] if ident in held else photos[: self.cfg.other_photos_per_id]
             pix = [preprocess(decode_image(p), self.resolution, detector=self.cfg.detector) for p in refs]  # (3, R, R)
             for m, embedder in self.embedders.items():
                 embs = []
@@ -383,7 +397,7 @@ class Evaluation:
         if cell_file.is_file():
             cached = Cell.from_json(json.loads(cell_file.read_text()))
             if cached.key == key:
-                return self._rescore_missing(cached, folder / ident)
+                return self._rescore(cached, folder / ident)
         t0 = time.perf_counter()
         photos = self.corpus.photos[ident][: input_photos(condition)]
         runtime = self.control_runtime if condition in CONTROLS else self.runtime
@@ -393,7 +407,8 @@ class Evaluation:
         images = self._generate(done.artifact, ident)
         loss = self._heldout_loss(done.artifact, ident)
         scores = self._score_all(images, ident, cfg.metrics)
-        cell = Cell(condition, ident, scores, loss, done.seconds, done.nbytes, key, time.perf_counter() - t0)
+        cell = Cell(condition, ident, scores, loss, done.seconds, done.nbytes, key, time.perf_counter() - t0,
+                    self.references_key)
         (folder / ident).mkdir(parents=True, exist_ok=True)
         first = first_sample_seed(cfg.seed, ident, cfg.sample_seeds)
         for i, im in enumerate(images):
@@ -404,9 +419,12 @@ class Evaluation:
                            for m, s in scores.items()), loss, done.seconds, cell.wall_seconds)
         return cell
 
-    def _rescore_missing(self, cell: Cell, image_dir: Path) -> Cell:
-        """Add the scores of metrics the cached cell lacks, from its saved images (no retraining)."""
-        missing = [m for m in self.cfg.metrics if m not in cell.scores]
+    def _rescore(self, cell: Cell, image_dir: Path) -> Cell:
+        """From its saved images (no retraining): add the scores of metrics the cached cell lacks,
+        or rescore every metric when it was scored against other references (another corpus,
+        `--inputs`, or a cell from before the comparison set stopped depending on `--identities`)."""
+        stale = cell.refs != self.references_key
+        missing = list(self.cfg.metrics) if stale else [m for m in self.cfg.metrics if m not in cell.scores]
         if not missing:
             return cell
         first = first_sample_seed(self.cfg.seed, cell.identity, self.cfg.sample_seeds)
@@ -416,9 +434,11 @@ class Evaluation:
                                     f"with {missing}, got none in {str(image_dir)!r}: delete the cell to rerun it")
         images = [Image.open(f).convert("RGB") for f in files]
         cell.scores.update(self._score_all(images, cell.identity, missing))
+        cell.refs = self.references_key
         atomic_write_bytes(self.cfg.out / "cells" / cell.condition / f"{cell.identity}.json",
                            json.dumps(asdict(cell), indent=1).encode())
-        log.info("%s / identity %s: rescored with %s from its saved images", cell.condition, cell.identity, missing)
+        log.info("%s / identity %s: rescored with %s from its saved images%s", cell.condition, cell.identity,
+                 missing, " (other references)" if stale else "")
         return cell
 
     def _generate(self, artifact, ident: str) -> list[Image.Image]:

@@ -237,3 +237,49 @@ def test_caches_written_by_two_processes_sharing_out_stay_readable(tmp_path):
     emb = np.load(path)["emb"]
     assert emb.shape == (256, 512) and len(np.unique(emb)) == 1 and 0 <= emb[0, 0] < 8
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+@pytest.mark.needs_shared
+def test_margins_do_not_depend_on_how_many_people_a_run_evaluates(tiny_base_dir, faces_dir, tmp_path, one_thread):
+    """Regression: the margin compared against the *evaluated* held-out people, so a run on the
+    first 2 scored the same images differently from a run on all 3, and cells copied between
+    such runs (the key did not say) mixed two definitions. With a split, every held-out person is
+    compared against; a cell scored against other references is rescored from its saved images."""
+    import os
+
+    from hypernet.eval.corpus import IdentitySplit, read_manifest
+
+    corpus = read_manifest(faces_dir / "identities.csv")
+    ids = corpus.identities[:5]
+    (tmp_path / "faces.csv").write_text(
+        "\n".join(["file,identity"] + [f"{p},{i}" for i in ids for p in corpus.photos[i][:3]]) + "\n")
+    base = tmp_path / "base"
+    base.mkdir()
+    for entry in tiny_base_dir.iterdir():
+        os.symlink(entry, base / entry.name)
+    IdentitySplit(train=ids[3:], holdout=ids[:3], seed=0).save(base / "split.json")
+    common = ["--base", str(base), "--corpus", str(tmp_path / "faces.csv"), "--conditions", "base",
+              "--images-per-id", "1", "--gen-steps", "1", "--device", "cpu", "--threads", "1",
+              "--detector", "center", "--metrics", "dlib"]
+
+    def margins(out):
+        cells = json.loads((out / "results.json").read_text())["conditions"]["base"]["per_identity"]
+        return {i: c["scores"]["dlib"]["margin"] for i, c in cells.items()}
+
+    assert main(["eval", "--out", str(tmp_path / "two"), "--identities", "2", *common]) == 0
+    assert main(["eval", "--out", str(tmp_path / "three"), "--identities", "3", *common]) == 0
+    two, three = margins(tmp_path / "two"), margins(tmp_path / "three")
+    assert len(two) == 2 and len(three) == 3
+    for i, m in two.items():
+        assert three[i] == pytest.approx(m, abs=1e-6)
+
+    # a cell scored against other references: rescored from its image, not regenerated
+    cell_file = tmp_path / "three" / "cells" / "base" / f"{ids[0]}.json"
+    image = next((tmp_path / "three" / "cells" / "base" / ids[0]).glob("*.png"))
+    before = image.stat().st_mtime_ns
+    cell = json.loads(cell_file.read_text())
+    cell["refs"], cell["scores"]["dlib"]["margin"] = "other", 9.0
+    cell_file.write_text(json.dumps(cell))
+    assert main(["eval", "--out", str(tmp_path / "three"), "--identities", "3", *common]) == 0
+    assert margins(tmp_path / "three")[ids[0]] == pytest.approx(three[ids[0]], abs=1e-6)
+    assert json.loads(cell_file.read_text())["refs"] != "other" and image.stat().st_mtime_ns == before
