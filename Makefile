@@ -97,7 +97,8 @@ bench: setup
 #   eval-pretrain    prepare (latents + MobileFaceNet embeddings, MTCNN-aligned) + stage 1 on
 #                    $(STAGE1_IDENTITIES) training identities, batched (500 in 44 min on 2 ranks)
 #                    + stage 2 (identity condition, 300 steps, ~1.1 s/step: 2,000 over-fitted from
-#                    ~250 on) + ONNX export, then `probe` (seconds: can the face embedding predict
+#                    ~250 on) + ONNX export at the config's calibrated prediction_scale (3 for
+#                    face-world-cpu: DIAGNOSIS.md section 10), then `probe` (seconds: can the face embedding predict
 #                    the stage-1 targets at all? -> $(FACE_HYPERNET)/probe.json), then
 #                    `mean-adapter` (seconds: the control, one adapter for everyone, as a
 #                    hypernetwork export -> $(FACE_HYPERNET)/mean_adapter)                  ~1 h
@@ -127,7 +128,7 @@ PRETRAIN_SETS = --set base=$(FACE_WORLD) --set 'data.corpus=["$(FACE_WORLD)/trai
 	--set stage2.steps=$(STAGE2_STEPS)
 FAST_PEOPLE ?= 24
 SLOW_PEOPLE ?= 6
-EVAL_OUT ?= runs/eval_v3
+EVAL_OUT ?= runs/eval_v4
 EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,fast-finetune,hyperdreambooth,hyperdreambooth-3photos,\
 	mean-adapter,hyperdreambooth-mean-adapter,lidb,lora,dreambooth,textual-inversion
 EVAL_VARIANTS = hypernetwork-3photos-embedding,hyperdreambooth-3photos-ft1,hyperdreambooth-3photos-batch3,\
