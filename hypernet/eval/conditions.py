@@ -41,6 +41,7 @@ REAL_PHOTO = "real-photo"
 __all__ = [
     "ALL_CONDITIONS", "CONDITIONS", "CONTROLS", "EVAL_PROMPT_TEMPLATE", "REAL_PHOTO", "SLOW_CONDITIONS", "VARIANTS",
     "Personalised", "finetune_of", "input_photos", "needs_control", "needs_hypernet", "parse_overrides", "personalise",
+    "uses_prediction",
 ]
 
 CONDITIONS = (
@@ -86,6 +87,13 @@ class Personalised:
 def needs_hypernet(conditions) -> bool:
     """Whether any of `conditions` runs the trained hypernetwork (`EvalConfig.hypernet`)."""
     return any(VARIANTS.get(c, (c,))[0] in _HYPERNET_CONDITIONS for c in conditions)
+
+
+def uses_prediction(condition: str) -> bool:
+    """Whether `condition` uses the hypernetwork's *prediction*, not only its geometry (LiDB spec,
+    layers, input resolution): the fine-tunes from zero start at a zero prediction, so their cells
+    survive a retrained or re-exported hypernetwork of the same geometry."""
+    return needs_hypernet((condition,)) and VARIANTS.get(condition, (condition,))[0] != "fast-finetune"
 
 
 def needs_control(conditions) -> bool:

@@ -52,6 +52,7 @@ from hypernet.eval.conditions import (
     needs_control,
     needs_hypernet,
     personalise,
+    uses_prediction,
 )
 from hypernet.eval.corpus import FaceCorpus, IdentitySplit, interleave_parts, part_of, read_manifest
 from hypernet.eval.faces import FACE_METRICS, FaceMetric, cosine, load_face_metric
@@ -178,7 +179,8 @@ class EvalConfig:
         The hypernetwork is part of the key only for the conditions that use it, so the baselines'
         cells survive a retrained hypernetwork (and can be computed before it exists).
         """
-        hypernet = str(self.hypernet) if needs_hypernet((condition,)) else None
+        # The fine-tunes from zero depend only on the hypernetwork's geometry (in `models`), not its file.
+        hypernet = str(self.hypernet) if uses_prediction(condition) else None
         if condition in CONTROLS:
             hypernet = str(self.mean_adapter)
         d = dict(models=models, hypernet=hypernet, n=self.images_per_id, det=self.detector,
@@ -277,7 +279,19 @@ class Evaluation:
         """The weights a cell depends on: the base's fingerprint, plus the hypernetwork's if it uses one."""
         if condition in CONTROLS:
             return self.base_id + "|" + self.control_id
+        if needs_hypernet((condition,)) and not uses_prediction(condition):
+            return self.base_id + "|" + self.geometry_id
         return self.base_id + ("|" + self.hypernet_id if needs_hypernet((condition,)) else "")
+
+    @property
+    def geometry_id(self) -> str:
+        """What a fine-tune from zero takes from the hypernetwork: its LiDB spec, adapted layers and
+        input resolution ("" without one)."""
+        if self.runtime is None:
+            return ""
+        rt = self.runtime
+        return "geometry:" + hashlib.sha256(
+            json.dumps([rt.spec.to_json(), list(rt.layers), rt.resolution]).encode()).hexdigest()[:16]
 
     def _choose_identities(self) -> tuple[list[str], list[str], list[str]]:
         """(the evaluated people, the training people, every held-out person): with a split, the

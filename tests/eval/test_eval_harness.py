@@ -283,3 +283,46 @@ def test_margins_do_not_depend_on_how_many_people_a_run_evaluates(tiny_base_dir,
     assert main(["eval", "--out", str(tmp_path / "three"), "--identities", "3", *common]) == 0
     assert margins(tmp_path / "three")[ids[0]] == pytest.approx(three[ids[0]], abs=1e-6)
     assert json.loads(cell_file.read_text())["refs"] != "other" and image.stat().st_mtime_ns == before
+
+
+@pytest.mark.needs_shared
+def test_fine_tune_from_zero_cells_survive_a_re_exported_hypernetwork(tiny_pipe, tiny_base_dir, three_identities,
+                                                                     tmp_path, one_thread):
+    """The fine-tune from zero uses only the hypernetwork's geometry (spec, layers, resolution), so a
+    re-exported file (another prediction_scale, a retrained stage 2) reuses its cells while the
+    conditions that use the prediction rerun; another geometry reruns it too."""
+    import os
+
+    from hypernet.adapters import default_spec_for, lidb_layers
+    from hypernet.hypernetwork.export import read_info, save_hypernet
+    from hypernet.hypernetwork.model import HyperNetwork
+
+    hn = _random_hypernet(tiny_pipe, tmp_path / "hn")
+    out = tmp_path / "out"
+    argv = ["eval", "--base", str(tiny_base_dir), "--hypernet", str(hn), "--corpus", str(three_identities),
+            "--out", str(out), "--conditions", "fast-finetune,hypernetwork", "--identities", "1",
+            "--images-per-id", "1", "--gen-steps", "1", "--device", "cpu", "--threads", "1",
+            "--detector", "center", "--metrics", "dlib", "--override", "fast-finetune.steps=1"]
+    assert main(argv) == 0
+    ident = json.loads((out / "results.json").read_text())["identities"][0]
+
+    def stamp(cond):
+        return next((out / "cells" / cond / ident).glob("*.png")).stat().st_mtime_ns
+
+    ff, hn_cell = stamp("fast-finetune"), stamp("hypernetwork")
+    file = hn / "hypernet.safetensors"
+    st = file.stat()
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # "re-exported": same geometry, new file
+    assert main(argv) == 0
+    assert stamp("fast-finetune") == ff and stamp("hypernetwork") != hn_cell
+
+    # a hypernetwork of another geometry (the aux bases' seed), in another folder: the fine-tune from
+    # zero trains in other bases and reruns
+    info = read_info(file)
+    info.spec = default_spec_for(tiny_pipe, seed=info.spec.seed + 1)
+    assert lidb_layers(tiny_pipe, info.spec) == info.layers
+    (tmp_path / "hn2").mkdir()
+    save_hypernet(tmp_path / "hn2" / "hypernet.safetensors", HyperNetwork(info.config), info)
+    argv[argv.index("--hypernet") + 1] = str(tmp_path / "hn2")
+    assert main(argv) == 0
+    assert stamp("fast-finetune") != ff
