@@ -86,8 +86,9 @@ bench: setup
 # Identity quality on people no training stage saw (issue 14) -> $(EVAL_OUT)/REPORT.md: four stages,
 # each resumable (rerun `make eval` after a kill: finished work is skipped) and runnable alone
 # (`make eval-corpus`, `eval-face-world`, `eval-pretrain`, `eval-run`; each makes the ones before).
-# The defaults reproduce benchmarks/results/eval_v3/REPORT.md (30 Nov 2026: per-identity sampling
-# seeds, the fine-tune at its 1e-2 default); measured wall times on the 2 shared cores (other jobs
+# The defaults reproduce benchmarks/results/eval_v4/REPORT.md (30 Nov 2026: per-identity sampling
+# seeds, the fine-tune at its 1e-2 default, the prediction at face-world-cpu's calibrated scale 3);
+# measured wall times on the 2 shared cores (other jobs
 # running; idle is ~1.5x faster):
 #   eval-corpus      LFW + Caltech merged, 48 + 7 people held out ............ seconds
 #   eval-face-world  face world v2, 2,500 steps of batch 32 (~1.6 s/step) + encoding 7,283 photos

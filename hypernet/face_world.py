@@ -283,13 +283,15 @@ class FaceWorldTrainer:
             if self.step % 25 == 0:
                 rate = (time.time() - t0) / len(losses)
                 log.info("step %d/%d loss %.4f (%.2f s/step)", self.step, cfg.steps, np.mean(losses[-25:]), rate)
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            checkpoint = self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps
+            if checkpoint:
                 rate = (time.time() - t0) / len(losses)
                 self.history.append(dict(step=self.step, loss=float(np.mean(losses)), s_per_step=rate))
-                t0, losses = time.time(), []
-                self.save_checkpoint()
             if self.step % cfg.export_every == 0 or self.step == cfg.steps:
                 self.export()
+            if checkpoint:  # after the export, so that a resumed run keeps its detection rate
+                self.save_checkpoint()
+                t0, losses = time.time(), []
 
     def _loss_step(self) -> float:
         cfg = self.cfg

@@ -101,6 +101,8 @@ def test_train_face_world_smoke_exports_a_pipeline_and_resumes(small_corpus, tae
     assert main([*args, "--steps", "3"]) == 2
     assert main([*args, "--steps", "3", "--resume"]) == 0
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    # the record keeps the detection rate of the export the checkpoint was taken at (it used to be lost)
+    assert [d["step"] for d in json.loads((out / "face_world.json").read_text())["detections"]] == [2, 3]
     # ... and resumes exactly: weights, EMA and optimizer equal those of 3 uninterrupted steps
     straight = tmp_path / "straight"
     assert main(["base", "train-face-world", "--out", str(straight), *common, "--steps", "3"]) == 0
