@@ -253,12 +253,18 @@ def _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop) -> t
 def _train(pipe, params, pixels, cfg, progress, should_stop):
     pixels = pixels[: cfg.finetune_photos or len(pixels)]  # (K', 3, H, W): the photos the fine-tune sees
     data = build_train_data(pipe, pixels.to(pipe.vae.device, pipe.vae.dtype), cfg.prompt, flip=cfg.flip)
-    tcfg = TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, flip=cfg.flip, log_every=0,
-                       batch_size=cfg.batch_size or len(pixels), mixed_precision=cfg.mixed_precision)
+    tcfg = finetune_train_config(cfg, len(pixels))
     try:
         return train(pipe, params, data, tcfg, progress=progress, should_stop=should_stop, stage="finetune")
     except TrainingCancelled as e:
         raise Cancelled(str(e)) from e
+
+
+def finetune_train_config(cfg: PersonalizeConfig, num_photos: int) -> TrainConfig:
+    """The one training loop's settings for the fast fine-tune on `num_photos` photos; pretraining's
+    stage 2 trains through the same fine-tune (`stage2.finetune_steps`), so both read them here."""
+    return TrainConfig(steps=cfg.steps, lr=cfg.lr, seed=cfg.seed, flip=cfg.flip, log_every=0,
+                       batch_size=cfg.batch_size or num_photos, mixed_precision=cfg.mixed_precision)
 
 
 def _fast_finetune(pipe, spec, layers, pred, pixels, cfg, progress, should_stop):

@@ -124,6 +124,26 @@ class Stage2Config:
         "help": "take the diffusion loss on another photo of the person than the one the hypernetwork is "
                 "conditioned on (a random other one each step; the same photo for people with one): it "
                 "rewards what the photos share, the person, not pose, light and background"})
+    init: str | None = field(default=None, metadata={
+        "help": "start from this hypernetwork's weights (a stage-2 final.safetensors or an export's "
+                "hypernet.safetensors of the same architecture and LiDB geometry) instead of a fresh init, "
+                "e.g. to train a regression-trained hypernetwork on through the fine-tune; None = fresh"})
+    finetune_steps: int = field(default=0, metadata={
+        "help": "train through the fine-tune that follows the hypernetwork at personalisation: each step "
+                "also runs that fine-tune (relaxed in the LiDB subspace, as `personalize`) for this many "
+                "steps from every sample's prediction, on its photo and mirror, and adds the diffusion loss "
+                "after it (on another photo of the person with cross_photo) to the objective, first-order: "
+                "its gradient at the fine-tuned weights is applied to the prediction. Costs about "
+                "finetune_steps + 1 extra denoiser passes per step; 0 = off"})
+    finetune_weight: float = field(default=1.0, metadata={"help": "weight of the loss after the fine-tune"})
+    finetune_lr: float = field(default=1e-2, metadata={"help": "the fine-tune's AdamW lr (personalize's default)"})
+    finetune_rank: int = field(default=4, metadata={
+        "help": "the fine-tune's rank in the LiDB subspace (personalize's default); >= stage 1's rank"})
+    val_finetune_steps: int = field(default=0, metadata={
+        "help": "validation also fine-tunes each held-out photo this many steps from the prediction and "
+                "from zero, and scores both on another photo of the person: `val/diffusion_finetuned` and "
+                "`val/diffusion_finetuned_zero`, the loss-space version of `hdb eval`'s HyperDreamBooth "
+                "minus the fine-tune from zero. Costs 2 x this many denoiser passes per val batch; 0 = off"})
     min_snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR weighting; None: off"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights (0: off); export uses EMA"})
     val_every: int = field(default=100, metadata={"help": "validate every N steps (and at the end)"})
@@ -142,6 +162,14 @@ class Stage2Config:
             raise InvalidInputError(f"`stage2.ema_decay` must be in [0, 1), got {self.ema_decay!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise InvalidInputError(f"`stage2.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio!r}")
+        for k, lo, hi in (("finetune_steps", 0, 1000), ("val_finetune_steps", 0, 1000), ("finetune_rank", 1, 256)):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise InvalidInputError(f"`stage2.{k}` must be an integer in [{lo}, {hi}], got {v!r}")
+        if not 0 < self.finetune_lr < 1:
+            raise InvalidInputError(f"`stage2.finetune_lr` must be in (0, 1), got {self.finetune_lr!r}")
+        if self.finetune_weight < 0:
+            raise InvalidInputError(f"`stage2.finetune_weight` must be >= 0, got {self.finetune_weight!r}")
         if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
             raise InvalidInputError(
                 f"`stage2.alpha`/`stage2.beta` must be >= 0 and not both 0, got {self.alpha}, {self.beta}"

@@ -49,16 +49,21 @@ log = logging.getLogger(__name__)
 
 FINAL = "final.safetensors"
 #: stage-2 settings that do not change the trained weights (free to differ on resume).
-_FREE = ("val_every", "val_noise_draws", "ckpt_every", "keep_checkpoints", "log_every")
+_FREE = ("val_every", "val_noise_draws", "val_finetune_steps", "ckpt_every", "keep_checkpoints", "log_every")
 _CONDITION_FIELDS = ("condition", "identity_tokens", "face_encoder", "identity_dim")
 #: Stage-2 settings added after runs were finished: at their defaults they leave the key as it was.
-_LATER_FIELDS = {"cross_photo": False}
+_LATER_FIELDS = {"cross_photo": False, "finetune_steps": 0, "init": None}
+#: What shapes the fine-tune stage 2 trains through: only in the key when that fine-tune runs.
+_FINETUNE_FIELDS = ("finetune_weight", "finetune_lr", "finetune_rank")
 
 
 def stage2_key(ctx: RunContext) -> str:
     d = dataclasses.asdict(ctx.cfg)
     for k in _FREE:
         d["stage2"].pop(k)
+    if d["stage2"]["finetune_steps"] == 0:
+        for k in _FINETUNE_FIELDS:
+            d["stage2"].pop(k)
     for k, default in _LATER_FIELDS.items():
         if d["stage2"][k] == default:
             d["stage2"].pop(k)
@@ -147,6 +152,7 @@ class Stage2Recipe:
 
     def _setup_base(self) -> None:
         pipe = self.ctx.pipe()
+        self.pipe = pipe
         self.lidb = LiDB(pipe, self.s1.spec, name="hypernet", layers=self.s1.layers)
         for p in self.lidb.parameters():
             p.requires_grad_(False)  # the prediction is routed in through `use`; these never train
@@ -160,6 +166,8 @@ class Stage2Recipe:
         self.model_cfg = mcfg
         torch.manual_seed(c.seed)  # same init on every rank (DDP also broadcasts rank 0's)
         self.model = HyperNetwork(mcfg).to(self.dist.device)
+        if c.init is not None:
+            self._load_init(c.init)
         dev = self.dist.device
         self.ddp = DDP(self.model, device_ids=[dev] if dev.type == "cuda" else None) if self.dist.distributed \
             else self.model
@@ -179,6 +187,25 @@ class Stage2Recipe:
                 mcfg.face_encoder if mcfg.condition == "identity" else f"{mcfg.encoder} + {mcfg.face_encoder}")
             log.info("stage2: hypernetwork conditioned on %s (%s), %.2fM parameters, %d layers x (r=%d, a=%d, "
                      "b=%d)", mcfg.condition, enc_name, n / 1e6, mcfg.num_layers, mcfg.r, mcfg.a, mcfg.b)
+
+    def _load_init(self, path: str) -> None:
+        """`stage2.init`: another run's weights as the start (before the EMA copies them; a checkpoint
+        of this run, when there is one, still wins)."""
+        from hypernet.hypernetwork.export import load_hypernet
+
+        other, info = load_hypernet(path)
+        got = (dataclasses.asdict(other.cfg), info.spec, list(info.layers))
+        want = (dataclasses.asdict(self.model_cfg), self.s1.spec, list(self.s1.layers))
+        if {k: v for k, v in got[0].items() if k != "encoder_weights"} != \
+                {k: v for k, v in want[0].items() if k != "encoder_weights"} or got[1:] != want[1:]:
+            raise InvalidInputError(
+                f"`stage2.init` must be a hypernetwork with this run's architecture and LiDB geometry "
+                f"({self.model_cfg.condition}, {len(self.s1.layers)} layers x r={self.s1.spec.r}), got {path} "
+                f"({other.cfg.condition}, {len(info.layers)} layers x r={info.spec.r}, other settings may differ)"
+            )
+        self.model.load_state_dict(other.state_dict())
+        if self.dist.is_main:
+            log.info("stage2: starting from the weights of %s", path)
 
     def _resume(self, ckpt) -> None:
         state = load_checkpoint(ckpt, self.key, self.dist)
@@ -263,7 +290,15 @@ class Stage2Recipe:
                 self.lidb.use(None)
         l2 = weight_mse(pred, tgt)
         loss = hypernet_loss(dl, l2, c.alpha, c.beta)
-        parts = {"loss": loss.item(), "l2": l2.item(), "diffusion": dl.item() if dl is not None else 0.0}
+        parts = {"l2": l2.item(), "diffusion": dl.item() if dl is not None else 0.0}
+        if c.finetune_steps > 0:  # through the fine-tune that follows at personalisation (through_finetune.py)
+            from pretrain.through_finetune import post_finetune_term
+
+            rows = [self.samples["train"][i][1] for i, _ in pairs]
+            seeds = [step_seed(c.seed, self.step, micro, d.rank, k) for k in range(len(rows))]
+            term, parts["finetuned"] = post_finetune_term(self, pred, rows, [f for _, f in pairs], lat, gen, seeds)
+            loss = loss + c.finetune_weight * term
+        parts["loss"] = loss.item()
         return loss, parts
 
     def train_step(self) -> dict[str, float]:
@@ -342,6 +377,10 @@ class Stage2Recipe:
                      res["val/weight_mse"], res["val/weight_mse_zero"], res["val/weight_mse_mean"],
                      res["val/diffusion"], res["val/diffusion_zero"], res["val/diffusion_mean"],
                      res["val/diffusion_stage1"])
+            if "val/diffusion_finetuned" in res:
+                log.info("stage2: val at step %d after %d fine-tune steps, on another photo: diffusion loss %.5f "
+                         "from the prediction, %.5f from zero", self.step, self.cfg.val_finetune_steps,
+                         res["val/diffusion_finetuned"], res["val/diffusion_finetuned_zero"])
         return res
 
     # 5. Output -----------------------------------------------------------------------------

@@ -23,8 +23,9 @@ _VAL_STREAM = 7  # separates validation noise seeds from training ones
 @torch.no_grad()
 def validate_hypernet(recipe, model) -> dict[str, float]:
     """-> {"val/weight_mse", "val/weight_mse_zero", "val/weight_mse_mean", "val/diffusion",
-    "val/diffusion_zero", "val/diffusion_mean", "val/diffusion_stage1"} (empty when there are no
-    held-out samples)."""
+    "val/diffusion_zero", "val/diffusion_mean", "val/diffusion_stage1"}, plus the scores after a
+    fine-tune with `stage2.val_finetune_steps` (`_after_finetune`); empty when there are no
+    held-out samples."""
     samples, d = recipe.samples["val"], recipe.dist
     if not samples:
         return {}
@@ -57,15 +58,64 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
             sums[3] += _dl(recipe, lat, ts, noise, None)
             sums[4] += _dl(recipe, lat, ts, noise, tgt)
             sums[6] += _dl(recipe, lat, ts, noise, mean)
+    out = _after_finetune(recipe, model, mine, draws, flow) if recipe.cfg.val_finetune_steps > 0 else {}
     model.train(was_training)
     n = len(samples)
     tot = all_reduce_sum(sums.to(d.device)).cpu()  # NCCL needs the rank's device
-    return {
+    return {**out,
         "val/weight_mse": float(tot[0] / n), "val/weight_mse_zero": float(tot[1] / n),
         "val/diffusion": float(tot[2] / (n * draws)), "val/diffusion_zero": float(tot[3] / (n * draws)),
         "val/diffusion_stage1": float(tot[4] / (n * draws)),
         "val/weight_mse_mean": float(tot[5] / n), "val/diffusion_mean": float(tot[6] / (n * draws)),
     }
+
+
+def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> dict[str, float]:
+    """HyperDreamBooth against the fine-tune from zero, in loss space: each held-out photo is
+    fine-tuned `val_finetune_steps` steps as `personalize` would (relaxed in the LiDB subspace,
+    on the photo and its mirror) from the prediction and from zero, and both results are scored
+    on another photo of the person (the same photo for people with one), on the same noise and
+    timesteps. -> {"val/diffusion_finetuned", "val/diffusion_finetuned_zero"}."""
+    from hypernet.personalize_config import PersonalizeConfig
+    from pretrain.through_finetune import finetune_batch, photo_latents, relaxed_starts
+
+    samples, d, c, T = recipe.samples["val"], recipe.dist, recipe.cfg, recipe.num_train_timesteps
+    sums = torch.zeros(2, dtype=torch.float64)  # from the prediction, from zero
+    for start in range(0, len(mine), c.batch_size):
+        idx = mine[start : start + c.batch_size]
+        pix, _, _, ident = recipe._batch([(i, False) for i in idx], split="val")
+        with recipe.ctx.autocast():
+            pred = recipe.predict(model, pix, ident)  # (n, L, r, a) / (n, L, b, r)
+        rows = [samples[i][1] for i in idx]
+        other = recipe.data.latents([_other_row(recipe, samples[i]) for i in idx]).to(d.device)  # (n, C, h, w)
+        lat, mirror = photo_latents(recipe, rows, [False] * len(idx))
+        seeds = [step_seed(c.seed, _VAL_STREAM + 1, i) for i in idx]
+        seed = PersonalizeConfig().seed
+        for s, init in enumerate((pred, zeros_like_weights(pred))):
+            starts = relaxed_starts(init, c.finetune_rank, seed)
+            tuned = finetune_batch(recipe, starts, lat.to(d.device), mirror.to(d.device), seeds, c.val_finetune_steps)
+            tuned = {k: v.to(d.device) for k, v in tuned.items()}
+            for j in range(draws):
+                t = (j + 0.5) / draws * T
+                ts = torch.full((len(idx),), t, dtype=torch.float32) if flow else \
+                    torch.full((len(idx),), int(t), dtype=torch.long)  # (n,)
+                noise = torch.stack([
+                    torch.randn(other.shape[1:], generator=torch.Generator().manual_seed(
+                        step_seed(c.seed, _VAL_STREAM, i, j)))
+                    for i in idx
+                ])  # (n, C, h, w)
+                sums[s] += _dl(recipe, other, ts, noise, tuned)
+    n = len(samples)
+    tot = all_reduce_sum(sums.to(d.device)).cpu()
+    return {"val/diffusion_finetuned": float(tot[0] / (n * draws)),
+            "val/diffusion_finetuned_zero": float(tot[1] / (n * draws))}
+
+
+def _other_row(recipe, sample) -> list:
+    """Another photo of the sample's person (the first other one), or the photo itself if it is their only one."""
+    j, row = sample
+    others = [r for r in recipe.rows_of["val"][j] if tuple(r) != tuple(row)]
+    return others[0] if others else row
 
 
 def _dl(recipe, lat, ts, noise, weights) -> float:

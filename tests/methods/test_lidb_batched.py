@@ -89,3 +89,27 @@ def test_bad_inputs_are_rejected(setup):
         train_lidb_batch(pipe, handle, items, emb.expand(2, -1, -1), CFG)
     with pytest.raises(InvalidInputError, match="flipped"):
         LiDBFitData(items[0].latents, items[0].latents[:1], seed=0)
+
+
+def test_per_item_starts_fit_each_identity_from_its_own_start(setup):
+    """Stage 2 fine-tunes every sample from its own prediction: init (K, L, R, a)/(K, L, b, R),
+    here at rank 2 against the handle's 1, equals each identity fitted alone from its start."""
+    pipe, spec, handle, init, items, emb = setup
+    g = torch.Generator().manual_seed(3)
+    L, _, a = init["A_train"].shape
+    b = init["B_train"].shape[1]
+    starts = {"A_train": torch.randn(4, L, 2, a, generator=g) / a**0.5,
+              "B_train": torch.randn(4, L, b, 2, generator=g) * 0.01}  # (K, L, 2, a), (K, L, b, 2)
+    given = {k: v.clone() for k, v in starts.items()}
+    chunk = train_lidb_batch(pipe, handle, items, emb, CFG, init=starts)
+    for k, (item, (w, _)) in enumerate(zip(items, chunk, strict=True)):
+        assert w["A_train"].shape == (L, 2, a) and w["B_train"].shape == (L, b, 2)
+        alone = train_lidb_batch(pipe, handle, [item], emb, CFG, init={n: v[k] for n, v in starts.items()})[0][0]
+        _close(w, alone)
+    # The first two identities swapped starts: their fits follow their starts, not their slots.
+    swapped = {n: v[[1, 0, 2, 3]] for n, v in starts.items()}
+    other = train_lidb_batch(pipe, handle, items[:2], emb, CFG, init={n: v[:2] for n, v in swapped.items()})
+    assert not torch.allclose(other[0][0]["B_train"], chunk[0][0]["B_train"], atol=1e-4)
+    assert all(torch.equal(starts[n], given[n]) for n in starts)  # the caller's tensors are not trained in place
+    with pytest.raises(InvalidInputError, match=r"for 4 items"):
+        train_lidb_batch(pipe, handle, items, emb, CFG, init={n: v[:3] for n, v in starts.items()})

@@ -76,15 +76,18 @@ def train_lidb_batch(
         pooled: (1, P) its pooled embedding (SDXL, SD3, FLUX; None on SD 1.x).
         cfg: the schedule each identity gets (steps, lr, batch_size, grad_accum, clipping, ...).
             `checkpoint_every` is not used: a chunk is short and is redone whole when interrupted.
-        init: packed weights (L, r, a)/(L, b, r) every identity starts from; None: the handle's
-            current parameters (right after attaching: the fresh init, zero delta).
+        init: packed weights (L, r, a)/(L, b, r) every identity starts from, or (K, L, r, a)/
+            (K, L, b, r), one start per item (stage 2 fine-tuning each identity from its own
+            prediction); the rank r may differ from the handle's. None: the handle's current
+            parameters (right after attaching: the fresh init, zero delta).
 
     Returns:
         Per item, in order: (packed weights {"A_train": (L, r, a), "B_train": (L, b, r)} on CPU in
         fp32, final loss = the mean of its last tenth of step losses, as `train_lidb` reports).
 
     Raises:
-        InvalidInputError: no items, mismatched latent shapes, or a text_emb with several rows.
+        InvalidInputError: no items, mismatched latent shapes, a text_emb with several rows, or
+            per-item init weights whose leading dimension is not the number of items.
         FloatingPointError: a non-finite loss (naming the item).
     """
     if not items:
@@ -101,8 +104,7 @@ def train_lidb_batch(
     start = handle.state_dict() if init is None else init
     K = len(items)
     # 1. Packed leaves: (K, L, r, a) and (K, L, b, r), fp32 (AdamW state stays fp32 on GPU too).
-    A = start["A_train"].to(device, torch.float32).unsqueeze(0).repeat(K, 1, 1, 1).requires_grad_(True)
-    B = start["B_train"].to(device, torch.float32).unsqueeze(0).repeat(K, 1, 1, 1).requires_grad_(True)
+    A, B = (_packed(start[k], K, k).to(device, torch.float32).requires_grad_(True) for k in ("A_train", "B_train"))
     opt = torch.optim.AdamW([A, B], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
@@ -139,6 +141,17 @@ def train_lidb_batch(
     tail = losses[-max(1, cfg.steps // 10):].mean(0)  # (K,)
     A, B = A.detach().to("cpu", torch.float32), B.detach().to("cpu", torch.float32)
     return [({"A_train": A[k].clone(), "B_train": B[k].clone()}, float(tail[k])) for k in range(K)]
+
+
+def _packed(w: torch.Tensor, K: int, name: str) -> torch.Tensor:
+    """(L, ...) shared -> (K, L, ...) copies; (K, L, ...) per item -> a copy (never the caller's tensor)."""
+    if w.dim() == 3:
+        return w.detach().unsqueeze(0).repeat(K, 1, 1, 1)
+    if w.dim() != 4 or w.shape[0] != K:
+        raise InvalidInputError(
+            f"`init[{name!r}]` must have shape (L, ., .) or ({K}, L, ., .) for {K} items, got {tuple(w.shape)}"
+        )
+    return w.detach().clone()
 
 
 def clip_per_identity(gA: torch.Tensor | None, gB: torch.Tensor | None, max_norm: float) -> None:

@@ -1,0 +1,193 @@
+"""Stage 2 trained through the fine-tune that follows it (`stage2.finetune_steps`), and the
+validation read-out after that fine-tune (`stage2.val_finetune_steps`), on the tiny base."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hypernet.errors import InvalidInputError
+from hypernet.personalize import finetune
+from hypernet.personalize_config import PersonalizeConfig
+from pretrain.config import load_config
+from pretrain.context import RunContext
+from pretrain.corpus import lfw_image
+from pretrain.distributed import DistInfo
+
+FT = ["stage2.finetune_steps=3", "stage2.finetune_lr=0.02", "stage2.finetune_rank=2", "stage2.val_finetune_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """5 identities, the first three with two photos (the fine-tune's loss goes to the other one)."""
+    root = tmp_path_factory.mktemp("corpus")
+    for i in range(5):
+        d = root / f"person{i}"
+        d.mkdir()
+        lfw_image(i).save(d / "front.png")
+        if i < 3:
+            lfw_image(i + 10).save(d / "other.png")
+    return root
+
+
+def make_ctx(out, base, corpus, *extra):
+    cfg = load_config("tiny-cpu", [
+        f"base={base}", f'data.corpus=["{corpus}"]', "data.detector=center", "data.val_fraction=0.4",
+        "stage1.train.steps=2", "stage2.steps=2", "stage2.batch_size=2", "stage2.val_every=2",
+        "stage2.val_noise_draws=2", *extra,
+    ])
+    return RunContext(cfg, out, DistInfo(0, 1, 0, torch.device("cpu")))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_base_dir, corpus):
+    """prepare + stage 1 once; stage-2 runs copy nothing and write their own stage2/ folders."""
+    from pretrain.prepare import run_prepare
+    from pretrain.stage1 import run_stage1
+
+    out = tmp_path_factory.mktemp("run")
+    ctx = make_ctx(out, tiny_base_dir, corpus)
+    run_prepare(ctx)
+    run_stage1(ctx)
+    return out
+
+
+def _recipe(out, base, corpus, *extra):
+    from pretrain.stage2 import Stage2Recipe
+
+    recipe = Stage2Recipe(make_ctx(out, base, corpus, *extra))
+    recipe.setup()
+    return recipe
+
+
+def test_the_fine_tune_stage2_trains_through_is_personalizes_and_its_gradient_lands_on_the_prediction(
+        prepared, tiny_base_dir, corpus):
+    from hypernet.personalize import subspace_init
+    from hypernet.training.data import build_train_data
+    from pretrain.through_finetune import finetune_batch, post_finetune_term
+
+    recipe = _recipe(prepared, tiny_base_dir, corpus, *FT, "stage2.cross_photo=true")
+    try:
+        c, r = recipe.cfg, recipe.s1.spec.r
+        assert r < c.finetune_rank  # the relaxed fine-tune has components the prediction does not
+        i, (_, row) = next((i, s) for i, s in enumerate(recipe.samples["train"])
+                           if len(recipe.rows_of["train"][s[0]]) > 1)
+        pix, lat, _, ident = recipe._batch([(i, False)], gen=torch.Generator().manual_seed(5))  # lat: another photo
+        pred = {k: v.detach().requires_grad_(True) for k, v in recipe.predict(recipe.model, pix, ident).items()}
+        one = {k: v[0].detach() for k, v in pred.items()}  # (L, r, a) / (L, b, r)
+        seed = 123  # the fine-tune's draws
+        term, after = post_finetune_term(recipe, pred, [row], [False], lat, torch.Generator().manual_seed(9), [seed])
+        assert term.item() == pytest.approx(after, rel=1e-6)
+        term.backward()
+
+        # 1. The fine-tune is `hdb personalize`'s: the library's `finetune` from the same photo,
+        # prediction, steps, lr, rank and seed ends at the same weights.
+        pcfg = PersonalizeConfig(steps=c.finetune_steps, lr=c.finetune_lr, rank=c.finetune_rank, seed=seed)
+        identity, _ = finetune(recipe.pipe, recipe.data.pixels([row]), recipe.s1.spec, one,
+                               layers=recipe.s1.layers, config=pcfg)
+        data = build_train_data(recipe.pipe, recipe.data.pixels([row]), pcfg.prompt)
+        torch.testing.assert_close(data.latents, recipe.data.latents([row]), atol=1e-5, rtol=1e-4)
+
+        def tuned(init_seed):
+            start = {k: v[None] for k, v in subspace_init(one, c.finetune_rank, init_seed).items()}
+            return finetune_batch(recipe, start, data.latents, data.flipped, [seed], c.finetune_steps)
+
+        mine = tuned(seed)
+        for k in ("A_train", "B_train"):  # AdamW's steps are 2e-2 each: 1e-4 is round-off, not a different fit
+            torch.testing.assert_close(mine[k][0], identity.lidb[k], atol=1e-4, rtol=1e-3)
+
+        # 2. The prediction's gradient is the loss-after-the-fine-tune's gradient at the fine-tuned
+        # weights (the extra components initialised as `personalize`'s default seed 0 does), on
+        # the prediction's own r components.
+        theta = {k: v.detach().clone().requires_grad_(True) for k, v in tuned(PersonalizeConfig().seed).items()}
+        emb, pooled = recipe.cond(1)
+        recipe.lidb.use(theta)
+        loss = recipe.objective.loss(recipe.net, lat, emb, torch.Generator().manual_seed(9), c.min_snr_gamma,
+                                     pooled=pooled)
+        recipe.lidb.use(None)
+        assert loss.item() == pytest.approx(after, rel=1e-5)
+        gA, gB = torch.autograd.grad(loss, [theta["A_train"], theta["B_train"]])
+        torch.testing.assert_close(pred["A_train"].grad, gA[:, :, :r], atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(pred["B_train"].grad, gB[..., :r], atol=1e-7, rtol=1e-4)
+        assert pred["B_train"].grad.abs().max() > 0
+    finally:
+        recipe.cleanup()
+
+
+def test_training_through_the_fine_tune_changes_what_stage2_learns_and_reports_it(prepared, tiny_base_dir, corpus,
+                                                                                  tmp_path):
+    import shutil
+
+    from pretrain.metrics import read_metrics
+    from pretrain.stage2 import run_stage2, stage2_key
+
+    def run(name, *extra):
+        out = tmp_path / name
+        shutil.copytree(prepared, out, ignore=shutil.ignore_patterns("stage2"))
+        ctx = make_ctx(out, tiny_base_dir, corpus, *extra)
+        run_stage2(ctx)
+        from hypernet.hypernetwork.export import load_hypernet
+
+        model, _ = load_hypernet(ctx.stage2_dir / "final.safetensors")
+        return ctx, model.state_dict(), read_metrics(ctx.stage2_dir / "metrics.csv")
+
+    off_ctx, off, off_m = run("off")
+    on_ctx, on, on_m = run("on", *FT)
+    zero_ctx, zero, zero_m = run("weight0", *FT, "stage2.finetune_weight=0")
+    # Weight 0: the same updates as off (the term draws after the diffusion loss, so nothing else moves).
+    assert all(torch.allclose(off[k], zero[k], atol=1e-6) for k in off)
+    # Weight 1: the loss after the fine-tune trains the hypernetwork.
+    assert any(not torch.allclose(off[k], on[k], atol=1e-6) for k in off)
+    assert "train/finetuned" in on_m and "train/finetuned" not in off_m
+    # Validation after the fine-tune: from zero does not depend on the hypernetwork, from the prediction does.
+    for m in (on_m, zero_m):
+        assert {"val/diffusion_finetuned", "val/diffusion_finetuned_zero"} <= set(m)
+    assert on_m["val/diffusion_finetuned_zero"][-1][1] == pytest.approx(zero_m["val/diffusion_finetuned_zero"][-1][1],
+                                                                        rel=1e-6)
+    assert on_m["val/diffusion_finetuned"][-1][1] != pytest.approx(zero_m["val/diffusion_finetuned"][-1][1], rel=1e-6)
+    assert "val/diffusion_finetuned" not in off_m
+    # Keys: off by default leaves the key of runs made before these settings existed; the
+    # fine-tune's settings only count when it runs; the val read-out never changes weights.
+    assert stage2_key(on_ctx) != stage2_key(off_ctx) != stage2_key(zero_ctx)
+    same = make_ctx(tmp_path, tiny_base_dir, corpus, "stage2.finetune_lr=0.5", "stage2.val_finetune_steps=4")
+    assert stage2_key(same) == stage2_key(off_ctx)
+
+
+@pytest.mark.parametrize("setting, match", [
+    ("stage2.finetune_steps=-1", r"`stage2.finetune_steps` must be an integer in \[0, 1000\], got -1"),
+    ("stage2.finetune_rank=0", r"`stage2.finetune_rank` must be an integer in \[1, 256\], got 0"),
+    ("stage2.finetune_lr=2", r"`stage2.finetune_lr` must be in \(0, 1\)"),
+    ("stage2.finetune_weight=-1", r"`stage2.finetune_weight` must be >= 0"),
+    ("stage2.val_finetune_steps=true", r"`stage2.val_finetune_steps` must be an integer"),
+])
+def test_bad_fine_tune_settings_are_named(setting, match):
+    with pytest.raises(InvalidInputError, match=match):
+        load_config("tiny-cpu", [setting])
+
+
+def test_stage2_init_starts_from_another_runs_weights_and_rejects_another_geometry(prepared, tiny_base_dir, corpus,
+                                                                                 tmp_path):
+    """`stage2.init`: a regression-trained hypernetwork trained on through the fine-tune starts where it ended."""
+    import shutil
+
+    from pretrain.stage2 import run_stage2, stage2_key
+
+    first = tmp_path / "first"
+    shutil.copytree(prepared, first, ignore=shutil.ignore_patterns("stage2"))
+    ctx = make_ctx(first, tiny_base_dir, corpus)
+    run_stage2(ctx)
+    final = ctx.stage2_dir / "final.safetensors"
+    from hypernet.hypernetwork.export import load_hypernet
+
+    trained = load_hypernet(final)[0].state_dict()
+    fresh = _recipe(prepared, tiny_base_dir, corpus)
+    warm = _recipe(prepared, tiny_base_dir, corpus, f"stage2.init={final}", *FT)
+    try:
+        assert all(torch.equal(warm.model.state_dict()[k], v) for k, v in trained.items())
+        assert any(not torch.equal(fresh.model.state_dict()[k], v) for k, v in trained.items())
+        assert stage2_key(warm.ctx) != stage2_key(make_ctx(prepared, tiny_base_dir, corpus, *FT))
+    finally:
+        fresh.cleanup()
+        warm.cleanup()
+    with pytest.raises(InvalidInputError, match=r"`stage2.init` must be a hypernetwork with this run's architecture"):
+        _recipe(prepared, tiny_base_dir, corpus, f"stage2.init={final}", "stage2.model.depth=1")
