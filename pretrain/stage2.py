@@ -379,8 +379,10 @@ class Stage2Recipe:
                      res["val/diffusion_stage1"])
             if "val/diffusion_finetuned" in res:
                 log.info("stage2: val at step %d after %d fine-tune steps, on another photo: diffusion loss %.5f "
-                         "from the prediction, %.5f from zero", self.step, self.cfg.val_finetune_steps,
-                         res["val/diffusion_finetuned"], res["val/diffusion_finetuned_zero"])
+                         "from the prediction, %.5f from zero (paired gap %+.5f +- %.5f s.e.)", self.step,
+                         self.cfg.val_finetune_steps, res["val/diffusion_finetuned"],
+                         res["val/diffusion_finetuned_zero"], res["val/diffusion_finetuned_gap"],
+                         res["val/diffusion_finetuned_gap_se"])
         return res
 
     # 5. Output -----------------------------------------------------------------------------

@@ -75,12 +75,18 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> d
     fine-tuned `val_finetune_steps` steps as `personalize` would (relaxed in the LiDB subspace,
     on the photo and its mirror) from the prediction and from zero, and both results are scored
     on another photo of the person (the same photo for people with one), on the same noise and
-    timesteps. -> {"val/diffusion_finetuned", "val/diffusion_finetuned_zero"}."""
+    timesteps. -> {"val/diffusion_finetuned", "val/diffusion_finetuned_zero",
+    "val/diffusion_finetuned_gap", "val/diffusion_finetuned_gap_se"}.
+
+    The gap is the paired mean of (from the prediction - from zero) over held-out photos (each
+    photo's loss averaged over the draws; below 0: the prediction helps), and its standard error
+    across photos, so that a run's gap can be told from noise: it treats photos as independent,
+    so with several photos of one person it is somewhat too small."""
     from hypernet.personalize_config import PersonalizeConfig
     from pretrain.through_finetune import finetune_batch, photo_latents, relaxed_starts
 
     samples, d, c, T = recipe.samples["val"], recipe.dist, recipe.cfg, recipe.num_train_timesteps
-    sums = torch.zeros(2, dtype=torch.float64)  # from the prediction, from zero
+    sums = torch.zeros(4, dtype=torch.float64)  # from the prediction, from zero, sum of gaps, sum of gaps^2
     for start in range(0, len(mine), c.batch_size):
         idx = mine[start : start + c.batch_size]
         pix, _, _, ident = recipe._batch([(i, False) for i in idx], split="val")
@@ -91,6 +97,7 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> d
         lat, mirror = photo_latents(recipe, rows, [False] * len(idx))
         seeds = [step_seed(c.seed, _VAL_STREAM + 1, i) for i in idx]
         seed = PersonalizeConfig().seed
+        per = torch.zeros(2, len(idx), dtype=torch.float64)  # (start, n): each photo's loss summed over draws
         for s, init in enumerate((pred, zeros_like_weights(pred))):
             starts = relaxed_starts(init, c.finetune_rank, seed)
             tuned = finetune_batch(recipe, starts, lat.to(d.device), mirror.to(d.device), seeds, c.val_finetune_steps)
@@ -104,11 +111,16 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> d
                         step_seed(c.seed, _VAL_STREAM, i, j)))
                     for i in idx
                 ])  # (n, C, h, w)
-                sums[s] += _dl(recipe, other, ts, noise, tuned)
+                per[s] += _dl_per(recipe, other, ts, noise, tuned)
+        gap = (per[0] - per[1]) / draws  # (n,)
+        sums += torch.stack([per[0].sum(), per[1].sum(), gap.sum(), (gap * gap).sum()])
     n = len(samples)
     tot = all_reduce_sum(sums.to(d.device)).cpu()
+    mean = float(tot[2] / n)
+    var = max(float(tot[3] - n * mean * mean), 0.0) / max(n - 1, 1)  # sample variance of the gaps
     return {"val/diffusion_finetuned": float(tot[0] / (n * draws)),
-            "val/diffusion_finetuned_zero": float(tot[1] / (n * draws))}
+            "val/diffusion_finetuned_zero": float(tot[1] / (n * draws)),
+            "val/diffusion_finetuned_gap": mean, "val/diffusion_finetuned_gap_se": (var / n) ** 0.5}
 
 
 def _other_row(recipe, sample) -> list:
@@ -120,6 +132,11 @@ def _other_row(recipe, sample) -> list:
 
 def _dl(recipe, lat, ts, noise, weights) -> float:
     """Summed per-sample diffusion loss with `weights` routed through the LiDB (None: zero adapter)."""
+    return float(_dl_per(recipe, lat, ts, noise, weights).sum())
+
+
+def _dl_per(recipe, lat, ts, noise, weights) -> torch.Tensor:
+    """(n,) float64 per-sample diffusion loss with `weights` routed through the LiDB (None: zero adapter)."""
     emb, pooled = recipe.cond(lat.shape[0])  # (n, T, D), (n, P) or None
     kw = dict(pooled=pooled, reduction="none", timesteps=ts, noise=noise)
     with recipe.ctx.autocast():
@@ -130,7 +147,7 @@ def _dl(recipe, lat, ts, noise, weights) -> float:
             recipe.lidb.use(weights)
             per = recipe.objective.loss(recipe.net, lat, emb, None, **kw)
             recipe.lidb.use(None)
-    return float(per.float().sum())
+    return per.detach().double().cpu()  # (n,)
 
 
 __all__ = ["validate_hypernet"]

@@ -141,7 +141,13 @@ def test_training_through_the_fine_tune_changes_what_stage2_learns_and_reports_i
     assert "train/finetuned" in on_m and "train/finetuned" not in off_m
     # Validation after the fine-tune: from zero does not depend on the hypernetwork, from the prediction does.
     for m in (on_m, zero_m):
-        assert {"val/diffusion_finetuned", "val/diffusion_finetuned_zero"} <= set(m)
+        assert {"val/diffusion_finetuned", "val/diffusion_finetuned_zero", "val/diffusion_finetuned_gap",
+                "val/diffusion_finetuned_gap_se"} <= set(m)
+        # The paired gap is the difference of the two means; its standard error is of photos that differ.
+        last = {k: v[-1][1] for k, v in m.items()}
+        assert last["val/diffusion_finetuned_gap"] == pytest.approx(
+            last["val/diffusion_finetuned"] - last["val/diffusion_finetuned_zero"], rel=1e-4, abs=1e-9)
+        assert 0 < last["val/diffusion_finetuned_gap_se"] < float("inf")
     assert on_m["val/diffusion_finetuned_zero"][-1][1] == pytest.approx(zero_m["val/diffusion_finetuned_zero"][-1][1],
                                                                         rel=1e-6)
     assert on_m["val/diffusion_finetuned"][-1][1] != pytest.approx(zero_m["val/diffusion_finetuned"][-1][1], rel=1e-6)
