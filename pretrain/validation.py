@@ -45,15 +45,7 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
         sums[1] += weight_mse(zeros_like_weights(tgt), tgt, reduction="none").sum().item()
         mean = {k: recipe.mean_target[k].to(v).expand_as(v) for k, v in tgt.items()}  # the same adapter for all
         sums[5] += weight_mse(mean, tgt, reduction="none").sum().item()
-        for j in range(draws):
-            t = (j + 0.5) / draws * T
-            ts = torch.full((len(idx),), t, dtype=torch.float32) if flow else \
-                torch.full((len(idx),), int(t), dtype=torch.long)  # (n,)
-            noise = torch.stack([
-                torch.randn(lat.shape[1:], generator=torch.Generator().manual_seed(
-                    step_seed(seed, _VAL_STREAM, i, j)))
-                for i in idx
-            ])  # (n, C, h, w)
+        for ts, noise in _draws(idx, tuple(lat.shape[1:]), draws, T, flow, seed):
             sums[2] += _dl(recipe, lat, ts, noise, pred)
             sums[3] += _dl(recipe, lat, ts, noise, None)
             sums[4] += _dl(recipe, lat, ts, noise, tgt)
@@ -102,15 +94,7 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> d
             starts = relaxed_starts(init, c.finetune_rank, seed)
             tuned = finetune_batch(recipe, starts, lat.to(d.device), mirror.to(d.device), seeds, c.val_finetune_steps)
             tuned = {k: v.to(d.device) for k, v in tuned.items()}
-            for j in range(draws):
-                t = (j + 0.5) / draws * T
-                ts = torch.full((len(idx),), t, dtype=torch.float32) if flow else \
-                    torch.full((len(idx),), int(t), dtype=torch.long)  # (n,)
-                noise = torch.stack([
-                    torch.randn(other.shape[1:], generator=torch.Generator().manual_seed(
-                        step_seed(c.seed, _VAL_STREAM, i, j)))
-                    for i in idx
-                ])  # (n, C, h, w)
+            for ts, noise in _draws(idx, tuple(other.shape[1:]), draws, T, flow, c.seed):
                 per[s] += _dl_per(recipe, other, ts, noise, tuned)
         gap = (per[0] - per[1]) / draws  # (n,)
         sums += torch.stack([per[0].sum(), per[1].sum(), gap.sum(), (gap * gap).sum()])
@@ -121,6 +105,21 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> d
     return {"val/diffusion_finetuned": float(tot[0] / (n * draws)),
             "val/diffusion_finetuned_zero": float(tot[1] / (n * draws)),
             "val/diffusion_finetuned_gap": mean, "val/diffusion_finetuned_gap_se": (var / n) ** 0.5}
+
+
+def _draws(idx: list[int], shape: tuple[int, ...], draws: int, T: int, flow: bool, seed: int):
+    """Yield the validation's `draws` (timesteps (n,), noise (n, *shape)) pairs for samples `idx`:
+    timestep j of D at (j + 1/2) / D of the schedule, noise seeded by (sample, draw), so every
+    adapter scored on a sample sees the same noise whatever the batch size or number of ranks."""
+    for j in range(draws):
+        t = (j + 0.5) / draws * T
+        ts = torch.full((len(idx),), t, dtype=torch.float32) if flow else \
+            torch.full((len(idx),), int(t), dtype=torch.long)  # (n,)
+        noise = torch.stack([
+            torch.randn(shape, generator=torch.Generator().manual_seed(step_seed(seed, _VAL_STREAM, i, j)))
+            for i in idx
+        ])  # (n, *shape)
+        yield ts, noise
 
 
 def _other_row(recipe, sample) -> list:
