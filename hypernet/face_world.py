@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from hypernet.base.taef2 import TAEF2, load_taef2  # noqa: F401  (registers TAEF2 for loading)
+from hypernet.base.tiny import clip_text_config
 from hypernet.base.tokenizer import MODEL_MAX_LENGTH, load_clip_tokenizer, write_clip_tokenizer
 from hypernet.errors import EnvironmentProblem, InvalidInputError, ModelNotFoundError
 from hypernet.eval.corpus import IdentitySplit, read_manifest, split_identities
@@ -100,19 +101,7 @@ def face_world_text_config() -> CLIPTextConfig:
     Frozen random: the world sees only two captions, so training it would only move the
     embeddings of those tokens and leave every other token (e.g. "ohwx") off-distribution.
     """
-    return CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        hidden_act="quick_gelu",
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
-        projection_dim=128,
-    )
+    return clip_text_config(128, mlp_width=512)
 
 
 def face_world_scheduler_config() -> dict:

@@ -68,21 +68,27 @@ def tiny_vae_config() -> dict:
     )
 
 
-def tiny_text_config() -> CLIPTextConfig:
-    """CLIP text tower with the real 49,408-token vocabulary and 32-wide hidden states."""
+def clip_text_config(width: int, mlp_width: int, layers: int = 2, heads: int = 4) -> CLIPTextConfig:
+    """A small CLIP text tower `width` wide with the real 49,408-token vocabulary and special
+    tokens, so the stock tokenizer's ids (and a new token like "ohwx") index it as they would SD's."""
     return CLIPTextConfig(
         vocab_size=49408,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        hidden_size=width,
+        intermediate_size=mlp_width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
         max_position_embeddings=MODEL_MAX_LENGTH,
         hidden_act="quick_gelu",
         bos_token_id=49406,
         eos_token_id=49407,
         pad_token_id=49407,
-        projection_dim=32,
+        projection_dim=width,
     )
+
+
+def tiny_text_config() -> CLIPTextConfig:
+    """CLIP text tower with the real 49,408-token vocabulary and 32-wide hidden states."""
+    return clip_text_config(32, mlp_width=64)
 
 
 def make_tiny_pipeline(out_dir: str | Path, seed: int = 0, arch: Arch = "sd15") -> Path:
