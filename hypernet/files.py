@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a reader sees the old file or the complete new one, never a torn one."""
+"""Crash-safe file writes (a reader sees the old file or the complete new one, never a torn one),
+and reading a .safetensors file a user handed us with a clear error when it is not one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
+
+import torch
+
+from hypernet.errors import InvalidInputError
 
 
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -37,3 +42,22 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """`atomic_write` of a bytes object."""
     return atomic_write(path, lambda f: f.write(data))
+
+
+def read_safetensors(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (tensors, metadata) of the .safetensors file at `path`.
+
+    Raises:
+        InvalidInputError: the file is missing or not safetensors; `what` names what it should
+            be (e.g. "a LoRA .safetensors file") so the message says what the user got wrong.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types (and OSError for a missing file)
+        raise InvalidInputError(f"{path} must be {what}, got unreadable data ({e})") from e
+    return tensors, meta

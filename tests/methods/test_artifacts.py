@@ -52,6 +52,17 @@ def test_dreambooth_directory_and_bad_inputs(tmp_path):
         detect_kind(many)
 
 
+@pytest.mark.parametrize("method, what", [("lora", "a LoRA .safetensors file"),
+                                          ("textual-inversion", "an embedding .safetensors file")])
+def test_artifact_class_names_what_an_unreadable_file_should_be(tmp_path, method, what):
+    """Loading through the method's own artifact class (as `hdb generate --identity` does once
+    the kind is known) says what the file must be, not a safetensors traceback."""
+    junk = tmp_path / "torn.safetensors"
+    junk.write_bytes(b"\xff" * 64)
+    with pytest.raises(InvalidInputError, match=f"torn.safetensors must be {what}, got unreadable data"):
+        get_method(method).artifact_cls.load(junk)
+
+
 def test_registry_names_and_unknown_method():
     assert {get_method(n).name for n in ("lora", "LoRA", "textual_inversion", "dreambooth", "lidb")} == {
         "lora",

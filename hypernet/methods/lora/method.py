@@ -16,12 +16,11 @@ import torch
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from hypernet.base import base_fingerprint
 from hypernet.errors import IncompatibleAdapterError, InvalidInputError
-from hypernet.files import atomic_write_bytes
+from hypernet.files import atomic_write_bytes, read_safetensors
 from hypernet.methods._common import TrainCall, personaliser, remove_peft_adapter
 from hypernet.methods.lora.config import TEXT_TARGETS, TRANSFORMER_TARGETS, UNET_TARGETS, LoRAMethodConfig
 from hypernet.training import build_train_data
@@ -161,12 +160,7 @@ class LoRAArtifact:
     @classmethod
     def load(cls, path: str | Path) -> LoRAArtifact:
         path = Path(path)
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                meta = dict(f.metadata() or {})
-        except Exception as e:  # safetensors raises its own error types
-            raise InvalidInputError(f"{path} must be a LoRA .safetensors file, got unreadable data ({e})") from e
+        tensors, meta = read_safetensors(path, "a LoRA .safetensors file")
         if not any("lora" in k for k in tensors):
             raise InvalidInputError(f"{path} must hold LoRA tensors (lora_A/lora_B or lora.down/up), got none")
         return cls(tensors, meta)

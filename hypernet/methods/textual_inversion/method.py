@@ -15,12 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from hypernet.errors import IncompatibleAdapterError, InvalidInputError
-from hypernet.files import atomic_write_bytes
+from hypernet.files import atomic_write_bytes, read_safetensors
 from hypernet.methods._common import TrainCall, personaliser
 from hypernet.methods.textual_inversion.config import TIMethodConfig
 from hypernet.training import TrainData, encode_images, tokenize
@@ -174,12 +173,7 @@ class TIArtifact:
     def load(cls, path: str | Path) -> TIArtifact:
         """Reads diffusers ({token: (k, D)}) and A1111 ({"emb_params": (k, D)}) embedding files."""
         path = Path(path)
-        try:
-            tensors = load_file(str(path))
-            with safe_open(str(path), "pt") as f:
-                meta = dict(f.metadata() or {})
-        except Exception as e:  # safetensors raises its own error types
-            raise InvalidInputError(f"{path} must be an embedding .safetensors file, got unreadable data ({e})") from e
+        tensors, meta = read_safetensors(path, "an embedding .safetensors file")
         if set(tensors) == set(SDXL_KEYS):
             token = meta.get("hdb_token") or path.stem
             return cls(token, tensors[SDXL_KEYS[0]].float(), meta, vectors_2=tensors[SDXL_KEYS[1]].float())
