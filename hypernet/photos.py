@@ -159,8 +159,9 @@ def _get_detector():
     return _detector
 
 
-def _detect(img: Image.Image):
-    """MTCNN on a copy downscaled to `_DETECT_MAX_SIDE` -> (boxes, probs, landmarks, scale) or None."""
+def _detect(img: Image.Image) -> tuple[np.ndarray, np.ndarray] | None:
+    """MTCNN on a copy downscaled to `_DETECT_MAX_SIDE` -> (box (4,), landmarks (5, 2)) of the most
+    confident face in `img`'s pixels, or None."""
     det = _get_detector()
     if det is None:
         raise EnvironmentProblem(f"face detector must be available, got {_detector_failed}")
@@ -177,7 +178,9 @@ def _detect(img: Image.Image):
         boxes, probs, points = det.detect(small, landmarks=True)
     if boxes is None or len(boxes) == 0:
         return None
-    return boxes, probs, points, scale
+    best = int(np.argmax(np.asarray(probs, dtype=np.float64)))
+    return (np.asarray(boxes[best], dtype=np.float64) / scale,
+            np.asarray(points[best], dtype=np.float64) / scale)  # (4,), (5, 2)
 
 
 def detect_face(img: Image.Image) -> tuple[float, float, float, float] | None:
@@ -186,12 +189,10 @@ def detect_face(img: Image.Image) -> tuple[float, float, float, float] | None:
     Raises:
         EnvironmentProblem: facenet-pytorch's MTCNN cannot be loaded.
     """
-    found = _detect(img)
-    if found is None:
+    best = _detect(img)
+    if best is None:
         return None
-    boxes, probs, _, scale = found
-    best = int(np.argmax(np.asarray(probs, dtype=np.float64)))
-    x0, y0, x1, y1 = (float(v) / scale for v in boxes[best])
+    x0, y0, x1, y1 = (float(v) for v in best[0])
     return x0, y0, x1, y1
 
 
@@ -203,12 +204,9 @@ def detect_landmarks(img: Image.Image) -> np.ndarray | None:
     Raises:
         EnvironmentProblem: facenet-pytorch's MTCNN cannot be loaded.
     """
-    found = _detect(img)
-    if found is None:
-        return None
-    _, probs, points, scale = found
-    best = int(np.argmax(np.asarray(probs, dtype=np.float64)))
-    return np.asarray(points[best], dtype=np.float64) / scale  # (5, 2)
+    best = _detect(img)
+    return None if best is None else best[1]
+
 
 
 def face_crop(img: Image.Image, *, detector: Detector = "auto", margin: float = 0.5) -> Image.Image:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,14 @@ class RunContext:
         from hypernet.defaults import default_base_dir
 
         return default_base_dir()
+
+    def already_done(self, stage: str, index: Path, key: str) -> bool:
+        """Whether `index` (a stage's JSON index) records `key`, i.e. the stage already ran with
+        these settings; logged once, so a rerun of the whole chain says what it skips."""
+        done = index.is_file() and json.loads(index.read_text()).get("key") == key
+        if done and self.dist.is_main:
+            log.info("%s: already done for these settings (%s), skipping", stage, index)
+        return done
 
     def pipe(self):
         """The frozen base on this rank's device, fp32 (bf16 comes from autocast on GPU)."""

@@ -47,9 +47,7 @@ def _run_latent_cache(ctx: RunContext) -> None:
     out, cfg = ctx.prepared_dir, ctx.cfg.data
     key = prepare_key(ctx)
     idx_path = out / INDEX
-    if idx_path.is_file() and json.loads(idx_path.read_text()).get("key") == key:
-        if ctx.dist.is_main:
-            log.info("prepare: already done for these settings (%s), skipping", idx_path)
+    if ctx.already_done("prepare", idx_path, key):
         return
     # 1. Which photos, whose, which split (deterministic: every rank computes the same plan).
     corpus = resolve_corpus(cfg.corpus)

@@ -75,9 +75,7 @@ def run_stage1(ctx: RunContext) -> None:
     out = ctx.stage1_dir
     key = stage1_key(ctx)
     idx = out / INDEX
-    if idx.is_file() and json.loads(idx.read_text()).get("key") == key:
-        if ctx.dist.is_main:
-            log.info("stage1: already done for these settings (%s), skipping", idx)
+    if ctx.already_done("stage1", idx, key):
         return
     data = PreparedData(ctx.prepared_dir)
     spec = make_spec(ctx)
