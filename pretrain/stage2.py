@@ -48,6 +48,7 @@ from pretrain.stream import SampleStream, step_seed
 log = logging.getLogger(__name__)
 
 FINAL = "final.safetensors"
+VAL_FINETUNED = "val_finetuned"  # per-photo scores after the validation fine-tune, one JSON per validation
 #: stage-2 settings that do not change the trained weights (free to differ on resume).
 _FREE = ("val_every", "val_noise_draws", "val_finetune_steps", "ckpt_every", "keep_checkpoints", "log_every")
 _CONDITION_FIELDS = ("condition", "identity_tokens", "face_encoder", "identity_dim")
@@ -370,7 +371,11 @@ class Stage2Recipe:
             model = HyperNetwork(self.model_cfg).to(self.dist.device)
             model.load_state_dict(self.model.state_dict())
             self.ema.copy_to(model)
-        res = validate_hypernet(self, model)
+        per_photo: dict[str, list[float]] = {}
+        res = validate_hypernet(self, model, per_photo)
+        if self.dist.is_main and per_photo:  # for `paired_difference` between runs
+            path = self.ctx.stage2_dir / VAL_FINETUNED / f"step-{self.step:06d}.json"
+            atomic_write_bytes(path, (json.dumps(per_photo, indent=1, sort_keys=True) + "\n").encode())
         if self.dist.is_main and res:
             log.info("stage2: val at step %d: weight mse %.5f (zero adapter %.5f, mean target %.5f), diffusion "
                      "loss %.5f (zero adapter %.5f, mean target %.5f, stage-1 %.5f)", self.step,

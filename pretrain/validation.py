@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from hypernet.errors import InvalidInputError
 from hypernet.hypernetwork.losses import weight_mse, zeros_like_weights
 from pretrain.distributed import all_reduce_sum
 from pretrain.stream import step_seed
@@ -21,11 +22,15 @@ _VAL_STREAM = 7  # separates validation noise seeds from training ones
 
 
 @torch.no_grad()
-def validate_hypernet(recipe, model) -> dict[str, float]:
+def validate_hypernet(recipe, model, per_photo: dict | None = None) -> dict[str, float]:
     """-> {"val/weight_mse", "val/weight_mse_zero", "val/weight_mse_mean", "val/diffusion",
     "val/diffusion_zero", "val/diffusion_mean", "val/diffusion_stage1"}, plus the scores after a
     fine-tune with `stage2.val_finetune_steps` (`_after_finetune`); empty when there are no
-    held-out samples."""
+    held-out samples.
+
+    `per_photo`, when given, receives every held-out photo's scores after the fine-tune,
+    {"shard:row": [from the prediction, from zero]} (each averaged over the draws), so that two
+    runs on the same prepared data can be compared photo by photo (`paired_difference`)."""
     samples, d = recipe.samples["val"], recipe.dist
     if not samples:
         return {}
@@ -50,7 +55,12 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
             sums[3] += _dl(recipe, lat, ts, noise, None)
             sums[4] += _dl(recipe, lat, ts, noise, tgt)
             sums[6] += _dl(recipe, lat, ts, noise, mean)
-    out = _after_finetune(recipe, model, mine, draws, flow) if recipe.cfg.val_finetune_steps > 0 else {}
+    out = {}
+    if recipe.cfg.val_finetune_steps > 0:
+        out, photos = _after_finetune(recipe, model, mine, draws, flow)
+        if per_photo is not None:
+            per_photo.update({f"{s[1][0]}:{s[1][1]}": [float(a), float(b)]
+                              for s, (a, b) in zip(samples, photos.tolist(), strict=True)})
     model.train(was_training)
     n = len(samples)
     tot = all_reduce_sum(sums.to(d.device)).cpu()  # NCCL needs the rank's device
@@ -62,13 +72,14 @@ def validate_hypernet(recipe, model) -> dict[str, float]:
     }
 
 
-def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> dict[str, float]:
+def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> tuple[dict[str, float], torch.Tensor]:
     """HyperDreamBooth against the fine-tune from zero, in loss space: each held-out photo is
     fine-tuned `val_finetune_steps` steps as `personalize` would (relaxed in the LiDB subspace,
     on the photo and its mirror) from the prediction and from zero, and both results are scored
     on another photo of the person (the same photo for people with one), on the same noise and
     timesteps. -> {"val/diffusion_finetuned", "val/diffusion_finetuned_zero",
-    "val/diffusion_finetuned_gap", "val/diffusion_finetuned_gap_se"}.
+    "val/diffusion_finetuned_gap", "val/diffusion_finetuned_gap_se"}, and (n_val, 2) float64:
+    every held-out photo's loss from the prediction and from zero, averaged over the draws.
 
     The gap is the paired mean of (from the prediction - from zero) over held-out photos (each
     photo's loss averaged over the draws; below 0: the prediction helps), and its standard error
@@ -79,6 +90,7 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> d
 
     samples, d, c, T = recipe.samples["val"], recipe.dist, recipe.cfg, recipe.num_train_timesteps
     sums = torch.zeros(4, dtype=torch.float64)  # from the prediction, from zero, sum of gaps, sum of gaps^2
+    photos = torch.zeros(len(samples), 2, dtype=torch.float64)  # this rank's photos filled, the rest 0
     for start in range(0, len(mine), c.batch_size):
         idx = mine[start : start + c.batch_size]
         pix, _, _, ident = recipe._batch([(i, False) for i in idx], split="val")
@@ -97,14 +109,16 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> d
             for ts, noise in _draws(idx, tuple(other.shape[1:]), draws, T, flow, c.seed):
                 per[s] += _dl_per(recipe, other, ts, noise, tuned)
         gap = (per[0] - per[1]) / draws  # (n,)
+        photos[idx] = (per / draws).T
         sums += torch.stack([per[0].sum(), per[1].sum(), gap.sum(), (gap * gap).sum()])
     n = len(samples)
     tot = all_reduce_sum(sums.to(d.device)).cpu()
+    photos = all_reduce_sum(photos.to(d.device)).cpu()  # every rank's photos: (n_val, 2)
     mean = float(tot[2] / n)
     var = max(float(tot[3] - n * mean * mean), 0.0) / max(n - 1, 1)  # sample variance of the gaps
     return {"val/diffusion_finetuned": float(tot[0] / (n * draws)),
             "val/diffusion_finetuned_zero": float(tot[1] / (n * draws)),
-            "val/diffusion_finetuned_gap": mean, "val/diffusion_finetuned_gap_se": (var / n) ** 0.5}
+            "val/diffusion_finetuned_gap": mean, "val/diffusion_finetuned_gap_se": (var / n) ** 0.5}, photos
 
 
 def _draws(idx: list[int], shape: tuple[int, ...], draws: int, T: int, flow: bool, seed: int):
@@ -120,6 +134,26 @@ def _draws(idx: list[int], shape: tuple[int, ...], draws: int, T: int, flow: boo
             for i in idx
         ])  # (n, *shape)
         yield ts, noise
+
+
+def paired_difference(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, float]:
+    """Run `a` against run `b`, photo by photo, after the validation fine-tune from each run's
+    prediction: -> {"mean", "se", "n"} of (a's loss - b's loss) over the photos both scored
+    (below 0: `a`'s prediction ends the fine-tune better). Both runs score a photo on the same
+    noise and timesteps, so the pairing removes the photo-to-photo spread that swamps the
+    difference of two runs' means; the standard error treats photos as independent.
+
+    Args:
+        a, b: `validate_hypernet`'s `per_photo` of two runs on the same prepared data.
+
+    Raises:
+        InvalidInputError: the runs share fewer than 2 photos.
+    """
+    keys = sorted(set(a) & set(b))
+    if len(keys) < 2:
+        raise InvalidInputError(f"the runs must share at least 2 validation photos, got {len(keys)}")
+    d = torch.tensor([a[k][0] - b[k][0] for k in keys], dtype=torch.float64)  # (n,)
+    return {"mean": float(d.mean()), "se": float(d.std(correction=1) / len(keys) ** 0.5), "n": len(keys)}
 
 
 def _other_row(recipe, sample) -> list:
@@ -149,4 +183,4 @@ def _dl_per(recipe, lat, ts, noise, weights) -> torch.Tensor:
     return per.detach().double().cpu()  # (n,)
 
 
-__all__ = ["validate_hypernet"]
+__all__ = ["paired_difference", "validate_hypernet"]

@@ -3,6 +3,8 @@ validation read-out after that fine-tune (`stage2.val_finetune_steps`), on the t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -152,6 +154,25 @@ def test_training_through_the_fine_tune_changes_what_stage2_learns_and_reports_i
                                                                         rel=1e-6)
     assert on_m["val/diffusion_finetuned"][-1][1] != pytest.approx(zero_m["val/diffusion_finetuned"][-1][1], rel=1e-6)
     assert "val/diffusion_finetuned" not in off_m
+    # Per photo: the file of the last validation holds every held-out photo's two scores, their
+    # means are the logged ones, and two runs compare photo by photo.
+    from pretrain.validation import paired_difference
+
+    def photos(ctx):
+        files = sorted((ctx.stage2_dir / "val_finetuned").glob("step-*.json"))
+        assert files, "every validation with val_finetune_steps writes its per-photo scores"
+        return json.loads(files[-1].read_text())
+
+    on_p, zero_p = photos(on_ctx), photos(zero_ctx)
+    assert set(on_p) == set(zero_p) and len(on_p) >= 2
+    assert sum(v[0] for v in on_p.values()) / len(on_p) == pytest.approx(on_m["val/diffusion_finetuned"][-1][1],
+                                                                         rel=1e-5)
+    assert all(on_p[k][1] == pytest.approx(zero_p[k][1], rel=1e-6) for k in on_p)  # from zero: the same in both
+    d = paired_difference(on_p, zero_p)
+    assert d["n"] == len(on_p)
+    assert d["mean"] == pytest.approx(on_m["val/diffusion_finetuned"][-1][1] - zero_m["val/diffusion_finetuned"][-1][1],
+                                      rel=1e-4, abs=1e-9)
+    assert not (off_ctx.stage2_dir / "val_finetuned").exists()
     # Keys: off by default leaves the key of runs made before these settings existed; the
     # fine-tune's settings only count when it runs; the val read-out never changes weights.
     assert stage2_key(on_ctx) != stage2_key(off_ctx) != stage2_key(zero_ctx)
@@ -197,3 +218,16 @@ def test_stage2_init_starts_from_another_runs_weights_and_rejects_another_geomet
         warm.cleanup()
     with pytest.raises(InvalidInputError, match=r"`stage2.init` must be a hypernetwork with this run's architecture"):
         _recipe(prepared, tiny_base_dir, corpus, f"stage2.init={final}", "stage2.model.depth=1")
+
+
+def test_paired_difference_pairs_photos_and_needs_two():
+    from pretrain.validation import paired_difference
+
+    a = {"0:1": [0.50, 0.9], "0:2": [0.70, 0.9], "1:0": [0.40, 0.9], "only_a": [9.0, 9.0]}
+    b = {"0:1": [0.49, 0.1], "0:2": [0.68, 0.1], "1:0": [0.37, 0.1], "only_b": [0.0, 0.0]}
+    d = paired_difference(a, b)  # differences 0.01, 0.02, 0.03 on the shared photos
+    assert d["n"] == 3
+    assert d["mean"] == pytest.approx(0.02)
+    assert d["se"] == pytest.approx(0.01 / 3 ** 0.5)
+    with pytest.raises(InvalidInputError, match="at least 2 validation photos, got 1"):
+        paired_difference({"x": [1.0, 1.0]}, {"x": [2.0, 2.0]})
