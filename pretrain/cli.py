@@ -6,7 +6,10 @@
 STAGE is prepare, stage1, stage2, export or all; `probe` (after stage1, not part of all) measures
 whether the condition can predict stage 1's targets at all, before stage 2 is paid for;
 `mean-adapter` (after stage1) writes the control a trained hypernetwork must beat: one adapter for
-everyone (the mean stage-1 target) in the export format, to OUTPUT/mean_adapter/.
+everyone (the mean stage-1 target) in the export format, to OUTPUT/mean_adapter/. `compare` (after
+stage2 with stage2.val_finetune_steps) reads this run's validation after the fine-tune against
+`--set compare.against=OTHER_RUN`'s, photo by photo, with standard errors across photos and
+clustered by person, to OUTPUT/compare.json.
 Every config value can be overridden with
 `--section.key VALUE` (or `--set section.key=VALUE`; values parsed as YAML). Every stage skips work already done for the
 same settings, so rerunning a killed command resumes it.
@@ -23,8 +26,9 @@ from hypernet.errors import InvalidInputError
 
 STAGES = ("prepare", "stage1", "stage2", "export")
 #: Read-outs run on their own after stage1: `probe` (can the condition predict the targets?) and
-#: `mean-adapter` (the control hypernetwork: one adapter for everyone, in the export format).
-EXTRA_STAGES = ("probe", "mean-adapter")
+#: `mean-adapter` (the control hypernetwork: one adapter for everyone, in the export format);
+#: `compare` (after stage2: its validation after the fine-tune against another run's, photo by photo).
+EXTRA_STAGES = ("probe", "mean-adapter", "compare")
 
 log = logging.getLogger("pretrain")
 
@@ -35,7 +39,7 @@ _OVERRIDE = "override:"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("stage", choices=(*STAGES, *EXTRA_STAGES, "all"),
                    help="which stage to run (all: prepare to export in order; probe and mean-adapter: "
-                        "after stage1, not part of all)")
+                        "after stage1, compare: after stage2; not part of all)")
     p.add_argument("--config", default="tiny-cpu",
                    help="YAML/TOML file, or a shipped config name: tiny-cpu, face-world-cpu, sd15-gpu "
                         "(default tiny-cpu)")
@@ -143,6 +147,8 @@ def _run_stage(stage: str, ctx) -> None:
         from pretrain.probe import run_probe as fn
     elif stage == "mean-adapter":
         from pretrain.mean_adapter import run_mean_adapter as fn
+    elif stage == "compare":
+        from pretrain.compare import run_compare as fn
     else:
         raise InvalidInputError(f"`stage` must be one of {', '.join((*STAGES, *EXTRA_STAGES))}, got {stage!r}")
     fn(ctx)

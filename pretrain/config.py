@@ -205,6 +205,22 @@ class ProbeConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`compare`: this run's stage-2 validation after the fine-tune against another run's, photo by
+    photo (pretrain.compare); changes no other stage."""
+
+    against: str | None = field(
+        default=None,
+        metadata={"help": "another run folder (its stage2/val_finetuned/) validated on the same prepared data; "
+                          "None: report this run's own gap only"},
+    )
+    step: int | None = field(
+        default=None,
+        metadata={"help": "the validation step to read in both runs (None: each run's last)"},
+    )
+
+
+@dataclass
 class PretrainConfig:
     """The whole pipeline: prepare -> stage1 -> stage2 -> export."""
 
@@ -222,6 +238,7 @@ class PretrainConfig:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     export: ExportConfig = field(default_factory=ExportConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -336,5 +353,5 @@ def _positive(obj, section: str, *names: str, optional: bool = False) -> None:
             raise InvalidInputError(f"`{section}.{k}` must be a positive integer, got {v!r}")
 
 
-__all__ = ["PREPARE_FREE_FIELDS", "DataConfig", "ExportConfig", "PretrainConfig", "Stage1Config", "Stage2Config",
-           "apply_override", "dump_config", "from_dict", "load_config", "resolve_config_path"]
+__all__ = ["PREPARE_FREE_FIELDS", "CompareConfig", "DataConfig", "ExportConfig", "PretrainConfig", "Stage1Config",
+           "Stage2Config", "apply_override", "dump_config", "from_dict", "load_config", "resolve_config_path"]

@@ -136,24 +136,54 @@ def _draws(idx: list[int], shape: tuple[int, ...], draws: int, T: int, flow: boo
         yield ts, noise
 
 
-def paired_difference(a: dict[str, list[float]], b: dict[str, list[float]]) -> dict[str, float]:
+def paired_difference(a: dict[str, list[float]], b: dict[str, list[float]],
+                      people: dict[str, str] | None = None) -> dict[str, float]:
     """Run `a` against run `b`, photo by photo, after the validation fine-tune from each run's
     prediction: -> {"mean", "se", "n"} of (a's loss - b's loss) over the photos both scored
     (below 0: `a`'s prediction ends the fine-tune better). Both runs score a photo on the same
     noise and timesteps, so the pairing removes the photo-to-photo spread that swamps the
-    difference of two runs' means; the standard error treats photos as independent.
+    difference of two runs' means; "se" treats photos as independent.
 
     Args:
         a, b: `validate_hypernet`'s `per_photo` of two runs on the same prepared data.
+        people: photo key -> person; adds "se_person" (clustered by person: two photos of one
+            person are not two independent draws) and "people".
 
     Raises:
         InvalidInputError: the runs share fewer than 2 photos.
     """
     keys = sorted(set(a) & set(b))
-    if len(keys) < 2:
-        raise InvalidInputError(f"the runs must share at least 2 validation photos, got {len(keys)}")
-    d = torch.tensor([a[k][0] - b[k][0] for k in keys], dtype=torch.float64)  # (n,)
-    return {"mean": float(d.mean()), "se": float(d.std(correction=1) / len(keys) ** 0.5), "n": len(keys)}
+    return paired_stats({k: a[k][0] - b[k][0] for k in keys}, people)
+
+
+def prediction_gap(a: dict[str, list[float]], people: dict[str, str] | None = None) -> dict[str, float]:
+    """One run's own read-out: (from its prediction - from zero) per photo, as `paired_difference`
+    reports it (below 0: the prediction ends the fine-tune better than starting from nothing)."""
+    return paired_stats({k: v[0] - v[1] for k, v in a.items()}, people)
+
+
+def paired_stats(diffs: dict[str, float], people: dict[str, str] | None = None) -> dict[str, float]:
+    """{"mean", "se", "n"} of per-photo differences, plus {"se_person", "people"} when `people`
+    maps every photo to its person: the cluster-robust standard error of the mean, sum over
+    people g of (sum of g's centred differences)^2, scaled by G / (G - 1), over n^2."""
+    if len(diffs) < 2:
+        raise InvalidInputError(f"the runs must share at least 2 validation photos, got {len(diffs)}")
+    keys = sorted(diffs)
+    d = torch.tensor([diffs[k] for k in keys], dtype=torch.float64)  # (n,)
+    n = len(keys)
+    out: dict[str, float] = {"mean": float(d.mean()), "se": float(d.std(correction=1) / n ** 0.5), "n": n}
+    if people is not None:
+        missing = [k for k in keys if k not in people]
+        if missing:
+            raise InvalidInputError(f"`people` must name every photo's person, got none for {missing[:3]}")
+        groups = sorted({people[k] for k in keys})
+        g_of = {g: i for i, g in enumerate(groups)}
+        sums = torch.zeros(len(groups), dtype=torch.float64).index_add_(
+            0, torch.tensor([g_of[people[k]] for k in keys]), d - d.mean())  # (G,)
+        G = len(groups)
+        var = float((sums * sums).sum()) * G / max(G - 1, 1) / (n * n)
+        out.update({"se_person": var ** 0.5, "people": G})
+    return out
 
 
 def _other_row(recipe, sample) -> list:
@@ -183,4 +213,4 @@ def _dl_per(recipe, lat, ts, noise, weights) -> torch.Tensor:
     return per.detach().double().cpu()  # (n,)
 
 
-__all__ = ["paired_difference", "validate_hypernet"]
+__all__ = ["paired_difference", "paired_stats", "prediction_gap", "validate_hypernet"]

@@ -173,6 +173,21 @@ def test_training_through_the_fine_tune_changes_what_stage2_learns_and_reports_i
     assert d["mean"] == pytest.approx(on_m["val/diffusion_finetuned"][-1][1] - zero_m["val/diffusion_finetuned"][-1][1],
                                       rel=1e-4, abs=1e-9)
     assert not (off_ctx.stage2_dir / "val_finetuned").exists()
+    # `hdb pretrain compare`, as a user runs it: the same difference, with each run's own gap and
+    # standard errors clustered by person, in OUTPUT/compare.json.
+    from hdb.cli import main as hdb_main
+
+    assert hdb_main(["pretrain", "compare", "--config", "tiny-cpu", "--output-dir", str(on_ctx.out),
+                     "--set", f"compare.against={zero_ctx.out}"]) == 0
+    report = json.loads((on_ctx.out / "compare.json").read_text())
+    assert report["difference"]["mean"] == pytest.approx(d["mean"], rel=1e-9)
+    assert report["difference"]["n"] == d["n"] and report["difference"]["people"] <= d["n"]
+    assert report["run"]["gap"]["mean"] == pytest.approx(on_m["val/diffusion_finetuned_gap"][-1][1], rel=1e-4,
+                                                         abs=1e-9)
+    assert report["against"]["gap"]["mean"] == pytest.approx(zero_m["val/diffusion_finetuned_gap"][-1][1],
+                                                             rel=1e-4, abs=1e-9)
+    # A run whose stage 2 validated no fine-tune has nothing to compare: exit code 2, the setting named.
+    assert hdb_main(["pretrain", "compare", "--config", "tiny-cpu", "--output-dir", str(off_ctx.out)]) == 2
     # Keys: off by default leaves the key of runs made before these settings existed; the
     # fine-tune's settings only count when it runs; the val read-out never changes weights.
     assert stage2_key(on_ctx) != stage2_key(off_ctx) != stage2_key(zero_ctx)
@@ -231,3 +246,21 @@ def test_paired_difference_pairs_photos_and_needs_two():
     assert d["se"] == pytest.approx(0.01 / 3 ** 0.5)
     with pytest.raises(InvalidInputError, match="at least 2 validation photos, got 1"):
         paired_difference({"x": [1.0, 1.0]}, {"x": [2.0, 2.0]})
+
+
+def test_person_clustered_standard_error_counts_a_person_once():
+    from pretrain.validation import paired_difference, paired_stats, prediction_gap
+
+    diffs = {"0:0": 0.01, "0:1": 0.03, "1:0": 0.02, "1:1": 0.06}
+    alone = paired_stats(diffs, {k: k for k in diffs})  # everyone their own person: the photo SE
+    assert alone["people"] == 4
+    assert alone["se_person"] == pytest.approx(alone["se"], rel=1e-9)
+    # Two people, two photos each: centred sums -0.02 + 0.0 and -0.01 + 0.03, scaled by G/(G-1) = 2.
+    two = paired_stats(diffs, {"0:0": "ann", "0:1": "ann", "1:0": "bob", "1:1": "bob"})
+    assert two["people"] == 2 and two["mean"] == pytest.approx(0.03)
+    assert two["se_person"] == pytest.approx(((0.02 ** 2 + 0.02 ** 2) * 2) ** 0.5 / 4, rel=1e-9)
+    runs = {"0:0": [0.5, 0.4], "0:1": [0.6, 0.7]}
+    assert prediction_gap(runs)["mean"] == pytest.approx(0.0)
+    assert paired_difference(runs, runs)["mean"] == 0.0
+    with pytest.raises(InvalidInputError, match="`people` must name every photo's person"):
+        paired_stats(diffs, {"0:0": "ann"})
