@@ -170,9 +170,12 @@ class Stage2Config:
             raise InvalidInputError(f"`stage2.finetune_lr` must be in (0, 1), got {self.finetune_lr!r}")
         if self.finetune_weight < 0:
             raise InvalidInputError(f"`stage2.finetune_weight` must be >= 0, got {self.finetune_weight!r}")
-        if self.alpha < 0 or self.beta < 0 or self.alpha + self.beta == 0:
+        # Both 0 is allowed only when the loss after the fine-tune is the whole objective.
+        through = self.finetune_steps > 0 and self.finetune_weight > 0
+        if self.alpha < 0 or self.beta < 0 or (self.alpha + self.beta == 0 and not through):
             raise InvalidInputError(
-                f"`stage2.alpha`/`stage2.beta` must be >= 0 and not both 0, got {self.alpha}, {self.beta}"
+                f"`stage2.alpha`/`stage2.beta` must be >= 0 and not both 0 (unless stage2.finetune_steps and "
+                f"stage2.finetune_weight are > 0), got {self.alpha}, {self.beta}"
             )
 
 

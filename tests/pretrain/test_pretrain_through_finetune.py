@@ -207,6 +207,24 @@ def test_bad_fine_tune_settings_are_named(setting, match):
         load_config("tiny-cpu", [setting])
 
 
+def test_the_loss_after_the_fine_tune_can_be_the_whole_objective(prepared, tiny_base_dir, corpus):
+    """alpha = beta = 0 is refused unless the term after the fine-tune is on; then it is the loss."""
+    with pytest.raises(InvalidInputError, match=r"`stage2.alpha`/`stage2.beta` must be >= 0 and not both 0"):
+        load_config("tiny-cpu", ["stage2.alpha=0", "stage2.beta=0"])
+    with pytest.raises(InvalidInputError, match=r"not both 0 \(unless"):
+        load_config("tiny-cpu", ["stage2.alpha=0", "stage2.beta=0", *FT, "stage2.finetune_weight=0"])
+    recipe = _recipe(prepared, tiny_base_dir, corpus, "stage2.alpha=0", "stage2.beta=0", *FT,
+                     "stage2.finetune_weight=3")
+    try:
+        loss, parts = recipe._loss_step(0)
+        assert parts["diffusion"] == 0.0 and parts["l2"] > 0  # l2 is logged, not trained on
+        assert loss.item() == pytest.approx(3 * parts["finetuned"], rel=1e-5)
+        loss.backward()  # and it reaches the hypernetwork
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in recipe.model.parameters())
+    finally:
+        recipe.cleanup()
+
+
 def test_stage2_init_starts_from_another_runs_weights_and_rejects_another_geometry(prepared, tiny_base_dir, corpus,
                                                                                  tmp_path):
     """`stage2.init`: a regression-trained hypernetwork trained on through the fine-tune starts where it ended."""
