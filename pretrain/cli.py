@@ -117,7 +117,8 @@ def run_stages(config: str | Path | None, output_dir: str | Path, stages, overri
         logging.getLogger().setLevel(logging.WARNING)
     ctx = RunContext(cfg, Path(output_dir), dist)
     ctx.out.mkdir(parents=True, exist_ok=True)
-    ctx.write_config()
+    if set(stages) != {"compare"}:  # a read-out of finished runs keeps the config that made them
+        ctx.write_config()
     try:
         for stage in stages:
             t0 = time.monotonic()

@@ -177,8 +177,10 @@ def test_training_through_the_fine_tune_changes_what_stage2_learns_and_reports_i
     # standard errors clustered by person, in OUTPUT/compare.json.
     from hdb.cli import main as hdb_main
 
+    (on_ctx.out / "config.yaml").write_text("the run's own record\n")
     assert hdb_main(["pretrain", "compare", "--config", "tiny-cpu", "--output-dir", str(on_ctx.out),
                      "--set", f"compare.against={zero_ctx.out}"]) == 0
+    assert (on_ctx.out / "config.yaml").read_text() == "the run's own record\n"  # not overwritten by a read-out
     report = json.loads((on_ctx.out / "compare.json").read_text())
     assert report["difference"]["mean"] == pytest.approx(d["mean"], rel=1e-9)
     assert report["difference"]["n"] == d["n"] and report["difference"]["people"] <= d["n"]
