@@ -188,6 +188,13 @@ def test_training_through_the_fine_tune_changes_what_stage2_learns_and_reports_i
                                                          abs=1e-9)
     assert report["against"]["gap"]["mean"] == pytest.approx(zero_m["val/diffusion_finetuned_gap"][-1][1],
                                                              rel=1e-4, abs=1e-9)
+    # `compare.step` reads that validation in both runs; a step that never validated is exit code 2.
+    last = int(sorted((on_ctx.stage2_dir / "val_finetuned").glob("step-*.json"))[-1].stem.split("-")[1])
+    assert hdb_main(["pretrain", "compare", "--config", "tiny-cpu", "--output-dir", str(on_ctx.out),
+                     "--set", f"compare.against={zero_ctx.out}", "--set", f"compare.step={last}"]) == 0
+    assert json.loads((on_ctx.out / "compare.json").read_text())["difference"] == report["difference"]
+    assert hdb_main(["pretrain", "compare", "--config", "tiny-cpu", "--output-dir", str(on_ctx.out),
+                     "--set", f"compare.step={last + 1}"]) == 2
     # A run whose stage 2 validated no fine-tune has nothing to compare: exit code 2, the setting named.
     assert hdb_main(["pretrain", "compare", "--config", "tiny-cpu", "--output-dir", str(off_ctx.out)]) == 2
     # Keys: off by default leaves the key of runs made before these settings existed; the
