@@ -80,6 +80,40 @@ def warp_face(img: Image.Image, landmarks: np.ndarray, size: int = FACE_SIZE) ->
                          resample=Image.Resampling.BILINEAR)
 
 
+def grid_theta(M: np.ndarray, in_size: tuple[int, int], size: int = FACE_SIZE) -> torch.Tensor:
+    """The (2, 3) `F.affine_grid` matrix of the warp `warp_face` does, for tensors.
+
+    Args:
+        M: (2, 3) image pixels -> face pixels (the template at `size`), e.g. `similarity_transform`.
+        in_size: the source image's (H, W).
+
+    Returns:
+        (2, 3) float32: normalised output coordinates (align_corners=False) -> normalised input ones.
+    """
+    h, w = in_size
+    A = np.vstack([np.asarray(M, dtype=np.float64), [0.0, 0.0, 1.0]])
+    inv = np.linalg.inv(A)  # face pixels -> image pixels (pixel centres at integers)
+    out_px = np.array([[size / 2, 0, (size - 1) / 2], [0, size / 2, (size - 1) / 2], [0, 0, 1]])  # n_o -> p_o
+    in_norm = np.array([[2 / w, 0, 1 / w - 1], [0, 2 / h, 1 / h - 1], [0, 0, 1]])  # p_i -> n_i
+    return torch.from_numpy((in_norm @ inv @ out_px)[:2]).float()
+
+
+def warp_faces(images: torch.Tensor, theta: torch.Tensor, size: int = FACE_SIZE) -> torch.Tensor:
+    """Differentiable `warp_face` of a batch: (N, 3, H, W) -> (N, 3, size, size), bilinear, zeros
+    outside (what a loss on generated images backpropagates through).
+
+    Args:
+        theta: (2, 3) for every image, or (N, 2, 3), from `grid_theta`.
+    """
+    if images.dim() != 4:
+        raise InvalidInputError(f"`images` must have shape (N, C, H, W), got {tuple(images.shape)}")
+    n = images.shape[0]
+    th = theta.to(images.device, images.dtype)
+    th = th.expand(n, 2, 3) if th.dim() == 2 else th  # (N, 2, 3)
+    grid = torch.nn.functional.affine_grid(th, [n, images.shape[1], size, size], align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def center_face(img: Image.Image, size: int = FACE_SIZE) -> Image.Image:
     """The fallback: the centred largest square, resized."""
     w, h = img.size
@@ -134,5 +168,5 @@ def pixels_to_images(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy(), mode="RGB") for a in arr]
 
 
-__all__ = ["ARCFACE_TEMPLATE", "FACE_SIZE", "AlignedFace", "align_face", "align_faces", "center_face",
-           "pixels_to_images", "similarity_transform", "to_tensor", "warp_face"]
+__all__ = ["ARCFACE_TEMPLATE", "FACE_SIZE", "AlignedFace", "align_face", "align_faces", "center_face", "grid_theta",
+           "pixels_to_images", "similarity_transform", "to_tensor", "warp_face", "warp_faces"]

@@ -144,6 +144,18 @@ class Stage2Config:
                 "from zero, and scores both on another photo of the person: `val/diffusion_finetuned` and "
                 "`val/diffusion_finetuned_zero`, the loss-space version of `hdb eval`'s HyperDreamBooth "
                 "minus the fine-tune from zero. Costs 2 x this many denoiser passes per val batch; 0 = off"})
+    identity_weight: float = field(default=0.0, metadata={
+        "help": "weight of the identity term: 1 - cosine between the frozen face encoder's embedding of the "
+                "decoded one-step x0 estimate (the photo's latents noised to a timestep in [identity_t_min, "
+                "identity_t_max) of the schedule, denoised once with the adapter) and the person's mean "
+                "embedding; it scores the person rather than every pixel (hypernet.hypernetwork.identity_loss). "
+                "Costs one denoiser, decoder and encoder pass per sample; 0 = off"})
+    identity_at: str = field(default="prediction", metadata={
+        "help": "where the identity term is taken: 'prediction' (the predicted LiDB, exact gradient) or "
+                "'finetuned' (the weights after stage2.finetune_steps of the fine-tune, first-order as the "
+                "loss after it)"})
+    identity_t_min: float = field(default=0.3, metadata={"help": "identity term: lowest timestep, as a share"})
+    identity_t_max: float = field(default=0.7, metadata={"help": "identity term: top timestep (share of the schedule)"})
     min_snr_gamma: float | None = field(default=None, metadata={"help": "min-SNR weighting; None: off"})
     ema_decay: float = field(default=0.0, metadata={"help": "EMA of weights (0: off); export uses EMA"})
     val_every: int = field(default=100, metadata={"help": "validate every N steps (and at the end)"})
@@ -170,12 +182,23 @@ class Stage2Config:
             raise InvalidInputError(f"`stage2.finetune_lr` must be in (0, 1), got {self.finetune_lr!r}")
         if self.finetune_weight < 0:
             raise InvalidInputError(f"`stage2.finetune_weight` must be >= 0, got {self.finetune_weight!r}")
-        # Both 0 is allowed only when the loss after the fine-tune is the whole objective.
-        through = self.finetune_steps > 0 and self.finetune_weight > 0
+        if self.identity_weight < 0:
+            raise InvalidInputError(f"`stage2.identity_weight` must be >= 0, got {self.identity_weight!r}")
+        if self.identity_at not in ("prediction", "finetuned"):
+            raise InvalidInputError(
+                f"`stage2.identity_at` must be 'prediction' or 'finetuned', got {self.identity_at!r}")
+        if self.identity_weight > 0 and self.identity_at == "finetuned" and self.finetune_steps == 0:
+            raise InvalidInputError("`stage2.finetune_steps` must be > 0 with stage2.identity_at 'finetuned' (the "
+                                    "term is taken after that fine-tune), got 0")
+        if not 0 <= self.identity_t_min < self.identity_t_max <= 1:
+            raise InvalidInputError(f"`stage2.identity_t_min`/`identity_t_max` must satisfy 0 <= min < max <= 1, got "
+                                    f"{self.identity_t_min}, {self.identity_t_max}")
+        # Both 0 is allowed only when another term (after the fine-tune, or the identity) is the objective.
+        through = (self.finetune_steps > 0 and self.finetune_weight > 0) or self.identity_weight > 0
         if self.alpha < 0 or self.beta < 0 or (self.alpha + self.beta == 0 and not through):
             raise InvalidInputError(
                 f"`stage2.alpha`/`stage2.beta` must be >= 0 and not both 0 (unless stage2.finetune_steps and "
-                f"stage2.finetune_weight are > 0), got {self.alpha}, {self.beta}"
+                f"stage2.finetune_weight, or stage2.identity_weight, are > 0), got {self.alpha}, {self.beta}"
             )
 
 

@@ -69,9 +69,9 @@ def _detector(ctx: RunContext) -> str:
 def ensure_face_embeddings(ctx: RunContext) -> None:
     """Compute (or finish, or skip) the embeddings of every prepared photo on this rank's shards.
 
-    A no-op for the pixel condition. Needs a finished `prepare` stage.
+    A no-op for the pixel condition without the identity term. Needs a finished `prepare` stage.
     """
-    if not ctx.cfg.stage2.model.uses_identity:
+    if not (ctx.cfg.stage2.model.uses_identity or ctx.cfg.stage2.identity_weight > 0):
         return
     data = PreparedData(ctx.prepared_dir)
     key, out = embeddings_key(ctx), ctx.prepared_dir / EMB_DIR

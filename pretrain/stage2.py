@@ -53,7 +53,9 @@ VAL_FINETUNED = "val_finetuned"  # per-photo scores after the validation fine-tu
 _FREE = ("val_every", "val_noise_draws", "val_finetune_steps", "ckpt_every", "keep_checkpoints", "log_every")
 _CONDITION_FIELDS = ("condition", "identity_tokens", "face_encoder", "identity_dim")
 #: Stage-2 settings added after runs were finished: at their defaults they leave the key as it was.
-_LATER_FIELDS = {"cross_photo": False, "finetune_steps": 0, "init": None}
+_LATER_FIELDS = {"cross_photo": False, "finetune_steps": 0, "init": None, "identity_weight": 0.0}
+#: What shapes the identity term: only in the key when it is on.
+_IDENTITY_FIELDS = ("identity_at", "identity_t_min", "identity_t_max")
 #: What shapes the fine-tune stage 2 trains through: only in the key when that fine-tune runs.
 _FINETUNE_FIELDS = ("finetune_weight", "finetune_lr", "finetune_rank")
 
@@ -64,6 +66,9 @@ def stage2_key(ctx: RunContext) -> str:
         d["stage2"].pop(k)
     if d["stage2"]["finetune_steps"] == 0:
         for k in _FINETUNE_FIELDS:
+            d["stage2"].pop(k)
+    if d["stage2"]["identity_weight"] == 0:
+        for k in _IDENTITY_FIELDS:
             d["stage2"].pop(k)
     for k, default in _LATER_FIELDS.items():
         if d["stage2"][k] == default:
@@ -110,6 +115,11 @@ class Stage2Recipe:
     def setup(self) -> None:
         self._setup_data()
         self._setup_base()
+        self.identity = None
+        if self.cfg.identity_weight > 0:
+            from pretrain.identity_term import IdentityTerm
+
+            self.identity = IdentityTerm(self)
         self._setup_model()
         self.step = 0
         ckpt = latest_checkpoint(self.ctx.stage2_dir / "checkpoints")
@@ -292,13 +302,30 @@ class Stage2Recipe:
         l2 = weight_mse(pred, tgt)
         loss = hypernet_loss(dl, l2, c.alpha, c.beta)
         parts = {"l2": l2.item(), "diffusion": dl.item() if dl is not None else 0.0}
-        if c.finetune_steps > 0:  # through the fine-tune that follows at personalisation (through_finetune.py)
-            from pretrain.through_finetune import post_finetune_term
+        ids = torch.tensor([self.samples["train"][i][0] for i, _ in pairs])  # (B,) identity of each sample
+        at_pred = c.identity_weight > 0 and c.identity_at == "prediction"
+        at_tuned = c.identity_weight > 0 and c.identity_at == "finetuned"
+        if at_pred:  # the person in what the prediction makes (identity_term.py)
+            idl = self.identity.loss(self, pred, lat, ids, gen).mean()
+            loss = loss + c.identity_weight * idl
+            parts["identity"] = idl.item()
+        if c.finetune_steps > 0 and (c.finetune_weight > 0 or at_tuned):
+            # through the fine-tune that follows at personalisation (through_finetune.py)
+            from pretrain.through_finetune import finetuned_weights, first_order, loss_after
 
             rows = [self.samples["train"][i][1] for i, _ in pairs]
             seeds = [step_seed(c.seed, self.step, micro, d.rank, k) for k in range(len(rows))]
-            term, parts["finetuned"] = post_finetune_term(self, pred, rows, [f for _, f in pairs], lat, gen, seeds)
-            loss = loss + c.finetune_weight * term
+            theta = finetuned_weights(self, pred, rows, [f for _, f in pairs], seeds)
+            after = torch.zeros((), device=lat.device)
+            if c.finetune_weight > 0:
+                dl_after = loss_after(self, theta, lat, gen)
+                after = after + c.finetune_weight * dl_after
+                parts["finetuned"] = dl_after.item()
+            if at_tuned:
+                id_after = self.identity.loss(self, theta, lat, ids, gen).mean()
+                after = after + c.identity_weight * id_after
+                parts["identity_finetuned"] = id_after.item()
+            loss = loss + first_order(pred, theta, after)
         parts["loss"] = loss.item()
         return loss, parts
 
@@ -388,6 +415,14 @@ class Stage2Recipe:
                          self.cfg.val_finetune_steps, res["val/diffusion_finetuned"],
                          res["val/diffusion_finetuned_zero"], res["val/diffusion_finetuned_gap"],
                          res["val/diffusion_finetuned_gap_se"])
+            if "val/identity" in res:
+                log.info("stage2: val at step %d, identity term (1 - cos, lower is the person): %.4f from the "
+                         "prediction, %.4f from the base", self.step, res["val/identity"], res["val/identity_zero"])
+            if "val/identity_finetuned" in res:
+                log.info("stage2: val at step %d, identity term after the fine-tune: %.4f from the prediction, %.4f "
+                         "from zero (paired gap %+.4f +- %.4f s.e.)", self.step, res["val/identity_finetuned"],
+                         res["val/identity_finetuned_zero"], res["val/identity_finetuned_gap"],
+                         res["val/identity_finetuned_gap_se"])
         return res
 
     # 5. Output -----------------------------------------------------------------------------

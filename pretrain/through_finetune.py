@@ -76,6 +76,47 @@ def photo_latents(recipe, rows: list, flips: list[bool], split: str = "train") -
     return torch.where(f, mirror, plain), torch.where(f, plain, mirror)
 
 
+def finetuned_weights(recipe, pred: Weights, rows: list, flips: list[bool], seeds: list[int]) -> Weights:
+    """Every sample's weights after the fine-tune from its (detached) relaxed prediction, on the
+    recipe's device as leaves that require grad: (n, L, R, a) / (n, L, b, R).
+
+    Args:
+        rows, flips: each sample's photo and whether it was mirrored (the fine-tune's data).
+        seeds: each fine-tune's draws.
+    """
+    c = recipe.cfg
+    dev = pred["A_train"].device
+    starts = relaxed_starts(pred, c.finetune_rank, PersonalizeConfig().seed)  # (n, L, R, a) / (n, L, b, R)
+    lat, mirror = photo_latents(recipe, rows, flips)
+    tuned = finetune_batch(recipe, starts, lat.to(dev), mirror.to(dev), seeds, c.finetune_steps)
+    return {k: v.to(dev).requires_grad_(True) for k, v in tuned.items()}
+
+
+def first_order(pred: Weights, theta: Weights, loss: torch.Tensor) -> torch.Tensor:
+    """A scalar equal to `loss` whose gradient with respect to `pred` is `loss`'s gradient at the
+    fine-tuned `theta` (from `finetuned_weights`) on the prediction's r components (the
+    first-order approximation: the fine-tune's Jacobian taken as the identity)."""
+    r = pred["A_train"].shape[-2]
+    gA, gB = torch.autograd.grad(loss, [theta["A_train"], theta["B_train"]])  # (n, L, R, a), (n, L, b, R)
+    # The prediction is components [0, r) of the relaxed start: its gradient is theirs.
+    inner = (pred["A_train"] * gA[:, :, :r].to(pred["A_train"].dtype)).sum() + \
+        (pred["B_train"] * gB[..., :r].to(pred["B_train"].dtype)).sum()
+    return inner - inner.detach() + loss.detach()
+
+
+def loss_after(recipe, theta: Weights, outer_latents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The diffusion loss (scalar, with its graph to `theta`) of the fine-tuned weights on
+    `outer_latents` (n, C, h, w): the photo itself, or with `stage2.cross_photo` another photo of the
+    person; noise and timesteps from `gen`."""
+    emb, pooled = recipe.cond(outer_latents.shape[0])  # (n, T, D), (n, P) or None
+    recipe.lidb.use(theta)
+    try:
+        with recipe.ctx.autocast():
+            return recipe.objective.loss(recipe.net, outer_latents, emb, gen, recipe.cfg.min_snr_gamma, pooled=pooled)
+    finally:
+        recipe.lidb.use(None)
+
+
 def post_finetune_term(recipe, pred: Weights, rows: list, flips: list[bool], outer_latents: torch.Tensor,
                        gen: torch.Generator, seeds: list[int]) -> tuple[torch.Tensor, float]:
     """The first-order objective after the fine-tune, for a batch of predictions.
@@ -83,33 +124,17 @@ def post_finetune_term(recipe, pred: Weights, rows: list, flips: list[bool], out
     Args:
         pred: the hypernetwork's output, (n, L, r, a) / (n, L, b, r), carrying its graph.
         rows, flips: each sample's photo and whether it was mirrored (the fine-tune's data).
-        outer_latents: (n, C, h, w) what the loss after the fine-tune is taken on (the photo
-            itself, or with `stage2.cross_photo` another photo of the person).
+        outer_latents: (n, C, h, w) what the loss after the fine-tune is taken on.
         gen: draws that loss's noise and timesteps; seeds: each fine-tune's draws.
 
     Returns:
         (a scalar whose value is the mean loss after the fine-tune and whose gradient with
         respect to `pred` is that loss's gradient at the fine-tuned weights, that loss as a float).
     """
-    c, dev = recipe.cfg, outer_latents.device
-    r = pred["A_train"].shape[-2]
-    starts = relaxed_starts(pred, c.finetune_rank, PersonalizeConfig().seed)  # (n, L, R, a) / (n, L, b, R)
-    lat, mirror = photo_latents(recipe, rows, flips)
-    tuned = finetune_batch(recipe, starts, lat.to(dev), mirror.to(dev), seeds, c.finetune_steps)
-    theta = {k: v.to(dev).requires_grad_(True) for k, v in tuned.items()}
-    emb, pooled = recipe.cond(outer_latents.shape[0])  # (n, T, D), (n, P) or None
-    recipe.lidb.use(theta)
-    try:
-        with recipe.ctx.autocast():
-            after = recipe.objective.loss(recipe.net, outer_latents, emb, gen, c.min_snr_gamma, pooled=pooled)
-    finally:
-        recipe.lidb.use(None)
-    gA, gB = torch.autograd.grad(after, [theta["A_train"], theta["B_train"]])  # (n, L, R, a), (n, L, b, R)
-    # The prediction is components [0, r) of the relaxed start: its gradient is theirs.
-    inner = (pred["A_train"] * gA[:, :, :r].to(pred["A_train"].dtype)).sum() + \
-        (pred["B_train"] * gB[..., :r].to(pred["B_train"].dtype)).sum()
-    after = after.detach()
-    return inner - inner.detach() + after, float(after)
+    theta = finetuned_weights(recipe, pred, rows, flips, seeds)
+    after = loss_after(recipe, theta, outer_latents, gen)
+    return first_order(pred, theta, after), float(after)
 
 
-__all__ = ["finetune_batch", "finetune_config", "photo_latents", "post_finetune_term", "relaxed_starts"]
+__all__ = ["finetune_batch", "finetune_config", "finetuned_weights", "first_order", "loss_after", "photo_latents",
+           "post_finetune_term", "relaxed_starts"]

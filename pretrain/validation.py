@@ -38,6 +38,7 @@ def validate_hypernet(recipe, model, per_photo: dict | None = None) -> dict[str,
     T = recipe.num_train_timesteps
     flow = recipe.objective.flow_matching  # float timesteps in (0, T] rather than integer ones
     sums = torch.zeros(7, dtype=torch.float64)  # wmse, wmse_zero, dl, dl_zero, dl_stage1, wmse_mean, dl_mean
+    id_sums = torch.zeros(2, dtype=torch.float64)  # identity term: from the prediction, the base
     mine = list(range(d.rank, len(samples), d.world_size))
     was_training = model.training
     model.eval()
@@ -55,6 +56,10 @@ def validate_hypernet(recipe, model, per_photo: dict | None = None) -> dict[str,
             sums[3] += _dl(recipe, lat, ts, noise, None)
             sums[4] += _dl(recipe, lat, ts, noise, tgt)
             sums[6] += _dl(recipe, lat, ts, noise, mean)
+        if recipe.identity is not None:
+            ids, draws_id = _identity_ids(recipe, idx), _identity_draws(recipe, idx, tuple(lat.shape[1:]))
+            for k, w in enumerate((pred, None)):
+                id_sums[k] += recipe.identity.loss(recipe, w, lat, ids, None, "val", draws_id).double().sum().cpu()
     out = {}
     if recipe.cfg.val_finetune_steps > 0:
         out, photos = _after_finetune(recipe, model, mine, draws, flow)
@@ -64,6 +69,9 @@ def validate_hypernet(recipe, model, per_photo: dict | None = None) -> dict[str,
     model.train(was_training)
     n = len(samples)
     tot = all_reduce_sum(sums.to(d.device)).cpu()  # NCCL needs the rank's device
+    if recipe.identity is not None:
+        id_tot = all_reduce_sum(id_sums.to(d.device)).cpu()
+        out.update({"val/identity": float(id_tot[0] / n), "val/identity_zero": float(id_tot[1] / n)})
     return {**out,
         "val/weight_mse": float(tot[0] / n), "val/weight_mse_zero": float(tot[1] / n),
         "val/diffusion": float(tot[2] / (n * draws)), "val/diffusion_zero": float(tot[3] / (n * draws)),
@@ -90,6 +98,7 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> t
 
     samples, d, c, T = recipe.samples["val"], recipe.dist, recipe.cfg, recipe.num_train_timesteps
     sums = torch.zeros(4, dtype=torch.float64)  # from the prediction, from zero, sum of gaps, sum of gaps^2
+    id_sums = torch.zeros(4, dtype=torch.float64)  # the same for the identity term, when it is on
     photos = torch.zeros(len(samples), 2, dtype=torch.float64)  # this rank's photos filled, the rest 0
     for start in range(0, len(mine), c.batch_size):
         idx = mine[start : start + c.batch_size]
@@ -102,12 +111,18 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> t
         seeds = [step_seed(c.seed, _VAL_STREAM + 1, i) for i in idx]
         seed = PersonalizeConfig().seed
         per = torch.zeros(2, len(idx), dtype=torch.float64)  # (start, n): each photo's loss summed over draws
+        id_per = torch.zeros(2, len(idx), dtype=torch.float64)  # (start, n): the identity term, one draw
         for s, init in enumerate((pred, zeros_like_weights(pred))):
             starts = relaxed_starts(init, c.finetune_rank, seed)
             tuned = finetune_batch(recipe, starts, lat.to(d.device), mirror.to(d.device), seeds, c.val_finetune_steps)
             tuned = {k: v.to(d.device) for k, v in tuned.items()}
             for ts, noise in _draws(idx, tuple(other.shape[1:]), draws, T, flow, c.seed):
                 per[s] += _dl_per(recipe, other, ts, noise, tuned)
+            if recipe.identity is not None:
+                ids, draws_id = _identity_ids(recipe, idx), _identity_draws(recipe, idx, tuple(other.shape[1:]))
+                id_per[s] = recipe.identity.loss(recipe, tuned, other, ids, None, "val", draws_id).double().cpu()
+        id_gap = id_per[0] - id_per[1]  # (n,)
+        id_sums += torch.stack([id_per[0].sum(), id_per[1].sum(), id_gap.sum(), (id_gap * id_gap).sum()])
         gap = (per[0] - per[1]) / draws  # (n,)
         photos[idx] = (per / draws).T
         sums += torch.stack([per[0].sum(), per[1].sum(), gap.sum(), (gap * gap).sum()])
@@ -116,9 +131,31 @@ def _after_finetune(recipe, model, mine: list[int], draws: int, flow: bool) -> t
     photos = all_reduce_sum(photos.to(d.device)).cpu()  # every rank's photos: (n_val, 2)
     mean = float(tot[2] / n)
     var = max(float(tot[3] - n * mean * mean), 0.0) / max(n - 1, 1)  # sample variance of the gaps
-    return {"val/diffusion_finetuned": float(tot[0] / (n * draws)),
-            "val/diffusion_finetuned_zero": float(tot[1] / (n * draws)),
-            "val/diffusion_finetuned_gap": mean, "val/diffusion_finetuned_gap_se": (var / n) ** 0.5}, photos
+    out = {"val/diffusion_finetuned": float(tot[0] / (n * draws)),
+           "val/diffusion_finetuned_zero": float(tot[1] / (n * draws)),
+           "val/diffusion_finetuned_gap": mean, "val/diffusion_finetuned_gap_se": (var / n) ** 0.5}
+    if recipe.identity is not None:
+        it = all_reduce_sum(id_sums.to(d.device)).cpu()
+        m = float(it[2] / n)
+        v = max(float(it[3] - n * m * m), 0.0) / max(n - 1, 1)
+        out.update({"val/identity_finetuned": float(it[0] / n), "val/identity_finetuned_zero": float(it[1] / n),
+                    "val/identity_finetuned_gap": m, "val/identity_finetuned_gap_se": (v / n) ** 0.5})
+    return out, photos
+
+
+def _identity_ids(recipe, idx: list[int]) -> torch.Tensor:
+    """(n,) the identity index of each held-out sample in `idx`."""
+    return torch.tensor([recipe.samples["val"][i][0] for i in idx])
+
+
+def _identity_draws(recipe, idx: list[int], shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The identity term's (timesteps (n,), noise (n, *shape)) for held-out samples `idx`, one draw
+    each, seeded by the sample: the same for every adapter scored, batch size and rank count."""
+    flow = recipe.objective.flow_matching
+    got = [recipe.identity.draw(torch.Size((1, *shape)),
+                                torch.Generator().manual_seed(step_seed(recipe.cfg.seed, _VAL_STREAM + 2, i)), flow)
+           for i in idx]
+    return torch.cat([t for t, _ in got]), torch.cat([n for _, n in got])
 
 
 def _draws(idx: list[int], shape: tuple[int, ...], draws: int, T: int, flow: bool, seed: int):

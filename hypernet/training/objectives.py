@@ -44,6 +44,7 @@ the same draws on every device):
     per = obj.loss(net, latents, text_emb, None, pooled=pooled, reduction="none",
                    timesteps=t, noise=n)            # (B,) with explicit draws
     t = obj.draw_timesteps(b, generator, latents.shape)   # what `loss` draws when not given
+    x0 = obj.denoise_x0(net, latents, noise, t, text_emb, pooled)   # (B, C, h, w) one-step estimate
 
 `timesteps` are in the denoiser's training units: integers in [0, 1000) for the DDPM family,
 floats in (0, 1000] for flow matching (s = t / 1000). SD3/FLUX refuse `min_snr_gamma` (it is a
@@ -140,6 +141,21 @@ class Objective:
         """(b,) timesteps as `loss` draws them (CPU)."""
         raise NotImplementedError
 
+    def denoise_x0(self, net: nn.Module, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                   text_emb: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser's one-step estimate of the clean latents from `latents` noised to `timesteps`.
+
+        What a loss on the *image* the adapted model would make (e.g. a face-identity loss on the
+        decoded estimate) differentiates through; with grad when the caller has it on.
+
+        Args:
+            latents: (B, C, h, w) clean normalised latents; noise: their shape; timesteps: (B,).
+
+        Returns:
+            (B, C, h, w) fp32 estimate of `latents`.
+        """
+        raise NotImplementedError
+
     def loss(
         self,
         net: nn.Module,
@@ -202,6 +218,21 @@ class EpsilonObjective(Objective):
 
     def draw_timesteps(self, b, generator, shape=None):
         return torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator)
+
+    def denoise_x0(self, net, latents, noise, timesteps, text_emb, pooled=None):
+        _check_rows(latents, text_emb, pooled, self.needs_pooled)
+        t = timesteps.to(latents.device).long()
+        noisy = self.scheduler.add_noise(latents, noise.to(latents.device, latents.dtype), t)  # (B, C, h, w)
+        out = self.predict(net, noisy, t, text_emb, pooled).float()
+        ab = self.scheduler.alphas_cumprod.to(latents.device)[t].float()[:, None, None, None]  # (B, 1, 1, 1)
+        ptype = self.scheduler.config.prediction_type
+        if ptype == "epsilon":  # x_t = sqrt(ab) x0 + sqrt(1 - ab) eps
+            return (noisy.float() - (1 - ab).sqrt() * out) / ab.sqrt()
+        if ptype == "v_prediction":  # v = sqrt(ab) eps - sqrt(1 - ab) x0
+            return ab.sqrt() * noisy.float() - (1 - ab).sqrt() * out
+        if ptype == "sample":
+            return out
+        raise InvalidInputError(f"`prediction_type` must be epsilon, v_prediction or sample, got {ptype!r}")
 
     def loss(self, net, latents, text_emb, generator, min_snr_gamma=None, *, pooled=None, reduction="mean",
              timesteps=None, noise=None):
@@ -310,6 +341,13 @@ class FlowMatchingObjective(Objective):
         noise = noise.to(latents.device, latents.dtype)
         s = (timesteps.to(latents.device).float() / self.n_train).to(latents.dtype)[:, None, None, None]  # (B,1,1,1)
         return (1.0 - s) * latents + s * noise, noise - latents  # (B, C, h, w) each
+
+    def denoise_x0(self, net, latents, noise, timesteps, text_emb, pooled=None):
+        _check_rows(latents, text_emb, pooled, self.needs_pooled)
+        t = timesteps.to(latents.device).float()  # (B,)
+        noisy, _ = self.noised(latents, noise, t)
+        s = (t / self.n_train)[:, None, None, None]  # (B, 1, 1, 1)
+        return noisy.float() - s * self.predict(net, noisy, t, text_emb, pooled).float()  # x0 = x_t - s v
 
     def loss(self, net, latents, text_emb, generator, min_snr_gamma=None, *, pooled=None, reduction="mean",
              timesteps=None, noise=None):

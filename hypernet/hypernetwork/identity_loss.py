@@ -1,0 +1,114 @@
+"""A loss that scores the *person* in what an adapted model makes: the frozen face encoder's
+cosine between the decoded one-step estimate of a photo and the person's embedding.
+
+    scorer = FaceIdentityLoss(pipe.vae, FaceEncoder.load(), grid_theta(M, (R, R)))
+    x0 = objective.denoise_x0(net, latents, noise, t, text_emb)     # with the adapter in use
+    per = scorer(x0, target)                                        # (B,) 1 - cos, in [0, 2]
+
+Why: the diffusion loss scores every pixel alike, and the evaluation measured that a stage 2 that
+closes the loss-space gap to the fine-tune from zero leaves both face metrics unmoved
+(benchmarks/results/eval_v2/DIAGNOSIS.md section 12). Identity lives in a few features
+(eyes, nose, mouth, face shape) that a face-recognition network is trained to read, so this term
+rewards exactly those. It is the identity loss of ID-preserving generators (e.g. the ArcFace loss
+of PhotoMaker/InstantID-style training), taken on the one-step x0 estimate so that it costs one
+denoiser, decoder and encoder pass rather than a whole sampling chain.
+
+The encoder that takes this loss must not be the one that scores the result: `hdb eval` scores
+with dlib's ResNet and FaceNet, never the MobileFaceNet used here.
+
+Alignment: the decoded image is warped to the encoder's 112 x 112 ArcFace template by one fixed
+similarity transform (`mean_face_transform`: from the mean 5 landmarks of the training crops,
+which are aligned photos, so faces sit in about the same place in all of them), with grid_sample
+so the warp is differentiable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from hypernet.errors import InvalidInputError
+from hypernet.face_alignment import ARCFACE_TEMPLATE, FACE_SIZE, grid_theta, similarity_transform, warp_faces
+
+log = logging.getLogger(__name__)
+
+
+def mean_face_transform(images: Sequence[Image.Image], min_found: int = 3) -> np.ndarray | None:
+    """(2, 3) image pixels -> ArcFace template pixels, from the mean MTCNN landmarks of `images`
+    (all of one size), or None when fewer than `min_found` have a face (the caller then uses the
+    whole square: `square_transform`)."""
+    from hypernet.photos import _get_detector, detect_landmarks
+
+    if not images:
+        raise InvalidInputError("`images` must hold at least one image, got none")
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise InvalidInputError(f"`images` must all have one size, got {sorted(sizes)}")
+    if _get_detector() is None:
+        return None
+    found = [p for p in (detect_landmarks(im.convert("RGB")) for im in images) if p is not None]
+    if len(found) < min_found:
+        return None
+    return similarity_transform(np.mean(found, axis=0), ARCFACE_TEMPLATE)  # (2, 3)
+
+
+def square_transform(size: int) -> np.ndarray:
+    """(2, 3): the whole `size` x `size` image resized to the template (the centre-crop fallback)."""
+    s = FACE_SIZE / size
+    return np.array([[s, 0.0, 0.5 * s - 0.5], [0.0, s, 0.5 * s - 0.5]])
+
+
+class FaceIdentityLoss(nn.Module):
+    """Latents -> decoded images -> aligned faces -> frozen embeddings -> 1 - cos to a target.
+
+    Nothing in it trains (the VAE and the encoder are frozen); gradients flow through it to
+    whatever produced the latents.
+    """
+
+    def __init__(self, vae: nn.Module, encoder: nn.Module, theta: torch.Tensor):
+        super().__init__()
+        if tuple(theta.shape) != (2, 3):
+            raise InvalidInputError(f"`theta` must have shape (2, 3), got {tuple(theta.shape)}")
+        self.vae, self.encoder = vae, encoder
+        self.register_buffer("theta", theta.float(), persistent=False)
+        for m in (vae, encoder):
+            m.requires_grad_(False)
+        cfg = vae.config
+        self.scaling = float(cfg.scaling_factor)
+        self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
+
+    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) normalised latents -> (B, 512) unit embeddings of their decoded faces."""
+        z = latents / self.scaling + self.shift  # undo `encode_images`' normalisation
+        img = self.vae.decode(z.to(next(self.vae.parameters()).dtype)).sample.float()  # (B, 3, H, W) in [-1, 1]
+        faces = warp_faces(img, self.theta)  # (B, 3, 112, 112)
+        return self.encoder(faces)  # (B, 512)
+
+    def forward(self, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-> (B,) 1 - cos(embedding of the decoded `latents`, `target` (B, 512)): 0 = the same person."""
+        if target.dim() != 2 or target.shape[0] != latents.shape[0]:
+            raise InvalidInputError(
+                f"`target` must have shape ({latents.shape[0]}, D) like `latents`' batch, got {tuple(target.shape)}")
+        emb = self.embed(latents)
+        return 1.0 - (emb * F.normalize(target.to(emb), dim=-1)).sum(-1)
+
+
+def face_identity_loss(vae: nn.Module, encoder: nn.Module, images: Sequence[Image.Image]) -> FaceIdentityLoss:
+    """The loss aligned for images like `images` (e.g. training crops): mean landmarks when MTCNN
+    finds faces, else the whole square (logged)."""
+    w, h = images[0].size
+    M = mean_face_transform(images)
+    if M is None:
+        log.info("identity loss: no faces found in %d sample crops; aligning the whole %dx%d square",
+                 len(images), w, h)
+        M = square_transform(w)
+    return FaceIdentityLoss(vae, encoder, grid_theta(M, (h, w)))
+
+
+__all__ = ["FaceIdentityLoss", "face_identity_loss", "mean_face_transform", "square_transform"]
