@@ -133,7 +133,7 @@ def post_finetune_term(recipe, pred: Weights, rows: list, flips: list[bool], out
     """
     theta = finetuned_weights(recipe, pred, rows, flips, seeds)
     after = loss_after(recipe, theta, outer_latents, gen)
-    return first_order(pred, theta, after), float(after)
+    return first_order(pred, theta, after), after.item()
 
 
 __all__ = ["finetune_batch", "finetune_config", "finetuned_weights", "first_order", "loss_after", "photo_latents",

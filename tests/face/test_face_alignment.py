@@ -74,3 +74,26 @@ def test_real_photo_is_aligned_from_mtcnn_landmarks(faces_dir):
     assert pts is not None
     err = np.linalg.norm(pts / 2 - ARCFACE_TEMPLATE, axis=1)  # (5,) px
     assert err[:2].max() < 3.0 and err.mean() < 3.0, err
+
+
+def test_tensor_warp_is_the_pil_warp_and_carries_gradients():
+    """`warp_faces` with `grid_theta` is `warp_face` for tensors (what a loss on generated images
+    backpropagates through): the same pixels up to bilinear round-off, at any source size."""
+
+    from hypernet.face_alignment import grid_theta, to_tensor, warp_faces
+
+    yy, xx = np.mgrid[0:96, 0:128]
+    arr = np.stack([(xx * 2) % 256, (yy * 3) % 256, ((xx + yy) * 1.5) % 256], -1)  # smooth ramps
+    img = Image.fromarray(np.uint8(arr), "RGB")
+    landmarks = ARCFACE_TEMPLATE * 0.7 + np.array([20.0, 5.0])  # a face somewhere in the image
+    M = similarity_transform(landmarks, ARCFACE_TEMPLATE)
+    want = to_tensor(warp_face(img, landmarks))  # (3, 112, 112)
+    src = to_tensor(img)[None].requires_grad_(True)  # (1, 3, 96, 128)
+    got = warp_faces(src, grid_theta(M, (96, 128)))[0]
+    assert got.shape == want.shape
+    inner = (slice(None), slice(8, -8), slice(8, -8))  # away from wrap-around edges of the ramps
+    assert (got[inner] - want[inner]).abs().mean() < 0.02
+    got.sum().backward()
+    assert src.grad.abs().sum() > 0
+    with pytest.raises(InvalidInputError, match="must have shape"):
+        warp_faces(src[0], grid_theta(M, (96, 128)))

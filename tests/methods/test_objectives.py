@@ -132,3 +132,40 @@ def test_the_one_loop_lowers_a_fixed_batch_loss_on_every_arch(pipes, arch):
             p.copy_(w)  # leave the module's pipeline as it was
     assert len(res.losses) == 8 and all(torch.isfinite(torch.tensor(res.losses)))
     assert after < 0.95 * before, (before, after)  # measured: 0.87 (sd15) to 0.93 (flux)
+
+
+@pytest.mark.parametrize("arch, ptype", [("sd15", "epsilon"), ("sd15", "v_prediction"), ("sd15", "sample"),
+                                         ("sdxl", "epsilon"), ("sd3", None), ("flux", None)])
+def test_one_step_x0_estimate_is_the_samplers(pipes, arch, ptype):
+    """`denoise_x0` is what the stock samplers call the predicted original sample: DDPMScheduler's
+    `pred_original_sample` for epsilon / v / sample models, x_t - s v on the flow-matching path
+    (so an exact velocity gives x0 back)."""
+    from diffusers import DDPMScheduler
+
+    pipe = pipes[arch]
+    obj = objective_for(pipe)
+    net = denoiser(pipe)
+    if ptype is not None and ptype != obj.scheduler.config.prediction_type:
+        obj.scheduler = DDPMScheduler.from_config(obj.scheduler.config, prediction_type=ptype)
+    g = torch.Generator().manual_seed(0)
+    c = 16 if arch in ("sd3", "flux") else 4
+    lat, noise = torch.randn(2, c, 8, 8, generator=g), torch.randn(2, c, 8, 8, generator=g)
+    emb, pooled = obj.encode_prompts(pipe, PROMPTS)
+    with torch.no_grad():
+        if obj.flow_matching:
+            t = obj.scheduler.timesteps[[100, 100]]  # (2,)
+            x0 = obj.denoise_x0(net, lat, noise, t, emb, pooled)
+            noisy, target = obj.noised(lat, noise, t)
+            out = obj.predict(net, noisy, t, emb, pooled)
+            s = float(t[0]) / 1000
+            torch.testing.assert_close(x0, lat + s * (target - out), atol=1e-5, rtol=1e-5)  # exact v -> x0
+        else:
+            t = torch.tensor([600, 600])
+            x0 = obj.denoise_x0(net, lat, noise, t, emb, pooled)
+            noisy = obj.scheduler.add_noise(lat, noise, t)
+            out = obj.predict(net, noisy, t, emb, pooled)
+            ref = DDPMScheduler.from_config(obj.scheduler.config, clip_sample=False, thresholding=False)
+            ref.set_timesteps(1000)
+            want = ref.step(out, 600, noisy).pred_original_sample
+            torch.testing.assert_close(x0, want, atol=1e-4, rtol=1e-4)
+    assert x0.shape == lat.shape and x0.dtype == torch.float32

@@ -1,0 +1,69 @@
+"""The identity loss (hypernet.hypernetwork.identity_loss): latents -> decoded image -> aligned face
+-> frozen face embedding -> 1 - cos to the person. With the real TAEF2 and real photos it tells
+people apart, and its gradient reaches the latents."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from hypernet.errors import InvalidInputError
+from hypernet.face_alignment import grid_theta, to_tensor, warp_face
+from hypernet.hypernetwork.identity_loss import FaceIdentityLoss, face_identity_loss, square_transform
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+CROP = 128
+
+
+def test_square_transform_maps_the_whole_image_onto_the_template():
+    M = square_transform(CROP)
+    corners = np.array([[-0.5, -0.5, 1.0], [CROP - 0.5, CROP - 0.5, 1.0]])  # pixel edges, centres at integers
+    np.testing.assert_allclose(corners @ M.T, [[-0.5, -0.5], [111.5, 111.5]], atol=1e-9)
+
+
+@pytest.mark.needs_shared("faces", "taef2")
+def test_decoded_real_faces_are_closer_to_their_person_and_the_gradient_reaches_the_latents(
+        faces_dir, taef2_dir, face_encoder_file):
+    from hypernet.base.taef2 import load_taef2
+    from hypernet.face_alignment import align_face
+    from hypernet.face_encoder import FaceEncoder
+    from hypernet.photos import decode_image, detect_landmarks
+
+    rows = list(csv.DictReader((faces_dir / "identities.csv").open()))
+    by_id: dict[str, list[str]] = {}
+    for r in rows:
+        by_id.setdefault(r["identity"], []).append(r["file"])
+    people = sorted(by_id, key=int)[:3]
+    # Training crops as the corpus holds them: aligned photos, the face in about the same place.
+    crops, refs = [], []
+    for p in people:
+        a, b = (decode_image(faces_dir / f) for f in sorted(by_id[p])[:2])
+        crops.append(warp_face(a, detect_landmarks(a), size=CROP))  # (CROP, CROP) aligned crop
+        refs.append(align_face(b).face)  # another photo of the person, as prepare embeds it
+    encoder = FaceEncoder.load(face_encoder_file)
+    vae = load_taef2(taef2_dir)
+    loss = face_identity_loss(vae, encoder, crops)
+    # The mean landmarks of aligned crops put the decoded face where the template wants it.
+    want = grid_theta(square_transform(CROP), (CROP, CROP))
+    torch.testing.assert_close(loss.theta, want, atol=0.05, rtol=0)
+    with torch.no_grad():
+        targets = encoder(torch.stack(refs))  # (3, 512) each person's other photo
+        lat = vae.encode(torch.stack([to_tensor(c) for c in crops])).latent_dist.mean  # (3, 32, 16, 16)
+    lat.requires_grad_(True)
+    own = loss(lat, targets)  # (3,)
+    other = loss(lat, targets.roll(1, 0))
+    assert own.shape == (3,) and (own < other - 0.1).all(), (own, other)
+    own.sum().backward()
+    assert lat.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.parameters())  # the encoder and decoder stay frozen
+    with pytest.raises(InvalidInputError, match=r"`target` must have shape \(3, D\)"):
+        loss(lat, targets[:2])
+
+
+def test_theta_must_be_one_affine_matrix():
+    with pytest.raises(InvalidInputError, match=r"`theta` must have shape \(2, 3\)"):
+        FaceIdentityLoss(torch.nn.Linear(1, 1), torch.nn.Identity(), torch.zeros(3, 3))
+
