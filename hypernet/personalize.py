@@ -254,8 +254,14 @@ def _train(pipe, params, pixels, cfg, progress, should_stop):
     pixels = pixels[: cfg.finetune_photos or len(pixels)]  # (K', 3, H, W): the photos the fine-tune sees
     data = build_train_data(pipe, pixels.to(pipe.vae.device, pipe.vae.dtype), cfg.prompt, flip=cfg.flip)
     tcfg = finetune_train_config(cfg, len(pixels))
+    extra = None
+    if cfg.identity_weight > 0:  # the person as a face-recognition network sees them, beside the pixels
+        from hypernet.training.identity_loss import photo_identity_term
+
+        extra = photo_identity_term(pipe, pixels, data, weight=cfg.identity_weight, seed=cfg.seed)
     try:
-        return train(pipe, params, data, tcfg, progress=progress, should_stop=should_stop, stage="finetune")
+        return train(pipe, params, data, tcfg, progress=progress, should_stop=should_stop, stage="finetune",
+                     extra_loss=extra)
     except TrainingCancelled as e:
         raise Cancelled(str(e)) from e
 

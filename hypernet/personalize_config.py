@@ -66,6 +66,12 @@ class PersonalizeConfig:
         "help": "how predictions from several photos combine: 'weights' (mean of the predicted LiDB "
                 "weights; works on every runtime backend, ONNX included) or 'embedding' (mean of the "
                 "encoder's image tokens, decoded once; runs the torch model). Unused with one photo"})
+    identity_weight: float = field(default=0.0, metadata={
+        "help": "weight of an identity term added to the fine-tune's diffusion loss: 1 - cosine between "
+                "the frozen face encoder's embedding of the decoded one-step x0 estimate of a noised input "
+                "photo and the input photos' own embedding (hypernet.training.identity_loss). It rewards "
+                "the features a face-recognition network reads rather than every pixel alike. Costs one "
+                "more denoiser, decoder and face-encoder pass per step; 0 = off"})
     relax: str = field(default="subspace", metadata={
         "help": "how the fine-tune relaxes rank 1: 'subspace' (the LiDB core itself at rank `rank` inside "
                 "the aux bases, from the prediction; 410 KB at SD 1.5) or 'lora' (a rank-`rank` LoRA over "
@@ -80,6 +86,9 @@ class PersonalizeConfig:
         _check_int(self, "finetune_photos", 0, MAX_PHOTOS)
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
+        if isinstance(self.identity_weight, bool) or not isinstance(self.identity_weight, (int, float)) or \
+                not 0 <= self.identity_weight <= 100:
+            raise InvalidInputError(f"`identity_weight` must be a number in [0, 100], got {self.identity_weight!r}")
         if self.prediction_scale is not None:
             check_prediction_scale(self.prediction_scale)
         if self.init not in ("hypernetwork", "zero"):

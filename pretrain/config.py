@@ -148,7 +148,7 @@ class Stage2Config:
         "help": "weight of the identity term: 1 - cosine between the frozen face encoder's embedding of the "
                 "decoded one-step x0 estimate (the photo's latents noised to a timestep in [identity_t_min, "
                 "identity_t_max) of the schedule, denoised once with the adapter) and the person's mean "
-                "embedding; it scores the person rather than every pixel (hypernet.hypernetwork.identity_loss). "
+                "embedding; it scores the person rather than every pixel (hypernet.training.identity_loss). "
                 "Costs one denoiser, decoder and encoder pass per sample; 0 = off"})
     identity_at: str = field(default="prediction", metadata={
         "help": "where the identity term is taken: 'prediction' (the predicted LiDB, exact gradient) or "

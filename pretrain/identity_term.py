@@ -1,6 +1,6 @@
 """Stage 2's identity term (`stage2.identity_weight`): the frozen face encoder's 1 - cosine between
 the decoded one-step x0 estimate that an adapter makes of a photo and the person's mean embedding
-(`hypernet.hypernetwork.identity_loss` holds the math; this module wires it to the recipe).
+(`hypernet.training.identity_loss` holds the math; this module wires it to the recipe).
 
     term = IdentityTerm(recipe)                        # at setup: encoder, decoder, alignment, targets
     per = term.loss(recipe, weights, latents, ids, gen, split="train")    # (B,) with grad to weights
@@ -41,7 +41,7 @@ class IdentityTerm:
 
     def __init__(self, recipe):
         from hypernet.face_encoder import FaceEncoder
-        from hypernet.hypernetwork.identity_loss import face_identity_loss
+        from hypernet.training.identity_loss import face_identity_loss
         from pretrain.face_embeddings import FaceEmbeddings, embeddings_key
 
         c, dev = recipe.cfg, recipe.dist.device
@@ -50,19 +50,17 @@ class IdentityTerm:
         rows = [row for _, row in recipe.samples["train"][:_ALIGN_SAMPLES]]
         crops = pixels_to_images(recipe.data.pixels(rows))
         self.scorer = face_identity_loss(recipe.pipe.vae, FaceEncoder.load(), crops).to(dev)
-        T = recipe.num_train_timesteps
-        self.t_range = (c.identity_t_min * T, c.identity_t_max * T)
+        self.num_train_timesteps = recipe.num_train_timesteps
+        self.t_share = (c.identity_t_min, c.identity_t_max)
         if recipe.dist.is_main:
             log.info("stage2: identity term (weight %g, at the %s), timesteps [%d, %d)", c.identity_weight,
-                     c.identity_at, *self.t_range)
+                     c.identity_at, *(s * self.num_train_timesteps for s in self.t_share))
 
     def draw(self, shape: torch.Size, gen: torch.Generator, flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps (B,), noise (B, C, h, w)) for latents of `shape`, from `gen` (CPU)."""
-        lo, hi = self.t_range
-        u = torch.rand(shape[0], generator=gen)
-        t = lo + (hi - lo) * u  # (B,)
-        noise = torch.randn(shape, generator=gen)
-        return (t if flow else t.long()), noise
+        from hypernet.training.identity_loss import identity_draws
+
+        return identity_draws(shape, gen, self.t_share, self.num_train_timesteps, flow)
 
     def loss(self, recipe, weights: Weights | None, latents: torch.Tensor, ids: torch.Tensor,
              gen: torch.Generator, split: str = "train",

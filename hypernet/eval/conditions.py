@@ -112,7 +112,10 @@ def finetune_of(condition: str, overrides: dict[str, Any] | None = None) -> dict
         from hypernet.personalize import PersonalizeConfig
 
         d = PersonalizeConfig()
-        return {"relax": eff.get("relax", d.relax), "lr": eff.get("lr", d.lr)}
+        key = {"relax": eff.get("relax", d.relax), "lr": eff.get("lr", d.lr)}
+        if eff.get("identity_weight", d.identity_weight):  # off keeps the cells computed before it existed
+            key["identity_weight"] = float(eff.get("identity_weight", d.identity_weight))
+        return key
     if base in ("hypernetwork", "base"):
         return None
     from hypernet.methods import get_method

@@ -1,4 +1,4 @@
-"""The identity loss (hypernet.hypernetwork.identity_loss): latents -> decoded image -> aligned face
+"""The identity loss (hypernet.training.identity_loss): latents -> decoded image -> aligned face
 -> frozen face embedding -> 1 - cos to the person. With the real TAEF2 and real photos it tells
 people apart, and its gradient reaches the latents."""
 
@@ -12,7 +12,7 @@ import torch
 
 from hypernet.errors import InvalidInputError
 from hypernet.face_alignment import grid_theta, to_tensor, warp_face
-from hypernet.hypernetwork.identity_loss import FaceIdentityLoss, face_identity_loss, square_transform
+from hypernet.training.identity_loss import FaceIdentityLoss, face_identity_loss, square_transform
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CROP = 128

@@ -2,8 +2,16 @@
 cosine between the decoded one-step estimate of a photo and the person's embedding.
 
     scorer = FaceIdentityLoss(pipe.vae, FaceEncoder.load(), grid_theta(M, (R, R)))
+    t, noise = identity_draws(latents.shape, gen, DEFAULT_T_RANGE, 1000, flow=False)
     x0 = objective.denoise_x0(net, latents, noise, t, text_emb)     # with the adapter in use
     per = scorer(x0, target)                                        # (B,) 1 - cos, in [0, 2]
+
+    extra = photo_identity_term(pipe, pixels, data, weight=1.0, seed=0)   # the fine-tune's term
+    train(pipe, params, data, cfg, extra_loss=extra)
+
+Two users: pretraining's stage 2 (`stage2.identity_weight`: the person in what the hypernetwork's
+prediction makes, pretrain/identity_term.py) and the fast fine-tune (`PersonalizeConfig.identity_weight`:
+the input photo's identity, as an extra loss of the one training loop).
 
 Why: the diffusion loss scores every pixel alike, and the evaluation measured that a stage 2 that
 closes the loss-space gap to the fine-tune from zero leaves both face metrics unmoved
@@ -37,6 +45,21 @@ from hypernet.errors import InvalidInputError
 from hypernet.face_alignment import ARCFACE_TEMPLATE, FACE_SIZE, grid_theta, similarity_transform, warp_faces
 
 log = logging.getLogger(__name__)
+
+#: Timesteps of the one-step estimate, as shares of the schedule. Measured on the face world
+#: (DIAGNOSIS section 14): the base's x0 estimate still tells people apart up to ~0.6 of the
+#: schedule and not at all from 0.7, so below 0.3 the noised photo gives identity away and above
+#: 0.7 there is nothing for an adapter to add that the encoder can see.
+DEFAULT_T_RANGE = (0.3, 0.7)
+
+
+def identity_draws(shape: torch.Size | tuple, gen: torch.Generator | None, t_range: tuple[float, float],
+                   num_train_timesteps: int, flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps (B,), noise `shape`) for the one-step estimate, drawn on the CPU from `gen`:
+    uniform in t_range of the schedule, integers for DDPM-family bases, floats for flow matching."""
+    lo, hi = t_range[0] * num_train_timesteps, t_range[1] * num_train_timesteps
+    t = lo + (hi - lo) * torch.rand(shape[0], generator=gen)  # (B,)
+    return (t if flow else t.long()), torch.randn(tuple(shape), generator=gen)
 
 
 def mean_face_transform(images: Sequence[Image.Image], min_found: int = 3) -> np.ndarray | None:
@@ -111,4 +134,69 @@ def face_identity_loss(vae: nn.Module, encoder: nn.Module, images: Sequence[Imag
     return FaceIdentityLoss(vae, encoder, grid_theta(M, (h, w)))
 
 
-__all__ = ["FaceIdentityLoss", "face_identity_loss", "mean_face_transform", "square_transform"]
+_ENCODERS: dict[str, nn.Module] = {}
+
+
+def _face_encoder(device: torch.device) -> nn.Module:
+    """The frozen face encoder, converted once per process and device (onnx2torch takes ~1 s)."""
+    from hypernet.face_encoder import FaceEncoder
+
+    key = str(device)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = FaceEncoder.load().to(device)
+    return _ENCODERS[key]
+
+
+def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed: int,
+                        t_range: tuple[float, float] = DEFAULT_T_RANGE, objective=None):
+    """The fine-tune's identity term, as the one training loop's `extra_loss(step)`.
+
+    Each step draws one of the photos (or its mirror, when the data has them), noises its latents
+    to a timestep in `t_range`, and returns `weight` x (1 - cos) between the face encoder's
+    embedding of the decoded one-step estimate (under whatever adapter is trained on the pipe)
+    and the mean embedding of the input photos. Its draws come from their own generator seeded
+    by (seed, step), so the diffusion loss's draws are those of a run without the term.
+
+    Args:
+        pixels: (K, 3, H, W) in [-1, 1], the photos the fine-tune trains on (preprocessed crops).
+        data: their `TrainData` (latents, mirrored latents, prompt embeddings).
+
+    Raises:
+        InvalidInputError: weight <= 0, or pixels that are not a batch of RGB images.
+        ModelNotFoundError: no face encoder file (`make setup` fetches it).
+    """
+    from hypernet.base.arch import denoiser
+    from hypernet.face_alignment import align_faces, pixels_to_images
+    from hypernet.training.objectives import objective_for
+
+    if not weight > 0:
+        raise InvalidInputError(f"`weight` must be > 0, got {weight!r}")
+    if pixels.dim() != 4 or pixels.shape[1] != 3:
+        raise InvalidInputError(f"`pixels` must have shape (K, 3, H, W), got {tuple(pixels.shape)}")
+    dev = data.latents.device
+    encoder = _face_encoder(dev)
+    images = pixels_to_images(pixels)
+    with torch.no_grad():
+        target = F.normalize(encoder(align_faces(images).to(dev)).mean(0, keepdim=True), dim=-1)  # (1, 512)
+    scorer = face_identity_loss(pipe.vae, encoder, images).to(dev)
+    obj = objective if objective is not None else objective_for(pipe)
+    net = denoiser(pipe)
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    sources = [data.latents] + ([data.flipped] if data.flipped is not None else [])
+
+    def extra_loss(step: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        src = sources[int(torch.randint(len(sources), (1,), generator=gen))]
+        k = int(torch.randint(src.shape[0], (1,), generator=gen))
+        lat = src[k : k + 1]  # (1, C, h, w)
+        t, noise = identity_draws(lat.shape, gen, t_range, n_train, obj.flow_matching)
+        emb = data.text_emb[:1].to(dev)
+        pooled = data.pooled[:1].to(dev) if data.pooled is not None else None
+        x0 = obj.denoise_x0(net, lat, noise, t, emb, pooled)  # (1, C, h, w)
+        return weight * scorer(x0, target).mean()
+
+    return extra_loss
+
+
+__all__ = ["DEFAULT_T_RANGE", "FaceIdentityLoss", "face_identity_loss", "identity_draws", "mean_face_transform",
+           "photo_identity_term", "square_transform"]
