@@ -64,8 +64,9 @@ def identity_draws(shape: torch.Size | tuple, gen: torch.Generator | None, t_ran
 
 def mean_face_transform(images: Sequence[Image.Image], min_found: int = 3) -> np.ndarray | None:
     """(2, 3) image pixels -> ArcFace template pixels, from the mean MTCNN landmarks of `images`
-    (all of one size), or None when fewer than `min_found` have a face (the caller then uses the
-    whole square: `square_transform`)."""
+    (all of one size), or None when fewer than min(`min_found`, len(images)) have a face (the
+    caller then uses the whole square: `square_transform`). One photo with a face is enough when
+    one is all there is (the fast fine-tune's usual case)."""
     from hypernet.photos import _get_detector, detect_landmarks
 
     if not images:
@@ -76,7 +77,7 @@ def mean_face_transform(images: Sequence[Image.Image], min_found: int = 3) -> np
     if _get_detector() is None:
         return None
     found = [p for p in (detect_landmarks(im.convert("RGB")) for im in images) if p is not None]
-    if len(found) < min_found:
+    if len(found) < min(min_found, len(images)):
         return None
     return similarity_transform(np.mean(found, axis=0), ARCFACE_TEMPLATE)  # (2, 3)
 
@@ -128,8 +129,8 @@ def face_identity_loss(vae: nn.Module, encoder: nn.Module, images: Sequence[Imag
     w, h = images[0].size
     M = mean_face_transform(images)
     if M is None:
-        log.info("identity loss: no faces found in %d sample crops; aligning the whole %dx%d square",
-                 len(images), w, h)
+        log.info("identity loss: too few faces found in %d crops to align by landmarks; aligning the whole "
+                 "%dx%d square", len(images), w, h)
         M = square_transform(w)
     return FaceIdentityLoss(vae, encoder, grid_theta(M, (h, w)))
 

@@ -67,3 +67,24 @@ def test_theta_must_be_one_affine_matrix():
     with pytest.raises(InvalidInputError, match=r"`theta` must have shape \(2, 3\)"):
         FaceIdentityLoss(torch.nn.Linear(1, 1), torch.nn.Identity(), torch.zeros(3, 3))
 
+
+
+@pytest.mark.needs_shared("faces")
+def test_one_photo_with_a_face_is_aligned_by_its_landmarks(faces_dir):
+    """The fast fine-tune has one photo: its landmarks must align the decoded face (the whole-square
+    fallback would shrink the face to about half the encoder's frame)."""
+    from PIL import Image
+
+    from hypernet.face_alignment import ARCFACE_TEMPLATE
+    from hypernet.photos import decode_image, detect_landmarks
+    from hypernet.training.identity_loss import mean_face_transform
+
+    img = decode_image(faces_dir / "image_0001.jpg")
+    crop = warp_face(img, detect_landmarks(img), size=CROP)  # its landmarks sit on the template at CROP px
+    M = mean_face_transform([crop])
+    assert M is not None
+    on_template = (ARCFACE_TEMPLATE * CROP / 112) @ M[:, :2].T + M[:, 2]  # (5, 2) in the encoder's frame
+    np.testing.assert_allclose(on_template, ARCFACE_TEMPLATE, atol=3.0)
+    blank = Image.new("RGB", (CROP, CROP), (128, 128, 128))
+    assert mean_face_transform([blank]) is None  # no face: the caller falls back to the whole square
+    assert mean_face_transform([crop, blank, blank]) is None  # 1 of 3 is too few to trust
