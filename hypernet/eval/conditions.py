@@ -11,7 +11,8 @@
 
 Opt-in variants (`VARIANTS`, run only when named in `--conditions`) vary one setting of a hypernet
 condition: 3 input photos instead of 1, combined in weight or embedding space; the relaxed
-fine-tune as a LoRA over full layer dims or inside the LiDB subspace. A variant with 3 inputs takes
+fine-tune as a LoRA over full layer dims or inside the LiDB subspace; the fine-tune with its identity
+term (`*-identity`, weight 1: hypernet.training.identity_loss). A variant with 3 inputs takes
 the identity's first 3 photos; the runner then scores every condition against the photos after them.
 
 Opt-in controls (`CONTROLS`) run `hypernetwork` and `hyperdreambooth` with the control
@@ -62,6 +63,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-relax-subspace": ("hyperdreambooth", {"relax": "subspace"}, 1),
     "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
     "fast-finetune-relax-lora": ("fast-finetune", {"relax": "lora"}, 1),
+    # the fine-tune with its identity term (PersonalizeConfig.identity_weight; DIAGNOSIS.md section 14)
+    "hyperdreambooth-identity": ("hyperdreambooth", {"identity_weight": 1.0}, 1),
+    "fast-finetune-identity": ("fast-finetune", {"identity_weight": 1.0}, 1),
 }
 #: Controls: name -> the hypernetwork condition they run with the *control* hypernetwork
 #: (`EvalConfig.mean_adapter`, from `hdb pretrain mean-adapter`: one adapter for everyone, the mean
