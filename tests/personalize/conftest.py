@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from hypernet.adapters import default_spec_for, lidb_layers
 from hypernet.identity import Identity, cached_fingerprint, layer_shapes
@@ -52,3 +56,16 @@ def random_hypernet(pipe, path, head_init_std: float = 0.05):
 @pytest.fixture()
 def tiny_hypernet(tiny_pipe, tmp_path):
     return random_hypernet(tiny_pipe, tmp_path / "hypernet")
+
+
+def random_photo_bytes(seed: int = 0) -> bytes:
+    """A 90x80 JPEG of uniform noise: a valid photo with no face (the tiny base needs none)."""
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (90, 80, 3), dtype=np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def photo_bytes():
+    return random_photo_bytes

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -17,20 +16,13 @@ from hypernet.personalize import PersonalizeConfig
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _photo_bytes(seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (90, 80, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
 def test_the_term_is_seeded_by_step_depends_on_the_adapter_and_carries_gradients(tiny_pipe, make_identity,
-                                                                                 face_encoder_file):
+                                                                                 face_encoder_file, photo_bytes):
     from hypernet.photos import preprocess
     from hypernet.training import build_train_data
     from hypernet.training.identity_loss import photo_identity_term
 
-    img = Image.open(io.BytesIO(_photo_bytes())).convert("RGB")
+    img = Image.open(io.BytesIO(photo_bytes())).convert("RGB")
     pixels = preprocess(img, 64, detector="center")[None]  # (1, 3, 64, 64)
     data = build_train_data(tiny_pipe, pixels, "a photo of ohwx person")
     term = photo_identity_term(tiny_pipe, pixels, data, weight=2.0, seed=0)
@@ -64,12 +56,12 @@ def test_bad_identity_weight_is_named(value):
 
 
 def test_cli_identity_weight_changes_what_the_fine_tune_learns(tiny_base_dir, tiny_hypernet, tmp_path, capsys,
-                                                               face_encoder_file):
+                                                               face_encoder_file, photo_bytes):
     from hdb.cli import main
     from hypernet.identity import Identity
 
     photo = tmp_path / "me.jpg"
-    photo.write_bytes(_photo_bytes(2))
+    photo.write_bytes(photo_bytes(2))
     common = [str(photo), "--base", str(tiny_base_dir), "--hypernet", str(tiny_hypernet), "--steps", "3",
               "--detector", "center", "--device", "cpu"]
     got = {}

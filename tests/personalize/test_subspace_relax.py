@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from hypernet.adapters import default_spec_for, lidb_layers
 from hypernet.base import load_pipeline
@@ -18,13 +16,6 @@ from hypernet.identity import Identity, cached_fingerprint, layer_shapes
 from hypernet.personalize import personalize, subspace_init
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _photo_bytes(seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (90, 80, 3), dtype=np.uint8)).save(buf, format="JPEG")
-    return buf.getvalue()
 
 
 def _unet_out(pipe, seed=0):
@@ -59,11 +50,11 @@ def test_init_is_the_prediction_plus_components_that_get_gradient():
     assert (zero["A_train"].abs() > 0).all()  # the ablation's zero prediction: no dead (A = B = 0) component
 
 
-def test_subspace_fine_tune_trains_the_core_and_makes_a_small_identity(tiny_pipe, tiny_hypernet):
+def test_subspace_fine_tune_trains_the_core_and_makes_a_small_identity(tiny_pipe, tiny_hypernet, photo_bytes):
     kw = dict(hypernet=tiny_hypernet, steps=4, rank=3, detector="center", lr=1e-2)
-    pred = personalize(tiny_pipe, _photo_bytes(), steps=0, hypernet=tiny_hypernet, detector="center")
-    sub = personalize(tiny_pipe, _photo_bytes(), relax="subspace", **kw)
-    lora = personalize(tiny_pipe, _photo_bytes(), relax="lora", **kw)
+    pred = personalize(tiny_pipe, photo_bytes(), steps=0, hypernet=tiny_hypernet, detector="center")
+    sub = personalize(tiny_pipe, photo_bytes(), relax="subspace", **kw)
+    lora = personalize(tiny_pipe, photo_bytes(), relax="lora", **kw)
     assert sub.relax == "subspace" and sub.relaxed == {} and sub.spec.r == 3 and sub.relaxed_rank == 0
     assert dataclasses.replace(sub.spec, r=1) == pred.spec  # same aux bases
     A, B = sub.lidb["A_train"], sub.lidb["B_train"]
@@ -76,14 +67,14 @@ def test_subspace_fine_tune_trains_the_core_and_makes_a_small_identity(tiny_pipe
     assert sub.nbytes < lora.nbytes
     # rank = the prediction's (1): the predicted core itself trains, with no extra components (what
     # an old client asking for rank 1, valid for the LoRA relaxation, gets).
-    one = personalize(tiny_pipe, _photo_bytes(), relax="subspace", **{**kw, "rank": 1})
+    one = personalize(tiny_pipe, photo_bytes(), relax="subspace", **{**kw, "rank": 1})
     assert one.spec == pred.spec and (one.lidb["B_train"] - pred.lidb["B_train"]).abs().max() > 0
     with pytest.raises(InvalidInputError, match=r"`rank` must be in \[1, \d+\] for relax='subspace'"):
-        personalize(tiny_pipe, _photo_bytes(), relax="subspace", **{**kw, "rank": 256})
+        personalize(tiny_pipe, photo_bytes(), relax="subspace", **{**kw, "rank": 256})
     with pytest.raises(InvalidInputError, match="`relax` must be one of"):
-        personalize(tiny_pipe, _photo_bytes(), relax="full", **kw)
+        personalize(tiny_pipe, photo_bytes(), relax="full", **kw)
     # The default is the subspace relaxation (measured at least as good, at half the time and size).
-    default = personalize(tiny_pipe, _photo_bytes(), **kw)
+    default = personalize(tiny_pipe, photo_bytes(), **kw)
     assert default.relax == "subspace" and torch.equal(default.lidb["A_train"], A)
 
 
