@@ -148,7 +148,7 @@ def _face_encoder(device: torch.device) -> nn.Module:
     return _ENCODERS[key]
 
 
-def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed: int,
+def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed: int, every: int = 1,
                         t_range: tuple[float, float] = DEFAULT_T_RANGE, objective=None):
     """The fine-tune's identity term, as the one training loop's `extra_loss(step)`.
 
@@ -158,12 +158,16 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     and the mean embedding of the input photos. Its draws come from their own generator seeded
     by (seed, step), so the diffusion loss's draws are those of a run without the term.
 
+    With `every` = k > 1 the term is taken on steps 0, k, 2k, ... only, at `weight` x k, so its
+    total weight over the fine-tune is that of `every` = 1 at 1/k of its cost: the decoder and face
+    encoder passes cost ~3x a diffusion step on the face world (DIAGNOSIS.md section 15).
+
     Args:
         pixels: (K, 3, H, W) in [-1, 1], the photos the fine-tune trains on (preprocessed crops).
         data: their `TrainData` (latents, mirrored latents, prompt embeddings).
 
     Raises:
-        InvalidInputError: weight <= 0, or pixels that are not a batch of RGB images.
+        InvalidInputError: weight <= 0, every < 1, or pixels that are not a batch of RGB images.
         ModelNotFoundError: no face encoder file (`make setup` fetches it).
     """
     from hypernet.base.arch import denoiser
@@ -172,6 +176,8 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
 
     if not weight > 0:
         raise InvalidInputError(f"`weight` must be > 0, got {weight!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise InvalidInputError(f"`every` must be an integer >= 1, got {every!r}")
     if pixels.dim() != 4 or pixels.shape[1] != 3:
         raise InvalidInputError(f"`pixels` must have shape (K, 3, H, W), got {tuple(pixels.shape)}")
     dev = data.latents.device
@@ -186,6 +192,8 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     sources = [data.latents] + ([data.flipped] if data.flipped is not None else [])
 
     def extra_loss(step: int) -> torch.Tensor:
+        if step % every:
+            return torch.zeros((), device=dev)
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         src = sources[int(torch.randint(len(sources), (1,), generator=gen))]
         k = int(torch.randint(src.shape[0], (1,), generator=gen))
@@ -194,7 +202,7 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
         emb = data.text_emb[:1].to(dev)
         pooled = data.pooled[:1].to(dev) if data.pooled is not None else None
         x0 = obj.denoise_x0(net, lat, noise, t, emb, pooled)  # (1, C, h, w)
-        return weight * scorer(x0, target).mean()
+        return weight * every * scorer(x0, target).mean()
 
     return extra_loss
 
