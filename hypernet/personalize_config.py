@@ -28,6 +28,9 @@ def check_prediction_scale(scale) -> float:
         raise InvalidInputError(f"`prediction_scale` must be a number in [0, 100], got {scale!r}")
     return float(scale)
 
+#: Upper bound of `PersonalizeConfig.identity_weight` (the service takes the same range).
+MAX_IDENTITY_WEIGHT = 100
+
 
 @dataclass
 class PersonalizeConfig:
@@ -92,8 +95,9 @@ class PersonalizeConfig:
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
         if isinstance(self.identity_weight, bool) or not isinstance(self.identity_weight, (int, float)) or \
-                not 0 <= self.identity_weight <= 100:
-            raise InvalidInputError(f"`identity_weight` must be a number in [0, 100], got {self.identity_weight!r}")
+                not 0 <= self.identity_weight <= MAX_IDENTITY_WEIGHT:
+            raise InvalidInputError(f"`identity_weight` must be a number in [0, {MAX_IDENTITY_WEIGHT}], "
+                                    f"got {self.identity_weight!r}")
         if self.prediction_scale is not None:
             check_prediction_scale(self.prediction_scale)
         if self.init not in ("hypernetwork", "zero"):

@@ -51,6 +51,11 @@ def register(subparsers) -> None:
     p.add_argument("--token", default="", help="rare token (default ohwx)")
     p.add_argument("--class-noun", default="", help="class noun (default person)")
     p.add_argument("--background", action="store_true", help="run as a background job")
+    p.add_argument("--identity-weight", type=float, default=None,
+                   help="HYPERDREAMBOOTH: weight of the fine-tune's identity term (0 = off, the server's "
+                   "default; GetServerInfo's MethodInfo.identity_term says whether the server has it)")
+    p.add_argument("--identity-every", type=int, default=None,
+                   help="HYPERDREAMBOOTH: take the identity term on every k-th step only (1)")
     p.add_argument("--prompt", action="append", default=[],
                    help="generate this prompt afterwards (repeatable)")
     _gen_args(p)
@@ -166,7 +171,8 @@ def _identity_json(ident) -> dict:
 @_call
 def _personalize(client, args) -> int:
     opts = client.options(steps=args.steps, seed=args.seed, token=args.token,
-                          class_noun=args.class_noun, background=args.background)
+                          class_noun=args.class_noun, background=args.background,
+                          identity_weight=args.identity_weight, identity_every=args.identity_every)
 
     def progress(p) -> None:
         loss = f" loss {p.loss:.4f}" if p.HasField("loss") else ""

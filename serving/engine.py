@@ -76,6 +76,8 @@ class PersonalizeOptions:
     rank: int | None = None
     lr: float | None = None
     seed: int | None = None
+    identity_weight: float | None = None  # HYPERDREAMBOOTH's fine-tune identity term
+    identity_every: int | None = None
     token: str = "ohwx"
     class_noun: str = "person"
 
@@ -295,6 +297,29 @@ class Engine:
             out[name] = (ok, why)
         return out
 
+    def identity_term(self) -> tuple[bool, str]:
+        """Whether HYPERDREAMBOOTH's fine-tune can take its identity term here (it needs the
+        hypernetwork and the face encoder's file): (available, why not)."""
+        ok, why = self.methods().get("hyperdreambooth", (False, "HYPERDREAMBOOTH is not supported on this base"))
+        if not ok:
+            return False, why
+        from hypernet.face_encoder import find_face_encoder
+
+        try:
+            find_face_encoder()
+        except ModelNotFoundError as e:
+            return False, str(e)
+        if not _has_module("onnx2torch"):
+            return False, "onnx2torch is not installed in this build"
+        return True, ""
+
+    def check_identity_term(self) -> None:
+        """Raise FailedPrecondition unless `identity_term()` is available (GetServerInfo says so)."""
+        ok, why = self.identity_term()
+        if not ok:
+            raise FailedPrecondition(f"`options.identity_weight` needs the face encoder, which this server "
+                                     f"lacks: {why}; leave it unset or 0")
+
     @staticmethod
     def versions() -> dict[str, str]:
         from importlib.metadata import PackageNotFoundError, version
@@ -357,9 +382,12 @@ class Engine:
                                      f"{self._hypernet_error}; use another method")
         kw: dict[str, Any] = {"token": opts.token, "class_noun": opts.class_noun}
         for key, value in (("steps", opts.steps), ("rank", opts.rank), ("lr", opts.lr),
-                           ("seed", opts.seed)):
+                           ("seed", opts.seed), ("identity_weight", opts.identity_weight),
+                           ("identity_every", opts.identity_every)):
             if value is not None:
                 kw[key] = value
+        if kw.get("identity_weight"):
+            self.check_identity_term()
 
         def on_progress(ev) -> None:
             progress(ev.stage, int(ev.step), int(ev.total), ev.loss)

@@ -212,12 +212,14 @@ class PersonalizationServicer(pb_grpc.PersonalizationServiceServicer):
                             ) -> pb.GetServerInfoResponse:
         c, e = self.cfg, self.core.engine
         available = e.methods()  # only the methods the base's family supports
+        identity_term = e.identity_term()[0]
         methods = [
             pb.MethodInfo(method=v.METHOD_ENUMS[name], background=spec.background,
                           available=available[name][0], detail=available[name][1],
                           default_steps=e.default_steps(name),
                           export_formats=[v.EXPORT_ENUMS[f] for f in spec.export_formats],
-                          personalize_and_generate=not spec.background)
+                          personalize_and_generate=not spec.background,
+                          identity_term=name == "hyperdreambooth" and identity_term)
             for name, spec in METHODS.items() if name in available
         ]
         limits = pb.Limits(
