@@ -41,6 +41,7 @@ AlignDetector = Literal["auto", "mtcnn", "center"]
 class AlignedFace(NamedTuple):
     face: torch.Tensor  # (3, 112, 112) float32 in [-1, 1]
     found: bool  # False: no landmarks, the centre crop was used
+    points: np.ndarray | None = None  # (5, 2) the landmarks in the input image's pixels, when found
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -151,7 +152,7 @@ def align_face(img: Image.Image, *, detector: AlignDetector = "auto", source: st
         if detector != "center":
             log.info("face alignment: no face found in %s; using the centre crop", source)
         return AlignedFace(to_tensor(center_face(img)), False)
-    return AlignedFace(to_tensor(warp_face(img, points)), True)
+    return AlignedFace(to_tensor(warp_face(img, points)), True, points)
 
 
 def align_faces(images: Sequence[Image.Image], *, detector: AlignDetector = "auto") -> torch.Tensor:

@@ -62,11 +62,20 @@ def identity_draws(shape: torch.Size | tuple, gen: torch.Generator | None, t_ran
     return (t if flow else t.long()), torch.randn(tuple(shape), generator=gen)
 
 
+def landmark_transform(found: Sequence[np.ndarray], n: int, min_found: int = 3) -> np.ndarray | None:
+    """(2, 3) image pixels -> ArcFace template pixels from the mean of the landmarks `found` ((5, 2)
+    each) in `n` images of one size, or None when too few were found to trust: fewer than
+    min(`min_found`, max(1, n // 2)). So one photo with a face is enough when there are up to 3
+    (the fast fine-tune's photos), and larger sets (stage 2's crops) need half of them, up to 3."""
+    if len(found) < min(min_found, max(1, n // 2)):
+        return None
+    return similarity_transform(np.mean(found, axis=0), ARCFACE_TEMPLATE)  # (2, 3)
+
+
 def mean_face_transform(images: Sequence[Image.Image], min_found: int = 3) -> np.ndarray | None:
-    """(2, 3) image pixels -> ArcFace template pixels, from the mean MTCNN landmarks of `images`
-    (all of one size), or None when fewer than min(`min_found`, len(images)) have a face (the
-    caller then uses the whole square: `square_transform`). One photo with a face is enough when
-    one is all there is (the fast fine-tune's usual case)."""
+    """`landmark_transform` of the MTCNN landmarks of `images` (all of one size), or None when too
+    few have a face, or MTCNN is unavailable (the caller then uses the whole square:
+    `square_transform`)."""
     from hypernet.photos import _get_detector, detect_landmarks
 
     if not images:
@@ -77,9 +86,7 @@ def mean_face_transform(images: Sequence[Image.Image], min_found: int = 3) -> np
     if _get_detector() is None:
         return None
     found = [p for p in (detect_landmarks(im.convert("RGB")) for im in images) if p is not None]
-    if len(found) < min(min_found, len(images)):
-        return None
-    return similarity_transform(np.mean(found, axis=0), ARCFACE_TEMPLATE)  # (2, 3)
+    return landmark_transform(found, len(images), min_found)
 
 
 def square_transform(size: int) -> np.ndarray:
@@ -123,11 +130,13 @@ class FaceIdentityLoss(nn.Module):
         return 1.0 - (emb * F.normalize(target.to(emb), dim=-1)).sum(-1)
 
 
-def face_identity_loss(vae: nn.Module, encoder: nn.Module, images: Sequence[Image.Image]) -> FaceIdentityLoss:
-    """The loss aligned for images like `images` (e.g. training crops): mean landmarks when MTCNN
-    finds faces, else the whole square (logged)."""
+def face_identity_loss(vae: nn.Module, encoder: nn.Module, images: Sequence[Image.Image],
+                       M: np.ndarray | None = None) -> FaceIdentityLoss:
+    """The loss aligned for images like `images` (e.g. training crops): by `M` when given (e.g. a
+    `landmark_transform` of landmarks already detected), else by their mean landmarks when MTCNN
+    finds enough faces, else the whole square (logged)."""
     w, h = images[0].size
-    M = mean_face_transform(images)
+    M = mean_face_transform(images) if M is None else M
     if M is None:
         log.info("identity loss: too few faces found in %d crops to align by landmarks; aligning the whole "
                  "%dx%d square", len(images), w, h)
@@ -171,7 +180,7 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
         ModelNotFoundError: no face encoder file (`make setup` fetches it).
     """
     from hypernet.base.arch import denoiser
-    from hypernet.face_alignment import align_faces, pixels_to_images
+    from hypernet.face_alignment import align_face, pixels_to_images
     from hypernet.training.objectives import objective_for
 
     if not weight > 0:
@@ -183,9 +192,15 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     dev = data.latents.device
     encoder = _face_encoder(dev)
     images = pixels_to_images(pixels)
+    aligned = [align_face(im, source=f"photo #{i}") for i, im in enumerate(images)]  # MTCNN once per photo
+    faces = torch.stack([a.face for a in aligned]).to(dev)  # (K, 3, 112, 112)
     with torch.no_grad():
-        target = F.normalize(encoder(align_faces(images).to(dev)).mean(0, keepdim=True), dim=-1)  # (1, 512)
-    scorer = face_identity_loss(pipe.vae, encoder, images).to(dev)
+        target = F.normalize(encoder(faces).mean(0, keepdim=True), dim=-1)  # (1, 512)
+    M = landmark_transform([a.points for a in aligned if a.points is not None], len(images))
+    if M is None:
+        log.info("identity term: no face found in the %d photo(s); aligning the whole square", len(images))
+        M = square_transform(images[0].size[0])
+    scorer = face_identity_loss(pipe.vae, encoder, images, M).to(dev)
     obj = objective if objective is not None else objective_for(pipe)
     net = denoiser(pipe)
     n_train = int(pipe.scheduler.config.num_train_timesteps)
@@ -207,5 +222,5 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     return extra_loss
 
 
-__all__ = ["DEFAULT_T_RANGE", "FaceIdentityLoss", "face_identity_loss", "identity_draws", "mean_face_transform",
-           "photo_identity_term", "square_transform"]
+__all__ = ["DEFAULT_T_RANGE", "FaceIdentityLoss", "face_identity_loss", "identity_draws", "landmark_transform",
+           "mean_face_transform", "photo_identity_term", "square_transform"]

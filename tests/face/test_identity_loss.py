@@ -87,4 +87,18 @@ def test_one_photo_with_a_face_is_aligned_by_its_landmarks(faces_dir):
     np.testing.assert_allclose(on_template, ARCFACE_TEMPLATE, atol=3.0)
     blank = Image.new("RGB", (CROP, CROP), (128, 128, 128))
     assert mean_face_transform([blank]) is None  # no face: the caller falls back to the whole square
-    assert mean_face_transform([crop, blank, blank]) is None  # 1 of 3 is too few to trust
+    np.testing.assert_allclose(mean_face_transform([crop, blank, blank]), M)  # the photos with a face align
+    assert mean_face_transform([blank, blank, blank, crop]) is None  # 1 of 4 is too few to trust
+
+
+@pytest.mark.parametrize("n_found, n, aligned", [(1, 1, True), (0, 1, False), (1, 3, True), (1, 4, False),
+                                                 (2, 4, True), (3, 8, True), (2, 8, False)])
+def test_landmark_transform_trusts_one_face_in_up_to_3_photos_and_half_of_more(n_found, n, aligned):
+    from hypernet.face_alignment import ARCFACE_TEMPLATE
+    from hypernet.training.identity_loss import landmark_transform
+
+    points = ARCFACE_TEMPLATE * 0.5 + 10.0  # (5, 2): a face at half the template's scale
+    M = landmark_transform([points] * n_found, n)
+    assert (M is not None) == aligned
+    if aligned:
+        np.testing.assert_allclose(points @ M[:, :2].T + M[:, 2], ARCFACE_TEMPLATE, atol=1e-6)
