@@ -47,8 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "decoded one-step estimate and the photos); 0 = off, the diffusion loss alone "
                    f"({d.identity_weight:g})")
     p.add_argument("--identity-every", type=int, default=d.identity_every,
-                   help="take the identity term on every k-th step only, at --identity-weight x k: the same "
-                   f"total weight at 1/k of the term's cost ({d.identity_every})")
+                   help="compute the identity term's gradient on every k-th step only and reuse it between: "
+                   f"1/k of the term's cost ({d.identity_every})")
     p.add_argument("--prediction-scale", type=float, default=d.prediction_scale,
                    help="multiply the hypernetwork's predicted delta_W by this before the fine-tune (default: "
                    "the hypernetwork's own, calibrated on held-out people and stored in its file at export)")

@@ -76,8 +76,8 @@ class PersonalizeConfig:
                 "the features a face-recognition network reads rather than every pixel alike. Costs one "
                 "more denoiser, decoder and face-encoder pass per step; 0 = off"})
     identity_every: int = field(default=1, metadata={
-        "help": "take the identity term on every k-th fine-tune step only, at identity_weight x k: the "
-                "same total weight at 1/k of the term's cost (it costs ~3 diffusion steps on the face "
+        "help": "compute the identity term's gradient on every k-th fine-tune step only and reuse it on "
+                "the steps between: 1/k of the term's cost (it costs ~3 diffusion steps on the face "
                 "world). Unused when identity_weight is 0"})
     relax: str = field(default="subspace", metadata={
         "help": "how the fine-tune relaxes rank 1: 'subspace' (the LiDB core itself at rank `rank` inside "

@@ -158,6 +158,7 @@ def _face_encoder(device: torch.device) -> nn.Module:
 
 
 def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed: int, every: int = 1,
+                        params: Sequence[torch.Tensor] | None = None,
                         t_range: tuple[float, float] = DEFAULT_T_RANGE, objective=None):
     """The fine-tune's identity term, as the one training loop's `extra_loss(step)`.
 
@@ -167,16 +168,22 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     and the mean embedding of the input photos. Its draws come from their own generator seeded
     by (seed, step), so the diffusion loss's draws are those of a run without the term.
 
-    With `every` = k > 1 the term is taken on steps 0, k, 2k, ... only, at `weight` x k, so its
-    total weight over the fine-tune is that of `every` = 1 at 1/k of its cost: the decoder and face
-    encoder passes cost ~3x a diffusion step on the face world (DIAGNOSIS.md section 15).
+    With `every` = k > 1 the term's gradient with respect to `params` (the trained tensors) is
+    computed on steps 0, k, 2k, ... only and reused on the steps between, as a surrogate whose
+    value is the term's last value and whose gradient is that cached gradient. The decoder and
+    face-encoder passes cost ~3x a diffusion step on the face world, so k = 4 takes ~a quarter of
+    that, while the pressure stays on every step (the parameters move little in k steps). Taking
+    the term on every k-th step alone at weight x k, as lazy R1 regularisation does in GAN
+    training, was measured here and lost most of the gain: AdamW's per-step update does not grow
+    with a k-fold gradient (DIAGNOSIS.md section 15).
 
     Args:
         pixels: (K, 3, H, W) in [-1, 1], the photos the fine-tune trains on (preprocessed crops).
         data: their `TrainData` (latents, mirrored latents, prompt embeddings).
 
     Raises:
-        InvalidInputError: weight <= 0, every < 1, or pixels that are not a batch of RGB images.
+        InvalidInputError: weight <= 0, every < 1, every > 1 without `params`, or pixels that are
+            not a batch of RGB images.
         ModelNotFoundError: no face encoder file (`make setup` fetches it).
     """
     from hypernet.base.arch import denoiser
@@ -187,6 +194,10 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
         raise InvalidInputError(f"`weight` must be > 0, got {weight!r}")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise InvalidInputError(f"`every` must be an integer >= 1, got {every!r}")
+    params = [p for p in (params or []) if p.requires_grad]
+    if every > 1 and not params:
+        raise InvalidInputError(f"`params` must list the trained tensors when `every` > 1 (its gradient is "
+                                f"reused between steps), got {len(params)} that require grad")
     if pixels.dim() != 4 or pixels.shape[1] != 3:
         raise InvalidInputError(f"`pixels` must have shape (K, 3, H, W), got {tuple(pixels.shape)}")
     dev = data.latents.device
@@ -206,9 +217,7 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     n_train = int(pipe.scheduler.config.num_train_timesteps)
     sources = [data.latents] + ([data.flipped] if data.flipped is not None else [])
 
-    def extra_loss(step: int) -> torch.Tensor:
-        if step % every:
-            return torch.zeros((), device=dev)
+    def term(step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         src = sources[int(torch.randint(len(sources), (1,), generator=gen))]
         k = int(torch.randint(src.shape[0], (1,), generator=gen))
@@ -217,9 +226,26 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
         emb = data.text_emb[:1].to(dev)
         pooled = data.pooled[:1].to(dev) if data.pooled is not None else None
         x0 = obj.denoise_x0(net, lat, noise, t, emb, pooled)  # (1, C, h, w)
-        return weight * every * scorer(x0, target).mean()
+        return weight * scorer(x0, target).mean()
 
-    return extra_loss
+    if every == 1:
+        return term
+
+    cache: dict[str, object] = {}
+
+    def lazy_term(step: int) -> torch.Tensor:
+        if step % every == 0 or "grads" not in cache:
+            value = term(step - step % every)  # the draws of the step it stands for
+            grads = torch.autograd.grad(value, params, allow_unused=True)
+            cache["grads"] = [torch.zeros_like(p) if g is None else g.detach()
+                              for p, g in zip(params, grads, strict=True)]
+            cache["value"] = value.detach()
+        # d(surrogate)/dp = the cached gradient; its value is the term's last one (for the loss log)
+        surrogate = sum((p * g).sum() for p, g in zip(params, cache["grads"], strict=True))
+        return surrogate - surrogate.detach() + cache["value"]
+
+    return lazy_term
+
 
 
 __all__ = ["DEFAULT_T_RANGE", "FaceIdentityLoss", "face_identity_loss", "identity_draws", "landmark_transform",

@@ -49,9 +49,10 @@ def test_the_term_is_seeded_by_step_depends_on_the_adapter_and_carries_gradients
         photo_identity_term(tiny_pipe, pixels, data, weight=0, seed=0)
 
 
-def test_every_k_takes_the_term_on_every_kth_step_at_k_times_the_weight(tiny_pipe, face_encoder_file, photo_bytes):
-    """`every` = k: zero (no passes) between, and at steps 0, k, 2k the same draws as every step at
-    weight x k, so the total weight over a fine-tune is unchanged."""
+def test_every_k_reuses_the_terms_gradient_between_the_steps_it_computes(tiny_pipe, face_encoder_file,
+                                                                          photo_bytes):
+    """`every` = k: on steps 0, k, 2k the term's own gradient; on the steps between, the same
+    gradient again (no passes) and the same logged value, so the pressure stays on every step."""
     from hypernet.photos import preprocess
     from hypernet.training import build_train_data
     from hypernet.training.identity_loss import photo_identity_term
@@ -59,14 +60,24 @@ def test_every_k_takes_the_term_on_every_kth_step_at_k_times_the_weight(tiny_pip
     img = Image.open(io.BytesIO(photo_bytes())).convert("RGB")
     pixels = preprocess(img, 64, detector="center")[None]  # (1, 3, 64, 64)
     data = build_train_data(tiny_pipe, pixels, "a photo of ohwx person")
-    every1 = photo_identity_term(tiny_pipe, pixels, data, weight=0.5, seed=0)
-    every3 = photo_identity_term(tiny_pipe, pixels, data, weight=0.5, seed=0, every=3)
-    with torch.no_grad():
+    w = tiny_pipe.unet.conv_out.weight
+    w.requires_grad_(True)
+    try:
+        every1 = photo_identity_term(tiny_pipe, pixels, data, weight=0.5, seed=0)
+        every3 = photo_identity_term(tiny_pipe, pixels, data, weight=0.5, seed=0, every=3, params=[w])
         for step in range(7):
             got = every3(step)
-            want = 3 * every1(step) if step % 3 == 0 else torch.zeros(())
-            torch.testing.assert_close(got, want)
-        assert every3(3).item() > 0
+            want = every1(step - step % 3)  # the step it stands for
+            (g_got,) = torch.autograd.grad(got, [w])
+            (g_want,) = torch.autograd.grad(want, [w])
+            torch.testing.assert_close(got.detach(), want.detach())
+            torch.testing.assert_close(g_got, g_want)
+            assert g_got.abs().sum() > 0
+        assert every1(3).item() != pytest.approx(every1(0).item(), abs=1e-7)  # steps 0 and 3 do differ
+        with pytest.raises(InvalidInputError, match=r"`params` must list the trained tensors when `every` > 1"):
+            photo_identity_term(tiny_pipe, pixels, data, weight=1.0, seed=0, every=2)
+    finally:
+        w.requires_grad_(False)
     for bad in (0, -2, 1.5, True):
         with pytest.raises(InvalidInputError, match=r"`every` must be an integer >= 1"):
             photo_identity_term(tiny_pipe, pixels, data, weight=1.0, seed=0, every=bad)
