@@ -46,9 +46,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="weight of the fine-tune's identity term (the face encoder's 1 - cos between the "
                    "decoded one-step estimate and the photos); 0 = off, the diffusion loss alone "
                    f"({d.identity_weight:g})")
-    p.add_argument("--identity-every", type=int, default=d.identity_every,
-                   help="compute the identity term's gradient on every k-th step only and reuse it between: "
-                   f"1/k of the term's cost ({d.identity_every})")
     p.add_argument("--prediction-scale", type=float, default=d.prediction_scale,
                    help="multiply the hypernetwork's predicted delta_W by this before the fine-tune (default: "
                    "the hypernetwork's own, calibrated on held-out people and stored in its file at export)")
@@ -86,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                             class_noun=args.class_noun, seed=args.seed, detector=args.detector,
                             combine=args.combine, relax=args.relax, batch_size=args.batch_size,
                             finetune_photos=args.finetune_photos, prediction_scale=args.prediction_scale,
-                            identity_weight=args.identity_weight, identity_every=args.identity_every)
+                            identity_weight=args.identity_weight)
     photos = list(args.photos)  # paths: a missing or bad one is named in the error (`photos[i]` (path))
     personalize_photos = photos if len(photos) > 1 else photos[0]
     pipe = load_pipeline(args.base or default_base_dir(), device=args.device, dtype=args.dtype)

@@ -258,8 +258,7 @@ def _train(pipe, params, pixels, cfg, progress, should_stop):
     if cfg.identity_weight > 0:  # the person as a face-recognition network sees them, beside the pixels
         from hypernet.training.identity_loss import photo_identity_term
 
-        extra = photo_identity_term(pipe, pixels, data, weight=cfg.identity_weight, seed=cfg.seed,
-                                    every=cfg.identity_every, params=params)
+        extra = photo_identity_term(pipe, pixels, data, weight=cfg.identity_weight, seed=cfg.seed)
     try:
         return train(pipe, params, data, tcfg, progress=progress, should_stop=should_stop, stage="finetune",
                      extra_loss=extra)

@@ -75,10 +75,6 @@ class PersonalizeConfig:
                 "photo and the input photos' own embedding (hypernet.training.identity_loss). It rewards "
                 "the features a face-recognition network reads rather than every pixel alike. Costs one "
                 "more denoiser, decoder and face-encoder pass per step; 0 = off"})
-    identity_every: int = field(default=1, metadata={
-        "help": "compute the identity term's gradient on every k-th fine-tune step only and reuse it on "
-                "the steps between: 1/k of the term's cost (it costs ~3 diffusion steps on the face "
-                "world). Unused when identity_weight is 0"})
     relax: str = field(default="subspace", metadata={
         "help": "how the fine-tune relaxes rank 1: 'subspace' (the LiDB core itself at rank `rank` inside "
                 "the aux bases, from the prediction; 410 KB at SD 1.5) or 'lora' (a rank-`rank` LoRA over "
@@ -91,7 +87,6 @@ class PersonalizeConfig:
         _check_int(self, "rank", 1, 256)
         _check_int(self, "batch_size", 0, MAX_PHOTOS)
         _check_int(self, "finetune_photos", 0, MAX_PHOTOS)
-        _check_int(self, "identity_every", 1, 10_000)
         if not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
             raise InvalidInputError(f"`lr` must be a number in (0, 1), got {self.lr!r}")
         if isinstance(self.identity_weight, bool) or not isinstance(self.identity_weight, (int, float)) or \

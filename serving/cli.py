@@ -54,8 +54,6 @@ def register(subparsers) -> None:
     p.add_argument("--identity-weight", type=float, default=None,
                    help="HYPERDREAMBOOTH: weight of the fine-tune's identity term (0 = off, the server's "
                    "default; GetServerInfo's MethodInfo.identity_term says whether the server has it)")
-    p.add_argument("--identity-every", type=int, default=None,
-                   help="HYPERDREAMBOOTH: take the identity term on every k-th step only (1)")
     p.add_argument("--prompt", action="append", default=[],
                    help="generate this prompt afterwards (repeatable)")
     _gen_args(p)
@@ -172,7 +170,7 @@ def _identity_json(ident) -> dict:
 def _personalize(client, args) -> int:
     opts = client.options(steps=args.steps, seed=args.seed, token=args.token,
                           class_noun=args.class_noun, background=args.background,
-                          identity_weight=args.identity_weight, identity_every=args.identity_every)
+                          identity_weight=args.identity_weight)
 
     def progress(p) -> None:
         loss = f" loss {p.loss:.4f}" if p.HasField("loss") else ""

@@ -120,12 +120,10 @@ class HdbClient:
     @staticmethod
     def options(steps: int | None = None, rank: int | None = None, seed: int | None = None,
                 learning_rate: float | None = None, token: str = "", class_noun: str = "",
-                background: bool = False, identity_weight: float | None = None,
-                identity_every: int | None = None) -> pb.PersonalizeOptions:
+                background: bool = False, identity_weight: float | None = None) -> pb.PersonalizeOptions:
         o = pb.PersonalizeOptions(token=token, class_noun=class_noun, background=background)
         for name, value in (("steps", steps), ("rank", rank), ("seed", seed),
-                            ("learning_rate", learning_rate), ("identity_weight", identity_weight),
-                            ("identity_every", identity_every)):
+                            ("learning_rate", learning_rate), ("identity_weight", identity_weight)):
             if value is not None:
                 setattr(o, name, value)
         return o

@@ -77,7 +77,6 @@ class PersonalizeOptions:
     lr: float | None = None
     seed: int | None = None
     identity_weight: float | None = None  # HYPERDREAMBOOTH's fine-tune identity term
-    identity_every: int | None = None
     token: str = "ohwx"
     class_noun: str = "person"
 
@@ -382,8 +381,7 @@ class Engine:
                                      f"{self._hypernet_error}; use another method")
         kw: dict[str, Any] = {"token": opts.token, "class_noun": opts.class_noun}
         for key, value in (("steps", opts.steps), ("rank", opts.rank), ("lr", opts.lr),
-                           ("seed", opts.seed), ("identity_weight", opts.identity_weight),
-                           ("identity_every", opts.identity_every)):
+                           ("seed", opts.seed), ("identity_weight", opts.identity_weight)):
             if value is not None:
                 kw[key] = value
         if kw.get("identity_weight"):

@@ -39,7 +39,6 @@ _TOKEN = re.compile(r"^[a-z0-9]{1,32}$")
 _NOUN = re.compile(r"^[A-Za-z][A-Za-z -]{0,31}$")
 MAX_SEED = 2**62  # seed + i must stay a valid 64-bit seed
 MAX_RANK = 64
-MAX_IDENTITY_EVERY = 1000  # every k-th fine-tune step; more than the steps = once, at step 0
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 
 
@@ -183,17 +182,14 @@ def personalization(photo: bytes, photos, method: int, o, cfg: ServeConfig) -> P
         opts.lr = float(lr)
     if o.HasField("seed"):
         opts.seed = _int_range(o.seed, "options.seed", 0, MAX_SEED)
-    for field in ("identity_weight", "identity_every"):
-        if o.HasField(field) and name != "hyperdreambooth":
-            raise _bad(f"options.{field}", "unset for any method but METHOD_HYPERDREAMBOOTH (the term is "
-                       "part of its fast fine-tune)", getattr(o, field))
+    if o.HasField("identity_weight") and name != "hyperdreambooth":
+        raise _bad("options.identity_weight", "unset for any method but METHOD_HYPERDREAMBOOTH (the term is "
+                   "part of its fast fine-tune)", o.identity_weight)
     if o.HasField("identity_weight"):
         w = o.identity_weight
         if not (math.isfinite(w) and 0 <= w <= MAX_IDENTITY_WEIGHT):
             raise _bad("options.identity_weight", f"a finite number in [0, {MAX_IDENTITY_WEIGHT:g}] (0 = off)", w)
         opts.identity_weight = float(w)
-    if o.HasField("identity_every"):
-        opts.identity_every = _int_range(o.identity_every, "options.identity_every", 1, MAX_IDENTITY_EVERY)
     if o.token:
         if not _TOKEN.match(o.token):
             raise _bad("options.token", "1-32 characters of [a-z0-9] (a rare word, e.g. ohwx)",

@@ -119,8 +119,6 @@ def finetune_of(condition: str, overrides: dict[str, Any] | None = None) -> dict
         key = {"relax": eff.get("relax", d.relax), "lr": eff.get("lr", d.lr)}
         if eff.get("identity_weight", d.identity_weight):  # off keeps the cells computed before it existed
             key["identity_weight"] = float(eff.get("identity_weight", d.identity_weight))
-            if int(eff.get("identity_every", d.identity_every)) != 1:
-                key["identity_every"] = int(eff.get("identity_every", d.identity_every))
         return key
     if base in ("hypernetwork", "base"):
         return None

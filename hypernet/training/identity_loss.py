@@ -157,8 +157,7 @@ def _face_encoder(device: torch.device) -> nn.Module:
     return _ENCODERS[key]
 
 
-def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed: int, every: int = 1,
-                        params: Sequence[torch.Tensor] | None = None,
+def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed: int,
                         t_range: tuple[float, float] = DEFAULT_T_RANGE, objective=None):
     """The fine-tune's identity term, as the one training loop's `extra_loss(step)`.
 
@@ -168,22 +167,17 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     and the mean embedding of the input photos. Its draws come from their own generator seeded
     by (seed, step), so the diffusion loss's draws are those of a run without the term.
 
-    With `every` = k > 1 the term's gradient with respect to `params` (the trained tensors) is
-    computed on steps 0, k, 2k, ... only and reused on the steps between, as a surrogate whose
-    value is the term's last value and whose gradient is that cached gradient. The decoder and
-    face-encoder passes cost ~3x a diffusion step on the face world, so k = 4 takes ~a quarter of
-    that, while the pressure stays on every step (the parameters move little in k steps). Taking
-    the term on every k-th step alone at weight x k, as lazy R1 regularisation does in GAN
-    training, was measured here and lost most of the gain: AdamW's per-step update does not grow
-    with a k-fold gradient (DIAGNOSIS.md section 15).
+    It costs one more denoiser, decoder and face-encoder pass per step (~3x a diffusion step on
+    the face world, most of it the decoder). Taking it less often does not work: on every 4th or
+    8th step at weight x 4 or x 8, or with its gradient reused on the steps between, it lost most
+    or all of its gain (DIAGNOSIS.md section 15): fresh draws on every step are what helps.
 
     Args:
         pixels: (K, 3, H, W) in [-1, 1], the photos the fine-tune trains on (preprocessed crops).
         data: their `TrainData` (latents, mirrored latents, prompt embeddings).
 
     Raises:
-        InvalidInputError: weight <= 0, every < 1, every > 1 without `params`, or pixels that are
-            not a batch of RGB images.
+        InvalidInputError: weight <= 0, or pixels that are not a batch of RGB images.
         ModelNotFoundError: no face encoder file (`make setup` fetches it).
     """
     from hypernet.base.arch import denoiser
@@ -192,12 +186,6 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
 
     if not weight > 0:
         raise InvalidInputError(f"`weight` must be > 0, got {weight!r}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise InvalidInputError(f"`every` must be an integer >= 1, got {every!r}")
-    params = [p for p in (params or []) if p.requires_grad]
-    if every > 1 and not params:
-        raise InvalidInputError(f"`params` must list the trained tensors when `every` > 1 (its gradient is "
-                                f"reused between steps), got {len(params)} that require grad")
     if pixels.dim() != 4 or pixels.shape[1] != 3:
         raise InvalidInputError(f"`pixels` must have shape (K, 3, H, W), got {tuple(pixels.shape)}")
     dev = data.latents.device
@@ -217,7 +205,7 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     n_train = int(pipe.scheduler.config.num_train_timesteps)
     sources = [data.latents] + ([data.flipped] if data.flipped is not None else [])
 
-    def term(step: int) -> torch.Tensor:
+    def extra_loss(step: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
         src = sources[int(torch.randint(len(sources), (1,), generator=gen))]
         k = int(torch.randint(src.shape[0], (1,), generator=gen))
@@ -228,23 +216,7 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
         x0 = obj.denoise_x0(net, lat, noise, t, emb, pooled)  # (1, C, h, w)
         return weight * scorer(x0, target).mean()
 
-    if every == 1:
-        return term
-
-    cache: dict[str, object] = {}
-
-    def lazy_term(step: int) -> torch.Tensor:
-        if step % every == 0 or "grads" not in cache:
-            value = term(step - step % every)  # the draws of the step it stands for
-            grads = torch.autograd.grad(value, params, allow_unused=True)
-            cache["grads"] = [torch.zeros_like(p) if g is None else g.detach()
-                              for p, g in zip(params, grads, strict=True)]
-            cache["value"] = value.detach()
-        # d(surrogate)/dp = the cached gradient; its value is the term's last one (for the loss log)
-        surrogate = sum((p * g).sum() for p, g in zip(params, cache["grads"], strict=True))
-        return surrogate - surrogate.detach() + cache["value"]
-
-    return lazy_term
+    return extra_loss
 
 
 

@@ -49,42 +49,6 @@ def test_the_term_is_seeded_by_step_depends_on_the_adapter_and_carries_gradients
         photo_identity_term(tiny_pipe, pixels, data, weight=0, seed=0)
 
 
-def test_every_k_reuses_the_terms_gradient_between_the_steps_it_computes(tiny_pipe, face_encoder_file,
-                                                                          photo_bytes):
-    """`every` = k: on steps 0, k, 2k the term's own gradient; on the steps between, the same
-    gradient again (no passes) and the same logged value, so the pressure stays on every step."""
-    from hypernet.photos import preprocess
-    from hypernet.training import build_train_data
-    from hypernet.training.identity_loss import photo_identity_term
-
-    img = Image.open(io.BytesIO(photo_bytes())).convert("RGB")
-    pixels = preprocess(img, 64, detector="center")[None]  # (1, 3, 64, 64)
-    data = build_train_data(tiny_pipe, pixels, "a photo of ohwx person")
-    w = tiny_pipe.unet.conv_out.weight
-    w.requires_grad_(True)
-    try:
-        every1 = photo_identity_term(tiny_pipe, pixels, data, weight=0.5, seed=0)
-        every3 = photo_identity_term(tiny_pipe, pixels, data, weight=0.5, seed=0, every=3, params=[w])
-        for step in range(7):
-            got = every3(step)
-            want = every1(step - step % 3)  # the step it stands for
-            (g_got,) = torch.autograd.grad(got, [w])
-            (g_want,) = torch.autograd.grad(want, [w])
-            torch.testing.assert_close(got.detach(), want.detach())
-            torch.testing.assert_close(g_got, g_want)
-            assert g_got.abs().sum() > 0
-        assert every1(3).item() != pytest.approx(every1(0).item(), abs=1e-7)  # steps 0 and 3 do differ
-        with pytest.raises(InvalidInputError, match=r"`params` must list the trained tensors when `every` > 1"):
-            photo_identity_term(tiny_pipe, pixels, data, weight=1.0, seed=0, every=2)
-    finally:
-        w.requires_grad_(False)
-    for bad in (0, -2, 1.5, True):
-        with pytest.raises(InvalidInputError, match=r"`every` must be an integer >= 1"):
-            photo_identity_term(tiny_pipe, pixels, data, weight=1.0, seed=0, every=bad)
-    with pytest.raises(InvalidInputError, match=r"`identity_every` must be an integer in \[1, 10000\], got 0"):
-        PersonalizeConfig(identity_weight=1.0, identity_every=0)
-
-
 @pytest.mark.parametrize("value", [-1, 101, True, "1"])
 def test_bad_identity_weight_is_named(value):
     with pytest.raises(InvalidInputError, match=r"`identity_weight` must be a number in \[0, 100\]"):
@@ -101,12 +65,10 @@ def test_cli_identity_weight_changes_what_the_fine_tune_learns(tiny_base_dir, ti
     common = [str(photo), "--base", str(tiny_base_dir), "--hypernet", str(tiny_hypernet), "--steps", "3",
               "--detector", "center", "--device", "cpu"]
     got = {}
-    for name, extra in (("off", []), ("on", ["--identity-weight", "5"]),
-                        ("every2", ["--identity-weight", "5", "--identity-every", "2"])):
+    for name, extra in (("off", []), ("on", ["--identity-weight", "5"])):
         assert main(["personalize", *common, "--out", str(tmp_path / f"{name}.safetensors"), *extra]) == 0
         got[name] = Identity.load(tmp_path / f"{name}.safetensors").lidb
     assert any(not torch.allclose(got["off"][k], got["on"][k]) for k in got["off"])
-    assert any(not torch.allclose(got["every2"][k], got["on"][k]) for k in got["off"])
     capsys.readouterr()
     assert main(["personalize", *common, "--out", str(tmp_path / "bad.safetensors"), "--identity-weight", "-1"]) != 0
     assert "`identity_weight` must be a number in [0, 100], got -1.0" in capsys.readouterr().err
@@ -121,6 +83,3 @@ def test_eval_cells_key_the_identity_weight_only_when_on():
     assert finetune_of("fast-finetune", {"identity_weight": 0}) == plain
     on = finetune_of("hyperdreambooth", {"identity_weight": 1})
     assert on["identity_weight"] == 1.0 and on != finetune_of("hyperdreambooth")
-    assert "identity_every" not in on
-    assert finetune_of("hyperdreambooth", {"identity_weight": 1, "identity_every": 1}) == on
-    assert finetune_of("hyperdreambooth", {"identity_weight": 1, "identity_every": 4}) == {**on, "identity_every": 4}
