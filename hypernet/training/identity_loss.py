@@ -114,12 +114,16 @@ class FaceIdentityLoss(nn.Module):
         self.scaling = float(cfg.scaling_factor)
         self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
 
-    def embed(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) normalised latents -> (B, 512) unit embeddings of their decoded faces."""
+    def faces(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) normalised latents -> (B, 3, 112, 112) decoded faces on the encoder's template,
+        in [-1, 1] (differentiable: the decoder, then the warp)."""
         z = latents / self.scaling + self.shift  # undo `encode_images`' normalisation
         img = self.vae.decode(z.to(next(self.vae.parameters()).dtype)).sample.float()  # (B, 3, H, W) in [-1, 1]
-        faces = warp_faces(img, self.theta)  # (B, 3, 112, 112)
-        return self.encoder(faces)  # (B, 512)
+        return warp_faces(img, self.theta)  # (B, 3, 112, 112)
+
+    def embed(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) normalised latents -> (B, 512) unit embeddings of their decoded faces."""
+        return self.encoder(self.faces(latents))  # (B, 512)
 
     def forward(self, latents: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """-> (B,) 1 - cos(embedding of the decoded `latents`, `target` (B, 512)): 0 = the same person."""

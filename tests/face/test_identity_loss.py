@@ -102,3 +102,24 @@ def test_landmark_transform_trusts_one_face_in_up_to_3_photos_and_half_of_more(n
     assert (M is not None) == aligned
     if aligned:
         np.testing.assert_allclose(points @ M[:, :2].T + M[:, 2], ARCFACE_TEMPLATE, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl-base-1.0", "sd3-medium", "flux.1-dev"])
+def test_decoded_faces_at_real_shape_reach_the_encoders_template(name):
+    """The scale-dependent half of the term at each real base's shape (meta device: no weights):
+    native latents through that base's VAE decoder and the warp give the encoder's 112 x 112
+    input, and gradients reach the latents. (The encoder's input never depends on the base.)"""
+    from diffusers import AutoencoderKL
+
+    from hypernet.base.real_configs import BASES
+
+    _, _, _, vae_cfg, _ = BASES[name]
+    with torch.device("meta"):
+        vae = AutoencoderKL(**vae_cfg)
+    side = vae_cfg["sample_size"]  # the native image size; latents are 8x smaller
+    scorer = FaceIdentityLoss(vae, torch.nn.Identity(), grid_theta(square_transform(side), (side, side)))
+    latents = torch.randn(1, vae_cfg["latent_channels"], side // 8, side // 8, device="meta", requires_grad=True)
+    faces = scorer.faces(latents)
+    assert faces.shape == (1, 3, 112, 112) and faces.device.type == "meta"
+    (grad,) = torch.autograd.grad(faces.sum(), [latents])
+    assert grad.shape == latents.shape
