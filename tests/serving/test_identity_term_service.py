@@ -94,3 +94,23 @@ def test_a_server_without_the_face_encoder_says_so_and_refuses_the_term(make_ser
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "needs the face encoder" in err.details() and "fr_feature.onnx" in err.details()
     c.personalize(photo_bytes, options=c.options(steps=1, seed=0, identity_weight=0.0))  # off still works
+
+
+def test_client_cli_sends_the_identity_weight(server, client, photo_bytes, tmp_path, capsys):
+    """`hdb client personalize --identity-weight W`: the identity it makes is the one the option
+    makes through the Python client (same seed), and a bad weight comes back as the server's
+    INVALID_ARGUMENT with exit code 1."""
+    from hdb.cli import main as run_cli
+
+    photo = tmp_path / "me.png"
+    photo.write_bytes(photo_bytes)
+    target = ["client", "--target", server.target]
+    common = ["personalize", str(photo), "--steps", "2", "--seed", "0", "--out", str(tmp_path / "out")]
+    assert run_cli([*target, *common, "--identity-weight", "2"]) == 0
+    via_cli = capsys.readouterr().out.strip()
+    via_lib = client.personalize(photo_bytes, options=client.options(steps=2, seed=0, identity_weight=2.0))
+    plain = client.personalize(photo_bytes, options=client.options(steps=2, seed=0))
+    a, b, c = (_weights(client, client.get_identity(i)) for i in (via_cli, via_lib.id, plain.id))
+    assert all(torch.allclose(a[k], b[k]) for k in a) and any(not torch.allclose(a[k], c[k]) for k in a)
+    assert run_cli([*target, *common, "--identity-weight", "-1"]) == 1
+    assert capsys.readouterr().err.startswith("INVALID_ARGUMENT: `options.identity_weight` must be")
