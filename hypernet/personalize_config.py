@@ -74,7 +74,9 @@ class PersonalizeConfig:
                 "the frozen face encoder's embedding of the decoded one-step x0 estimate of a noised input "
                 "photo and the input photos' own embedding (hypernet.training.identity_loss). It rewards "
                 "the features a face-recognition network reads rather than every pixel alike. Costs one "
-                "more denoiser, decoder and face-encoder pass per step; 0 = off"})
+                "more denoiser, decoder and face-encoder pass per step (3-4x the fine-tune's time on the "
+                "face world); 0 = off. 0.15 measured best for HyperDreamBooth's lead over the same "
+                "fine-tune from zero, with the fewest lost detections (eval_v2/DIAGNOSIS.md section 15)"})
     relax: str = field(default="subspace", metadata={
         "help": "how the fine-tune relaxes rank 1: 'subspace' (the LiDB core itself at rank `rank` inside "
                 "the aux bases, from the prediction; 410 KB at SD 1.5) or 'lora' (a rank-`rank` LoRA over "

@@ -63,9 +63,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-relax-subspace": ("hyperdreambooth", {"relax": "subspace"}, 1),
     "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
     "fast-finetune-relax-lora": ("fast-finetune", {"relax": "lora"}, 1),
-    # the fine-tune with its identity term at the weight measured best of 0.3 and 1 (DIAGNOSIS.md section 14)
-    "hyperdreambooth-identity": ("hyperdreambooth", {"identity_weight": 0.3}, 1),
-    "fast-finetune-identity": ("fast-finetune", {"identity_weight": 0.3}, 1),
+    # the fine-tune with its identity term at the weight measured best for target 2 of 0.15, 0.3, 0.5 and 1
+    # (DIAGNOSIS.md section 15)
+    "hyperdreambooth-identity": ("hyperdreambooth", {"identity_weight": 0.15}, 1),
+    "fast-finetune-identity": ("fast-finetune", {"identity_weight": 0.15}, 1),
 }
 #: Controls: name -> the hypernetwork condition they run with the *control* hypernetwork
 #: (`EvalConfig.mean_adapter`, from `hdb pretrain mean-adapter`: one adapter for everyone, the mean

@@ -251,7 +251,7 @@ def test_eval_pairs_the_hypernetwork_with_the_mean_adapter_over_the_cli(tiny_bas
 
 def test_identity_variants_fine_tune_with_the_term_and_key_their_cells(tiny_pipe, tiny_hypernet, photo_paths,
                                                                        face_encoder_file):
-    """`*-identity` runs the same fine-tune with `identity_weight=0.3`: other weights than the plain
+    """`*-identity` runs the same fine-tune with `identity_weight=0.15`: other weights than the plain
     condition from the same photo and seed, and a cell key of its own."""
     from hypernet.eval.conditions import finetune_of
 
@@ -262,4 +262,4 @@ def test_identity_variants_fine_tune_with_the_term_and_key_their_cells(tiny_pipe
         a = personalise(tiny_pipe, plain, photo_paths[0], **kw).artifact
         b = personalise(tiny_pipe, variant, photo_paths[0], **kw).artifact
         assert (a.lidb["A_train"] - b.lidb["A_train"]).abs().max() > 0
-        assert finetune_of(variant) == {**finetune_of(plain), "identity_weight": 0.3}
+        assert finetune_of(variant) == {**finetune_of(plain), "identity_weight": 0.15}
