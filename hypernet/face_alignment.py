@@ -41,7 +41,6 @@ AlignDetector = Literal["auto", "mtcnn", "center"]
 class AlignedFace(NamedTuple):
     face: torch.Tensor  # (3, 112, 112) float32 in [-1, 1]
     found: bool  # False: no landmarks, the centre crop was used
-    points: np.ndarray | None = None  # (5, 2) the landmarks in the input image's pixels, when found
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -132,6 +131,16 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 def align_face(img: Image.Image, *, detector: AlignDetector = "auto", source: str = "photo") -> AlignedFace:
     """One photo -> the aligned 112x112 face (centre crop when no face is found, logged).
 
+    Args and Raises: as `align_face_with_landmarks`.
+    """
+    return align_face_with_landmarks(img, detector=detector, source=source)[0]
+
+
+def align_face_with_landmarks(img: Image.Image, *, detector: AlignDetector = "auto", source: str = "photo"
+                              ) -> tuple[AlignedFace, np.ndarray | None]:
+    """`align_face`, plus the (5, 2) MTCNN landmarks it aligned by, in `img`'s pixels (None when it
+    used the centre crop): for callers that need both without detecting twice.
+
     Args:
         detector: "auto" (MTCNN when it loads), "mtcnn" (required), "center" (never detect).
         source: a name for the photo in the log.
@@ -151,8 +160,8 @@ def align_face(img: Image.Image, *, detector: AlignDetector = "auto", source: st
     if points is None:
         if detector != "center":
             log.info("face alignment: no face found in %s; using the centre crop", source)
-        return AlignedFace(to_tensor(center_face(img)), False)
-    return AlignedFace(to_tensor(warp_face(img, points)), True, points)
+        return AlignedFace(to_tensor(center_face(img)), False), None
+    return AlignedFace(to_tensor(warp_face(img, points)), True), points
 
 
 def align_faces(images: Sequence[Image.Image], *, detector: AlignDetector = "auto") -> torch.Tensor:
@@ -169,5 +178,6 @@ def pixels_to_images(pixels: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a.permute(1, 2, 0).numpy(), mode="RGB") for a in arr]
 
 
-__all__ = ["ARCFACE_TEMPLATE", "FACE_SIZE", "AlignedFace", "align_face", "align_faces", "center_face", "grid_theta",
-           "pixels_to_images", "similarity_transform", "to_tensor", "warp_face", "warp_faces"]
+__all__ = ["ARCFACE_TEMPLATE", "FACE_SIZE", "AlignedFace", "align_face", "align_face_with_landmarks", "align_faces",
+           "center_face", "grid_theta", "pixels_to_images", "similarity_transform", "to_tensor", "warp_face",
+           "warp_faces"]

@@ -185,7 +185,7 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
         ModelNotFoundError: no face encoder file (`make setup` fetches it).
     """
     from hypernet.base.arch import denoiser
-    from hypernet.face_alignment import align_face, pixels_to_images
+    from hypernet.face_alignment import align_face_with_landmarks, pixels_to_images
     from hypernet.training.objectives import objective_for
 
     if not weight > 0:
@@ -195,11 +195,11 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     dev = data.latents.device
     encoder = _face_encoder(dev)
     images = pixels_to_images(pixels)
-    aligned = [align_face(im, source=f"photo #{i}") for i, im in enumerate(images)]  # MTCNN once per photo
-    faces = torch.stack([a.face for a in aligned]).to(dev)  # (K, 3, 112, 112)
+    aligned = [align_face_with_landmarks(im, source=f"photo #{i}") for i, im in enumerate(images)]  # MTCNN once each
+    faces = torch.stack([a.face for a, _ in aligned]).to(dev)  # (K, 3, 112, 112)
     with torch.no_grad():
         target = F.normalize(encoder(faces).mean(0, keepdim=True), dim=-1)  # (1, 512)
-    M = landmark_transform([a.points for a in aligned if a.points is not None], len(images))
+    M = landmark_transform([p for _, p in aligned if p is not None], len(images))
     if M is None:
         log.info("identity term: no face found in the %d photo(s); aligning the whole square", len(images))
         M = square_transform(images[0].size[0])
