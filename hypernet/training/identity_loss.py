@@ -223,6 +223,5 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     return extra_loss
 
 
-
 __all__ = ["DEFAULT_T_RANGE", "FaceIdentityLoss", "face_identity_loss", "identity_draws", "landmark_transform",
            "mean_face_transform", "photo_identity_term", "square_transform"]
