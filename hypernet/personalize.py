@@ -251,6 +251,7 @@ def _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop) -> t
 
 
 def _train(pipe, params, pixels, cfg, progress, should_stop):
+    others = pixels[cfg.finetune_photos or len(pixels):]  # (K - K', 3, H, W): seen by the prediction only
     pixels = pixels[: cfg.finetune_photos or len(pixels)]  # (K', 3, H, W): the photos the fine-tune sees
     data = build_train_data(pipe, pixels.to(pipe.vae.device, pipe.vae.dtype), cfg.prompt, flip=cfg.flip)
     tcfg = finetune_train_config(cfg, len(pixels))
@@ -258,7 +259,9 @@ def _train(pipe, params, pixels, cfg, progress, should_stop):
     if cfg.identity_weight > 0:  # the person as a face-recognition network sees them, beside the pixels
         from hypernet.training.identity_loss import photo_identity_term
 
-        extra = photo_identity_term(pipe, pixels, data, weight=cfg.identity_weight, seed=cfg.seed)
+        # the term's target is the person over every photo, also those the diffusion loss leaves out
+        extra = photo_identity_term(pipe, pixels, data, weight=cfg.identity_weight, seed=cfg.seed,
+                                    others=others if len(others) else None)
     try:
         return train(pipe, params, data, tcfg, progress=progress, should_stop=should_stop, stage="finetune",
                      extra_loss=extra)

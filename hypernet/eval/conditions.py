@@ -12,7 +12,7 @@
 Opt-in variants (`VARIANTS`, run only when named in `--conditions`) vary one setting of a hypernet
 condition: 3 input photos instead of 1, combined in weight or embedding space; the relaxed
 fine-tune as a LoRA over full layer dims or inside the LiDB subspace; the fine-tune with its identity
-term (`*-identity`, weight 1: hypernet.training.identity_loss). A variant with 3 inputs takes
+term (`*-identity`, weight 0.15: hypernet.training.identity_loss). A variant with 3 inputs takes
 the identity's first 3 photos; the runner then scores every condition against the photos after them.
 
 Opt-in controls (`CONTROLS`) run `hypernetwork` and `hyperdreambooth` with the control
@@ -67,6 +67,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     # (DIAGNOSIS.md section 15)
     "hyperdreambooth-identity": ("hyperdreambooth", {"identity_weight": 0.15}, 1),
     "fast-finetune-identity": ("fast-finetune", {"identity_weight": 0.15}, 1),
+    # 3 photos with the term: the fine-tune on all 3, or on the first only; the term's target is all 3 either way
+    "hyperdreambooth-3photos-identity": ("hyperdreambooth", {"combine": "weights", "identity_weight": 0.15}, 3),
+    "hyperdreambooth-3photos-ft1-identity": (
+        "hyperdreambooth", {"combine": "weights", "finetune_photos": 1, "identity_weight": 0.15}, 3),
 }
 #: Controls: name -> the hypernetwork condition they run with the *control* hypernetwork
 #: (`EvalConfig.mean_adapter`, from `hdb pretrain mean-adapter`: one adapter for everyone, the mean

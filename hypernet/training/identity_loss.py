@@ -162,13 +162,14 @@ def _face_encoder(device: torch.device) -> nn.Module:
 
 
 def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed: int,
-                        t_range: tuple[float, float] = DEFAULT_T_RANGE, objective=None):
+                        t_range: tuple[float, float] = DEFAULT_T_RANGE, objective=None,
+                        others: torch.Tensor | None = None):
     """The fine-tune's identity term, as the one training loop's `extra_loss(step)`.
 
     Each step draws one of the photos (or its mirror, when the data has them), noises its latents
     to a timestep in `t_range`, and returns `weight` x (1 - cos) between the face encoder's
     embedding of the decoded one-step estimate (under whatever adapter is trained on the pipe)
-    and the mean embedding of the input photos. Its draws come from their own generator seeded
+    and the mean embedding of the input photos (`pixels` and `others`). Its draws come from their own generator seeded
     by (seed, step), so the diffusion loss's draws are those of a run without the term.
 
     It costs one more denoiser, decoder and face-encoder pass per step (~3x a diffusion step on
@@ -179,6 +180,9 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     Args:
         pixels: (K, 3, H, W) in [-1, 1], the photos the fine-tune trains on (preprocessed crops).
         data: their `TrainData` (latents, mirrored latents, prompt embeddings).
+        others: (K2, 3, H, W), more photos of the person that the fine-tune does not train on
+            (`PersonalizeConfig.finetune_photos`): they join the target embedding only, so it is
+            about the person rather than the one photo; the warp stays that of `pixels`.
 
     Raises:
         InvalidInputError: weight <= 0, or pixels that are not a batch of RGB images.
@@ -190,13 +194,19 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
 
     if not weight > 0:
         raise InvalidInputError(f"`weight` must be > 0, got {weight!r}")
-    if pixels.dim() != 4 or pixels.shape[1] != 3:
-        raise InvalidInputError(f"`pixels` must have shape (K, 3, H, W), got {tuple(pixels.shape)}")
+    for name, x in (("pixels", pixels), ("others", others)):
+        if x is not None and (x.dim() != 4 or x.shape[1] != 3):
+            raise InvalidInputError(f"`{name}` must have shape (K, 3, H, W), got {tuple(x.shape)}")
     dev = data.latents.device
     encoder = _face_encoder(dev)
     images = pixels_to_images(pixels)
     aligned = [align_face_with_landmarks(im, source=f"photo #{i}") for i, im in enumerate(images)]  # MTCNN once each
-    faces = torch.stack([a.face for a, _ in aligned]).to(dev)  # (K, 3, 112, 112)
+    if others is not None:
+        aligned_others = [align_face_with_landmarks(im, source=f"photo #{len(images) + i}")[0]
+                          for i, im in enumerate(pixels_to_images(others))]
+    else:
+        aligned_others = []
+    faces = torch.stack([a.face for a, _ in aligned] + [a.face for a in aligned_others]).to(dev)  # (K+K2, 3, 112, 112)
     with torch.no_grad():
         target = F.normalize(encoder(faces).mean(0, keepdim=True), dim=-1)  # (1, 512)
     M = landmark_transform([p for _, p in aligned if p is not None], len(images))

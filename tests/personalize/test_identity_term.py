@@ -49,6 +49,28 @@ def test_the_term_is_seeded_by_step_depends_on_the_adapter_and_carries_gradients
         photo_identity_term(tiny_pipe, pixels, data, weight=0, seed=0)
 
 
+def test_other_photos_move_only_the_target(tiny_pipe, face_encoder_file, photo_bytes):
+    """`others` (photos the fine-tune leaves out, `finetune_photos`) join the target embedding: the
+    same photo again leaves the term as it was, another person's photo changes it."""
+    from hypernet.photos import preprocess
+    from hypernet.training import build_train_data
+    from hypernet.training.identity_loss import photo_identity_term
+
+    def pix(i):
+        return preprocess(Image.open(io.BytesIO(photo_bytes(i))).convert("RGB"), 64, detector="center")[None]
+
+    pixels = pix(0)  # (1, 3, 64, 64)
+    data = build_train_data(tiny_pipe, pixels, "a photo of ohwx person")
+    with torch.no_grad():
+        alone = photo_identity_term(tiny_pipe, pixels, data, weight=1.0, seed=0)(2).item()
+        same = photo_identity_term(tiny_pipe, pixels, data, weight=1.0, seed=0, others=pix(0))(2).item()
+        other = photo_identity_term(tiny_pipe, pixels, data, weight=1.0, seed=0, others=pix(2))(2).item()
+    assert same == pytest.approx(alone, abs=1e-5)
+    assert other != pytest.approx(alone, abs=1e-4)
+    with pytest.raises(InvalidInputError, match=r"`others` must have shape \(K, 3, H, W\), got \(3, 64, 64\)"):
+        photo_identity_term(tiny_pipe, pixels, data, weight=1.0, seed=0, others=pix(2)[0])
+
+
 @pytest.mark.parametrize("value", [-1, 101, True, "1"])
 def test_bad_identity_weight_is_named(value):
     with pytest.raises(InvalidInputError, match=r"`identity_weight` must be a number in \[0, 100\]"):
