@@ -3,8 +3,7 @@
     1. decode + face-crop + resize each photo (`hypernet.photos`, the code path pretraining used);
     2. the hypernetwork predicts the LiDB weights of every adapted layer; with several photos the
        predictions are combined (`combine`): the mean of the predicted LiDB weights ("weights"), or
-       the mean of the encoder's image tokens decoded once ("embedding"), or the prediction of the
-       one photo most like the others ("medoid", which the fine-tune then trains on alone);
+       the mean of the encoder's image tokens decoded once ("embedding");
     3. rank-relaxed fast fine-tune on all the photos with "a photo of {token} {class}" for ~40 steps,
        relaxing the rank in one of two ways (`relax`):
        - "lora": the prediction stays a frozen forward-time adapter and a LoRA of rank R over the
@@ -119,11 +118,7 @@ def personalize(
     # 2. Hypernetwork prediction, combined over the photos.
     t = time.perf_counter()
     report(ProgressEvent("hypernetwork", 0, 1))
-    pred, chosen = _predict(runtime, pixels, faces, cfg.combine)  # (L, r, a), (L, b, r)
-    if chosen is not None:  # medoid: the fine-tune trains on the chosen photo; the others chose it
-        log.info("combine=medoid: photo #%d of %d is the most like the others", chosen, len(pixels))
-        pixels = torch.cat([pixels[chosen : chosen + 1], pixels[:chosen], pixels[chosen + 1 :]])  # chosen first
-        cfg = dataclasses.replace(cfg, finetune_photos=1)
+    pred = _predict(runtime, pixels, faces, cfg.combine)  # (L, r, a), (L, b, r)
     if cfg.init == "zero":
         pred = {k: torch.zeros_like(v) for k, v in pred.items()}
     else:
@@ -168,45 +163,20 @@ def _decode(photo, source: str | None, max_pixels: int) -> Image.Image:
 
 
 def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, faces: torch.Tensor | None,
-             combine: str) -> tuple[dict[str, torch.Tensor], int | None]:
+             combine: str) -> dict[str, torch.Tensor]:
     """pixels (K, 3, R, R) (+ aligned faces (K, 3, 112, 112) for an identity-conditioned
-    hypernetwork, else None) -> (one identity's LiDB weights (L, r, a), (L, b, r), the index of
-    the photo "medoid" chose, else None).
+    hypernetwork, else None) -> one identity's LiDB weights (L, r, a), (L, b, r).
 
     K = 1 is the plain prediction whatever `combine` says, so one photo in a list equals one photo.
     "weights" averages the K packed predictions: rank-1 factors have a sign ambiguity ((A, B) and
     (-A, -B) give the same delta), but one hypernetwork maps photos of one face to nearby outputs,
-    so their signs agree. "embedding" averages the encoder's tokens and decodes once. "medoid"
-    keeps the prediction of the photo most like the others (`medoid_index`).
+    so their signs agree. "embedding" averages the encoder's tokens and decodes once.
     """
-    if len(pixels) == 1 or combine in ("weights", "medoid"):
-        by_photo = runtime.predict(pixels, faces=faces)  # (K, L, r, a), (K, L, b, r)
-        if len(pixels) == 1:
-            return {k: v[0] for k, v in by_photo.items()}, None
-        if combine == "medoid":
-            i = medoid_index(by_photo)
-            return {k: v[i] for k, v in by_photo.items()}, i
-        return {k: v.mean(0) for k, v in by_photo.items()}, None
+    if len(pixels) == 1 or combine == "weights":
+        return {k: v.mean(0) if len(pixels) > 1 else v[0]
+                for k, v in runtime.predict(pixels, faces=faces).items()}
     tokens = runtime.encode(pixels, faces=faces)  # (K, T, d)
-    return {k: v[0] for k, v in runtime.decode(tokens.mean(0, keepdim=True)).items()}, None
-
-
-def medoid_index(by_photo: dict[str, torch.Tensor]) -> int:
-    """The photo whose prediction is most like the others': the highest summed cosine to them.
-
-    Averaging predictions shrinks what each photo's prediction carries and measured worse than one
-    photo (DIAGNOSIS.md section 9); choosing the most typical photo keeps one whole prediction
-    while the others still say which photo is the person rather than one pose or light.
-
-    Args:
-        by_photo: {"A_train": (K, L, r, a), "B_train": (K, L, b, r)}, K >= 1 predictions of one person.
-    """
-    flat = torch.cat([v.flatten(1).float() for _, v in sorted(by_photo.items())], dim=1)  # (K, D)
-    if flat.dim() != 2 or flat.shape[0] < 1:
-        raise InvalidInputError(f"`by_photo` must hold (K, ...) predictions with K >= 1, got {tuple(flat.shape)}")
-    unit = torch.nn.functional.normalize(flat, dim=1)
-    sim = unit @ unit.T  # (K, K)
-    return int((sim.sum(1) - sim.diagonal()).argmax())
+    return {k: v[0] for k, v in runtime.decode(tokens.mean(0, keepdim=True)).items()}
 
 
 def scale_prediction(pred: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@
     base               no personalisation
 
 Opt-in variants (`VARIANTS`, run only when named in `--conditions`) vary one setting of a hypernet
-condition: 3 input photos instead of 1, combined in weight or embedding space or by the medoid; the relaxed
+condition: 3 input photos instead of 1, combined in weight or embedding space; the relaxed
 fine-tune as a LoRA over full layer dims or inside the LiDB subspace; the fine-tune with its identity
 term (`*-identity`, weight 0.15: hypernet.training.identity_loss). A variant with 3 inputs takes
 the identity's first 3 photos; the runner then scores every condition against the photos after them.
@@ -59,8 +59,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-3photos-embedding": ("hyperdreambooth", {"combine": "embedding"}, 3),
     "hyperdreambooth-3photos-batch3": ("hyperdreambooth", {"combine": "weights", "batch_size": 3}, 3),
     "hyperdreambooth-3photos-ft1": ("hyperdreambooth", {"combine": "weights", "finetune_photos": 1}, 3),
-    "hypernetwork-3photos-medoid": ("hypernetwork", {"combine": "medoid"}, 3),
-    "hyperdreambooth-3photos-medoid": ("hyperdreambooth", {"combine": "medoid"}, 3),
     "hyperdreambooth-relax-lora": ("hyperdreambooth", {"relax": "lora"}, 1),
     "hyperdreambooth-relax-subspace": ("hyperdreambooth", {"relax": "subspace"}, 1),
     "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
@@ -73,7 +71,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-3photos-identity": ("hyperdreambooth", {"combine": "weights", "identity_weight": 0.15}, 3),
     "hyperdreambooth-3photos-ft1-identity": (
         "hyperdreambooth", {"combine": "weights", "finetune_photos": 1, "identity_weight": 0.15}, 3),
-    "hyperdreambooth-3photos-medoid-identity": ("hyperdreambooth", {"combine": "medoid", "identity_weight": 0.15}, 3),
 }
 #: Controls: name -> the hypernetwork condition they run with the *control* hypernetwork
 #: (`EvalConfig.mean_adapter`, from `hdb pretrain mean-adapter`: one adapter for everyone, the mean

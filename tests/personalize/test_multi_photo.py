@@ -125,37 +125,6 @@ def test_finetune_photos_trains_on_the_first_ones_from_the_combined_prediction(t
         personalize(tiny_pipe, photos, finetune_photos=-1, **kw)
 
 
-def test_medoid_index_picks_the_prediction_most_like_the_others():
-    from hypernet.personalize import medoid_index
-
-    a = torch.tensor([1.0, 0.0, 0.0])
-    b = torch.tensor([0.0, 1.0, 0.0])
-    mid = torch.nn.functional.normalize(a + b, dim=0)
-    for order, want in (((a, b, mid), 2), ((mid, a, b), 0), ((a, mid, b), 1)):
-        A = torch.stack(order)[:, None, None, :]  # (3, L=1, r=1, a=3)
-        B = torch.ones(3, 1, 2, 1)  # (3, L, b=2, r): the same for all, so A decides
-        assert medoid_index({"A_train": A * 5, "B_train": B}) == want  # scale-free: cosine
-    assert medoid_index({"A_train": A[:1], "B_train": B[:1]}) == 0
-
-
-def test_medoid_fine_tunes_the_chosen_photo_from_its_own_prediction(tiny_pipe, tiny_hypernet):
-    """combine="medoid": the prediction of the photo most like the others, the fine-tune on it
-    alone, as if it had been given by itself; the identity records all the photos."""
-    from hypernet.personalize import medoid_index
-
-    photos = [_photo_bytes(i) for i in range(3)]
-    rt = HypernetRuntime.load(tiny_hypernet)
-    chosen = medoid_index(rt.predict(_pixels(photos)))
-    kw = dict(hypernet=rt, steps=3, detector="center")
-    got = personalize(tiny_pipe, photos, combine="medoid", **kw)
-    alone = personalize(tiny_pipe, photos[chosen], **kw)
-    other = personalize(tiny_pipe, photos[(chosen + 1) % 3], **kw)
-    for k in ("A_train", "B_train"):  # batched vs single prediction: float noise only
-        torch.testing.assert_close(got.lidb[k], alone.lidb[k], atol=2e-4, rtol=1e-4)
-        assert (got.lidb[k] - other.lidb[k]).abs().max() > 1e-2
-    assert (got.num_photos, got.combine) == (3, "medoid")
-
-
 def test_errors_name_the_photo_at_fault(tiny_pipe, tiny_hypernet, tmp_path):
     good = _photo_bytes()
     with pytest.raises(ImageDecodeError, match=r"^`photos\[2\]` must be a JPEG, PNG or WebP image"):
