@@ -169,8 +169,9 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     Each step draws one of the photos (or its mirror, when the data has them), noises its latents
     to a timestep in `t_range`, and returns `weight` x (1 - cos) between the face encoder's
     embedding of the decoded one-step estimate (under whatever adapter is trained on the pipe)
-    and the mean embedding of the input photos (`pixels` and `others`). Its draws come from their own generator seeded
-    by (seed, step), so the diffusion loss's draws are those of a run without the term.
+    and the mean embedding of the input photos (`pixels` and `others`). Its draws come from their
+    own generator seeded by (seed, step), so the diffusion loss's draws are those of a run without
+    the term.
 
     It costs one more denoiser, decoder and face-encoder pass per step (~3x a diffusion step on
     the face world, most of it the decoder). Taking it less often does not work: on every 4th or
@@ -200,16 +201,13 @@ def photo_identity_term(pipe, pixels: torch.Tensor, data, *, weight: float, seed
     dev = data.latents.device
     encoder = _face_encoder(dev)
     images = pixels_to_images(pixels)
-    aligned = [align_face_with_landmarks(im, source=f"photo #{i}") for i, im in enumerate(images)]  # MTCNN once each
-    if others is not None:
-        aligned_others = [align_face_with_landmarks(im, source=f"photo #{len(images) + i}")[0]
-                          for i, im in enumerate(pixels_to_images(others))]
-    else:
-        aligned_others = []
-    faces = torch.stack([a.face for a, _ in aligned] + [a.face for a in aligned_others]).to(dev)  # (K+K2, 3, 112, 112)
+    every = images + (pixels_to_images(others) if others is not None else [])
+    aligned = [align_face_with_landmarks(im, source=f"photo #{i}") for i, im in enumerate(every)]  # MTCNN once each
+    faces = torch.stack([a.face for a, _ in aligned]).to(dev)  # (K + K2, 3, 112, 112): the target is the person
     with torch.no_grad():
         target = F.normalize(encoder(faces).mean(0, keepdim=True), dim=-1)  # (1, 512)
-    M = landmark_transform([p for _, p in aligned if p is not None], len(images))
+    # the warp is that of the photos the fine-tune trains on
+    M = landmark_transform([p for _, p in aligned[: len(images)] if p is not None], len(images))
     if M is None:
         log.info("identity term: no face found in the %d photo(s); aligning the whole square", len(images))
         M = square_transform(images[0].size[0])
