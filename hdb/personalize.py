@@ -37,8 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-photos", type=int, default=d.finetune_photos,
                    help="how many of the photos (the first ones) the fine-tune trains on; 0 = all. The "
                    f"prediction combines all of them either way ({d.finetune_photos})")
-    p.add_argument("--combine", choices=("weights", "embedding"), default=d.combine,
-                   help=f"several photos: mean of the predicted weights, or of the encoder tokens ({d.combine})")
+    from hypernet.personalize_config import COMBINE_MODES
+
+    p.add_argument("--combine", choices=COMBINE_MODES, default=d.combine,
+                   help="several photos: mean of the predicted weights, or of the encoder tokens, or 'each': "
+                        f"one fine-tune per photo, their deltas averaged (photos x the time) ({d.combine})")
     p.add_argument("--relax", choices=("lora", "subspace"), default=d.relax,
                    help="relaxed fine-tune: rank --rank inside the LiDB subspace (8x smaller at SD 1.5; measured "
                    f"at least as good), or a LoRA over full layer dims ({d.relax})")

@@ -3,7 +3,8 @@
     1. decode + face-crop + resize each photo (`hypernet.photos`, the code path pretraining used);
     2. the hypernetwork predicts the LiDB weights of every adapted layer; with several photos the
        predictions are combined (`combine`): the mean of the predicted LiDB weights ("weights"), or
-       the mean of the encoder's image tokens decoded once ("embedding");
+       the mean of the encoder's image tokens decoded once ("embedding"); or kept one per photo
+       ("each", for step 3's one fine-tune per photo);
     3. rank-relaxed fast fine-tune on all the photos with "a photo of {token} {class}" for ~40 steps,
        relaxing the rank in one of two ways (`relax`):
        - "lora": the prediction stays a frozen forward-time adapter and a LoRA of rank R over the
@@ -118,23 +119,31 @@ def personalize(
     # 2. Hypernetwork prediction, combined over the photos.
     t = time.perf_counter()
     report(ProgressEvent("hypernetwork", 0, 1))
-    pred = _predict(runtime, pixels, faces, cfg.combine)  # (L, r, a), (L, b, r)
+    each = cfg.combine == "each" and len(pixels) > 1
+    if each:
+        check_each(cfg, runtime.spec, len(pixels))
+    preds = _predict(runtime, pixels, faces, cfg.combine)  # 1 (K for "each") x {(L, r, a), (L, b, r)}
     if cfg.init == "zero":
-        pred = {k: torch.zeros_like(v) for k, v in pred.items()}
+        preds = [{k: torch.zeros_like(v) for k, v in p.items()} for p in preds]
     else:
         scale = runtime.prediction_scale if cfg.prediction_scale is None else cfg.prediction_scale
         if scale != 1:
-            pred = scale_prediction(pred, scale)
+            preds = [scale_prediction(p, scale) for p in preds]
     timings["hypernetwork"] = time.perf_counter() - t
     _check_stop(should_stop)
 
-    # 3. Rank-relaxed fast fine-tune on all the photos, from the prediction.
+    # 3. Rank-relaxed fast fine-tune on all the photos, from the prediction (one per photo for "each").
     t = time.perf_counter()
-    identity, losses = _finetune(pipe, pixels, runtime.spec, list(runtime.layers), pred, cfg, progress, should_stop)
+    layers = list(runtime.layers)
+    if each:
+        identity, losses = _finetune_each(pipe, pixels, runtime.spec, layers, preds, cfg, progress, should_stop)
+    else:
+        identity, losses = _finetune(pipe, pixels, runtime.spec, layers, preds[0], cfg, progress, should_stop)
     timings["finetune"] = time.perf_counter() - t
     identity.timings = timings
     identity.combine = cfg.combine if len(pixels) > 1 else None
-    report(ProgressEvent("done", cfg.steps, cfg.steps, losses[-1] if losses else None))
+    total = cfg.steps * (len(pixels) if each else 1)
+    report(ProgressEvent("done", total, total, losses[-1] if losses else None))
     log.info("personalised from %d photo(s) in %.2fs (%s)", len(pixels), sum(timings.values()),
              ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in timings.items()))
     return identity
@@ -163,20 +172,24 @@ def _decode(photo, source: str | None, max_pixels: int) -> Image.Image:
 
 
 def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, faces: torch.Tensor | None,
-             combine: str) -> dict[str, torch.Tensor]:
+             combine: str) -> list[dict[str, torch.Tensor]]:
     """pixels (K, 3, R, R) (+ aligned faces (K, 3, 112, 112) for an identity-conditioned
-    hypernetwork, else None) -> one identity's LiDB weights (L, r, a), (L, b, r).
+    hypernetwork, else None) -> the LiDB weights (L, r, a), (L, b, r) the fine-tune starts from:
+    one for the identity, or K (one per photo) for "each".
 
     K = 1 is the plain prediction whatever `combine` says, so one photo in a list equals one photo.
     "weights" averages the K packed predictions: rank-1 factors have a sign ambiguity ((A, B) and
     (-A, -B) give the same delta), but one hypernetwork maps photos of one face to nearby outputs,
-    so their signs agree. "embedding" averages the encoder's tokens and decodes once.
+    so their signs agree. "embedding" averages the encoder's tokens and decodes once. "each" keeps
+    every photo's own prediction (`_finetune_each` averages after fine-tuning).
     """
-    if len(pixels) == 1 or combine == "weights":
-        return {k: v.mean(0) if len(pixels) > 1 else v[0]
-                for k, v in runtime.predict(pixels, faces=faces).items()}
+    if len(pixels) == 1 or combine in ("weights", "each"):
+        by_photo = runtime.predict(pixels, faces=faces)  # (K, L, r, a), (K, L, b, r)
+        if combine == "each" or len(pixels) == 1:
+            return [{k: v[i] for k, v in by_photo.items()} for i in range(len(pixels))]
+        return [{k: v.mean(0) for k, v in by_photo.items()}]
     tokens = runtime.encode(pixels, faces=faces)  # (K, T, d)
-    return {k: v[0] for k, v in runtime.decode(tokens.mean(0, keepdim=True)).items()}
+    return [{k: v[0] for k, v in runtime.decode(tokens.mean(0, keepdim=True)).items()}]
 
 
 def scale_prediction(pred: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
@@ -248,6 +261,65 @@ def _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop) -> t
         num_photos=len(pixels), combine=None,
     )
     return identity, losses
+
+
+def check_each(cfg: PersonalizeConfig, spec: LiDBSpec, num_photos: int) -> None:
+    """combine="each" merges K fine-tuned LiDB cores into one of rank K * R: that needs the subspace
+    relaxation (a LiDB core to merge) and K * R within the aux bases' dimensions."""
+    if cfg.relax != "subspace":
+        raise InvalidInputError(f"`relax` must be 'subspace' with combine='each' (the fine-tuned LiDB cores are "
+                                f"what is averaged), got {cfg.relax!r}")
+    rank = cfg.rank if cfg.steps > 0 else spec.r
+    if num_photos * rank > min(spec.a, spec.b):
+        raise InvalidInputError(
+            f"`photos` must number at most {min(spec.a, spec.b) // rank} with combine='each' at rank {rank} (the "
+            f"merged core has rank photos x rank, at most min(a, b) = {min(spec.a, spec.b)}), got {num_photos}")
+
+
+def _finetune_each(pipe, pixels, spec, layers, preds, cfg, progress, should_stop) -> tuple[Identity, list[float]]:
+    """combine="each": one fine-tune per photo, from that photo's own prediction, on that photo alone
+    (the others still join the identity term's target), then the K fine-tuned deltas averaged
+    (`mean_lidb`). Forty steps spread over K photos fit none of them as well as forty on one, and an
+    averaged prediction carries less than each photo's own (DIAGNOSIS.md sections 9 and 16); here
+    every photo gets the one-photo treatment, and the mean keeps what the K fits share, the person,
+    while what belongs to one photo (pose, light) is averaged down. Costs K fine-tunes."""
+    K, steps = len(pixels), cfg.steps
+    fits, losses = [], []
+    for i in range(K):
+        mine = torch.cat([pixels[i : i + 1], pixels[:i], pixels[i + 1 :]])  # (K, 3, H, W): photo i first
+        cfg_i = dataclasses.replace(cfg, finetune_photos=1, seed=cfg.seed + i)
+        report = None if progress is None else functools.partial(_shifted, progress, i * steps, K * steps)
+        identity, li = _finetune(pipe, mine, spec, layers, preds[i], cfg_i, report, should_stop)
+        fits.append(identity)
+        losses += li
+    identity = fits[0]
+    identity.spec = dataclasses.replace(identity.spec, r=K * identity.spec.r)
+    identity.lidb = mean_lidb([f.lidb for f in fits])
+    identity.num_photos = K
+    return identity, losses
+
+
+def _shifted(progress, offset: int, total: int, e: ProgressEvent) -> None:
+    """One of K fine-tunes' progress as part of the whole: step `offset + e.step` of `total`."""
+    progress(dataclasses.replace(e, step=offset + e.step, total=total))
+
+
+def mean_lidb(cores: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """K LiDB cores in the same aux bases -> one of rank sum(r_k) whose delta is exactly the mean of theirs.
+
+    delta = A_aux^T-side . B_aux . (B_train A_train) is linear in the product B_train A_train, and
+    [B_1 .. B_K] [A_1; ..; A_K] = sum_k B_k A_k, so stacking the factors along the rank, each scaled
+    by 1/sqrt(K), averages the deltas (averaging the factors themselves would not: the product of
+    means is not the mean of products).
+
+    Args:
+        cores: K >= 1 dicts {"A_train": (L, r_k, a), "B_train": (L, b, r_k)}.
+    """
+    if not cores:
+        raise InvalidInputError("`cores` must hold at least one LiDB core, got none")
+    f = 1.0 / len(cores) ** 0.5
+    return {"A_train": torch.cat([c["A_train"] * f for c in cores], dim=1),  # (L, sum r_k, a)
+            "B_train": torch.cat([c["B_train"] * f for c in cores], dim=2)}  # (L, b, sum r_k)
 
 
 def _train(pipe, params, pixels, cfg, progress, should_stop):

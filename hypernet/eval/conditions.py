@@ -10,7 +10,8 @@
     base               no personalisation
 
 Opt-in variants (`VARIANTS`, run only when named in `--conditions`) vary one setting of a hypernet
-condition: 3 input photos instead of 1, combined in weight or embedding space; the relaxed
+condition: 3 input photos instead of 1, combined in weight or embedding space, or each fine-tuned
+on its own and the deltas averaged ("each"); the relaxed
 fine-tune as a LoRA over full layer dims or inside the LiDB subspace; the fine-tune with its identity
 term (`*-identity`, weight 0.15: hypernet.training.identity_loss). A variant with 3 inputs takes
 the identity's first 3 photos; the runner then scores every condition against the photos after them.
@@ -55,10 +56,12 @@ SLOW_CONDITIONS = ("dreambooth", "lora", "textual-inversion")
 VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hypernetwork-3photos": ("hypernetwork", {"combine": "weights"}, 3),
     "hypernetwork-3photos-embedding": ("hypernetwork", {"combine": "embedding"}, 3),
+    "hypernetwork-3photos-each": ("hypernetwork", {"combine": "each"}, 3),
     "hyperdreambooth-3photos": ("hyperdreambooth", {"combine": "weights"}, 3),
     "hyperdreambooth-3photos-embedding": ("hyperdreambooth", {"combine": "embedding"}, 3),
     "hyperdreambooth-3photos-batch3": ("hyperdreambooth", {"combine": "weights", "batch_size": 3}, 3),
     "hyperdreambooth-3photos-ft1": ("hyperdreambooth", {"combine": "weights", "finetune_photos": 1}, 3),
+    "hyperdreambooth-3photos-each": ("hyperdreambooth", {"combine": "each"}, 3),
     "hyperdreambooth-relax-lora": ("hyperdreambooth", {"relax": "lora"}, 1),
     "hyperdreambooth-relax-subspace": ("hyperdreambooth", {"relax": "subspace"}, 1),
     "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
@@ -71,6 +74,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-3photos-identity": ("hyperdreambooth", {"combine": "weights", "identity_weight": 0.15}, 3),
     "hyperdreambooth-3photos-ft1-identity": (
         "hyperdreambooth", {"combine": "weights", "finetune_photos": 1, "identity_weight": 0.15}, 3),
+    "hyperdreambooth-3photos-each-identity": ("hyperdreambooth", {"combine": "each", "identity_weight": 0.15}, 3),
 }
 #: Controls: name -> the hypernetwork condition they run with the *control* hypernetwork
 #: (`EvalConfig.mean_adapter`, from `hdb pretrain mean-adapter`: one adapter for everyone, the mean

@@ -162,3 +162,59 @@ def test_cli_takes_several_photos(tiny_pipe, tiny_base_dir, tiny_hypernet, tmp_p
     bad.write_bytes(b"garbage")
     assert main(["personalize", str(paths[0]), str(bad), *common]) != 0
     assert f"`photos[1]` ({bad}) must be a JPEG, PNG or WebP image" in capsys.readouterr().err
+
+
+def test_mean_lidb_averages_the_deltas_exactly():
+    from hypernet.personalize import mean_lidb
+
+    g = torch.Generator().manual_seed(0)
+    cores = [{"A_train": torch.randn(3, r, 7, generator=g), "B_train": torch.randn(3, 5, r, generator=g)}
+             for r in (1, 2, 4)]
+    merged = mean_lidb(cores)
+    assert merged["A_train"].shape == (3, 7, 7) and merged["B_train"].shape == (3, 5, 7)
+    want = sum(c["B_train"] @ c["A_train"] for c in cores) / 3  # (L, b, a)
+    torch.testing.assert_close(merged["B_train"] @ merged["A_train"], want)
+    assert _equal(mean_lidb([cores[0]]), cores[0])  # one core is itself
+    with pytest.raises(InvalidInputError, match="`cores` must hold"):
+        mean_lidb([])
+
+
+def test_each_photo_fine_tuned_alone_then_averaged(tiny_pipe, tiny_hypernet):
+    """combine="each": photo i's own prediction fine-tuned on photo i alone (seed + i), the mean of the
+    K deltas kept; its first part is what the same fine-tune on that photo alone gives."""
+    from hypernet.personalize import PersonalizeConfig, finetune, mean_lidb
+
+    photos = [_photo_bytes(i) for i in range(3)]
+    rt = HypernetRuntime.load(tiny_hypernet)
+    kw = dict(hypernet=rt, steps=2, rank=2, detector="center")
+    events = []
+    each = personalize(tiny_pipe, photos, combine="each", progress=events.append, **kw)
+    assert each.num_photos == 3 and each.combine == "each" and each.spec.r == 3 * 2
+    pixels, by_photo = _pixels(photos), rt.predict(_pixels(photos))
+    alone = []
+    for i in range(3):
+        pred = {k: v[i] for k, v in by_photo.items()}
+        cfg = PersonalizeConfig(steps=2, rank=2, seed=i, detector="center")
+        ident, _ = finetune(tiny_pipe, pixels[i : i + 1], rt.spec, pred, layers=list(rt.layers), config=cfg)
+        alone.append(ident.lidb)
+    want = mean_lidb(alone)
+    for k in want:
+        torch.testing.assert_close(each.lidb[k], want[k], atol=1e-5, rtol=1e-4)
+    # progress counts the K fine-tunes as one run of 3 x 2 steps
+    steps = [e.step for e in events if e.stage == "finetune"]
+    assert max(steps) == 6 and all(e.total == 6 for e in events if e.stage in ("finetune", "done"))
+    back = Identity.from_bytes(each.to_bytes())
+    assert (back.num_photos, back.combine, back.spec.r) == (3, "each", 6)
+    assert _equal(back.lidb, each.lidb)
+
+
+def test_each_names_what_it_cannot_do(tiny_pipe, tiny_hypernet):
+    photos = [_photo_bytes(i) for i in range(3)]
+    with pytest.raises(InvalidInputError, match="`relax` must be 'subspace' with combine='each'"):
+        personalize(tiny_pipe, photos, hypernet=tiny_hypernet, steps=1, relax="lora", combine="each",
+                    detector="center")
+    spec = HypernetRuntime.load(tiny_hypernet).spec
+    too_big = min(spec.a, spec.b) // 3 + 1
+    with pytest.raises(InvalidInputError, match="`photos` must number at most"):
+        personalize(tiny_pipe, photos, hypernet=tiny_hypernet, steps=1, rank=too_big, combine="each",
+                    detector="center")
