@@ -119,7 +119,7 @@ def personalize(
     # 2. Hypernetwork prediction, combined over the photos.
     t = time.perf_counter()
     report(ProgressEvent("hypernetwork", 0, 1))
-    each = cfg.combine == "each" and len(pixels) > 1
+    each = cfg.combine in ("each", "each-norm") and len(pixels) > 1
     if each:
         check_each(cfg, runtime.spec, len(pixels))
     preds = _predict(runtime, pixels, faces, cfg.combine)  # 1 (K for "each") x {(L, r, a), (L, b, r)}
@@ -183,9 +183,9 @@ def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, faces: torch.Tensor
     so their signs agree. "embedding" averages the encoder's tokens and decodes once. "each" keeps
     every photo's own prediction (`_finetune_each` averages after fine-tuning).
     """
-    if len(pixels) == 1 or combine in ("weights", "each"):
+    if len(pixels) == 1 or combine in ("weights", "each", "each-norm"):
         by_photo = runtime.predict(pixels, faces=faces)  # (K, L, r, a), (K, L, b, r)
-        if combine == "each" or len(pixels) == 1:
+        if combine != "weights" or len(pixels) == 1:
             return [{k: v[i] for k, v in by_photo.items()} for i in range(len(pixels))]
         return [{k: v.mean(0) for k, v in by_photo.items()}]
     tokens = runtime.encode(pixels, faces=faces)  # (K, T, d)
@@ -267,13 +267,14 @@ def check_each(cfg: PersonalizeConfig, spec: LiDBSpec, num_photos: int) -> None:
     """combine="each" merges K fine-tuned LiDB cores into one of rank K * R: that needs the subspace
     relaxation (a LiDB core to merge) and K * R within the aux bases' dimensions."""
     if cfg.relax != "subspace":
-        raise InvalidInputError(f"`relax` must be 'subspace' with combine='each' (the fine-tuned LiDB cores are "
-                                f"what is averaged), got {cfg.relax!r}")
+        raise InvalidInputError(f"`relax` must be 'subspace' with combine={cfg.combine!r} (the fine-tuned LiDB "
+                                f"cores are what is averaged), got {cfg.relax!r}")
     rank = cfg.rank if cfg.steps > 0 else spec.r
     if num_photos * rank > min(spec.a, spec.b):
         raise InvalidInputError(
-            f"`photos` must number at most {min(spec.a, spec.b) // rank} with combine='each' at rank {rank} (the "
-            f"merged core has rank photos x rank, at most min(a, b) = {min(spec.a, spec.b)}), got {num_photos}")
+            f"`photos` must number at most {min(spec.a, spec.b) // rank} with combine={cfg.combine!r} at rank "
+            f"{rank} (the merged core has rank photos x rank, at most min(a, b) = {min(spec.a, spec.b)}), "
+            f"got {num_photos}")
 
 
 def _finetune_each(pipe, pixels, spec, layers, preds, cfg, progress, should_stop) -> tuple[Identity, list[float]]:
@@ -294,7 +295,7 @@ def _finetune_each(pipe, pixels, spec, layers, preds, cfg, progress, should_stop
         losses += li
     identity = fits[0]
     identity.spec = dataclasses.replace(identity.spec, r=K * identity.spec.r)
-    identity.lidb = mean_lidb([f.lidb for f in fits])
+    identity.lidb = mean_lidb([f.lidb for f in fits], keep_norm=cfg.combine == "each-norm")
     identity.num_photos = K
     return identity, losses
 
@@ -304,13 +305,18 @@ def _shifted(progress, offset: int, total: int, e: ProgressEvent) -> None:
     progress(dataclasses.replace(e, step=offset + e.step, total=total))
 
 
-def mean_lidb(cores: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def mean_lidb(cores: Sequence[dict[str, torch.Tensor]], keep_norm: bool = False) -> dict[str, torch.Tensor]:
     """K LiDB cores in the same aux bases -> one of rank sum(r_k) whose delta is exactly the mean of theirs.
 
-    delta = A_aux^T-side . B_aux . (B_train A_train) is linear in the product B_train A_train, and
+    delta_W = B_aux B_train A_train A_aux is linear in the product B_train A_train, and
     [B_1 .. B_K] [A_1; ..; A_K] = sum_k B_k A_k, so stacking the factors along the rank, each scaled
     by 1/sqrt(K), averages the deltas (averaging the factors themselves would not: the product of
     means is not the mean of products).
+
+    `keep_norm` then rescales each layer's mean delta to the mean Frobenius norm of the K deltas:
+    deltas that only partly agree (fits of different photos of one person: cosine ~0.2) average
+    to a shorter one, ~0.7 of each at K = 3 on the face world, so the mean moves the model less far
+    than any one fit did; rescaled, it goes as far, in the direction the fits share.
 
     Args:
         cores: K >= 1 dicts {"A_train": (L, r_k, a), "B_train": (L, b, r_k)}.
@@ -318,8 +324,15 @@ def mean_lidb(cores: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     if not cores:
         raise InvalidInputError("`cores` must hold at least one LiDB core, got none")
     f = 1.0 / len(cores) ** 0.5
-    return {"A_train": torch.cat([c["A_train"] * f for c in cores], dim=1),  # (L, sum r_k, a)
-            "B_train": torch.cat([c["B_train"] * f for c in cores], dim=2)}  # (L, b, sum r_k)
+    A = torch.cat([c["A_train"] * f for c in cores], dim=1)  # (L, sum r_k, a)
+    B = torch.cat([c["B_train"] * f for c in cores], dim=2)  # (L, b, sum r_k)
+    if keep_norm:
+        # the aux bases are orthonormal, so the core's product has delta_W's Frobenius norm
+        each = torch.stack([(c["B_train"] @ c["A_train"]).flatten(1).norm(dim=1) for c in cores])  # (K, L)
+        mean = (B @ A).flatten(1).norm(dim=1)  # (L,)
+        s = (each.mean(0) / mean.clamp_min(1e-12)).sqrt()  # (L,): both factors take the square root
+        A, B = A * s[:, None, None], B * s[:, None, None]
+    return {"A_train": A, "B_train": B}
 
 
 def _train(pipe, params, pixels, cfg, progress, should_stop):

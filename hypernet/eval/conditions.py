@@ -62,6 +62,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-3photos-batch3": ("hyperdreambooth", {"combine": "weights", "batch_size": 3}, 3),
     "hyperdreambooth-3photos-ft1": ("hyperdreambooth", {"combine": "weights", "finetune_photos": 1}, 3),
     "hyperdreambooth-3photos-each": ("hyperdreambooth", {"combine": "each"}, 3),
+    "hyperdreambooth-3photos-eachnorm": ("hyperdreambooth", {"combine": "each-norm"}, 3),
     "hyperdreambooth-relax-lora": ("hyperdreambooth", {"relax": "lora"}, 1),
     "hyperdreambooth-relax-subspace": ("hyperdreambooth", {"relax": "subspace"}, 1),
     "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
@@ -75,6 +76,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-3photos-ft1-identity": (
         "hyperdreambooth", {"combine": "weights", "finetune_photos": 1, "identity_weight": 0.15}, 3),
     "hyperdreambooth-3photos-each-identity": ("hyperdreambooth", {"combine": "each", "identity_weight": 0.15}, 3),
+    "hyperdreambooth-3photos-eachnorm-identity": (
+        "hyperdreambooth", {"combine": "each-norm", "identity_weight": 0.15}, 3),
 }
 #: Controls: name -> the hypernetwork condition they run with the *control* hypernetwork
 #: (`EvalConfig.mean_adapter`, from `hdb pretrain mean-adapter`: one adapter for everyone, the mean

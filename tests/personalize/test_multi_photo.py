@@ -175,6 +175,13 @@ def test_mean_lidb_averages_the_deltas_exactly():
     want = sum(c["B_train"] @ c["A_train"] for c in cores) / 3  # (L, b, a)
     torch.testing.assert_close(merged["B_train"] @ merged["A_train"], want)
     assert _equal(mean_lidb([cores[0]]), cores[0])  # one core is itself
+    # keep_norm: the same direction per layer, at the mean of the K deltas' norms
+    kept = mean_lidb(cores, keep_norm=True)
+    got = kept["B_train"] @ kept["A_train"]  # (L, b, a)
+    norms = torch.stack([(c["B_train"] @ c["A_train"]).flatten(1).norm(dim=1) for c in cores]).mean(0)  # (L,)
+    torch.testing.assert_close(got.flatten(1).norm(dim=1), norms)
+    torch.testing.assert_close(torch.nn.functional.cosine_similarity(got.flatten(1), want.flatten(1)), torch.ones(3))
+    assert (want.flatten(1).norm(dim=1) < norms).all()  # deltas that disagree average shorter
     with pytest.raises(InvalidInputError, match="`cores` must hold"):
         mean_lidb([])
 
