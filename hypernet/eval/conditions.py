@@ -63,6 +63,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-3photos-ft1": ("hyperdreambooth", {"combine": "weights", "finetune_photos": 1}, 3),
     "hyperdreambooth-3photos-each": ("hyperdreambooth", {"combine": "each"}, 3),
     "hyperdreambooth-3photos-eachnorm": ("hyperdreambooth", {"combine": "each-norm"}, 3),
+    # its control: the one input photo three times (three fine-tunes differing only in their noise seeds),
+    # so that what averaging several fits does is told apart from what several photos do
+    "hyperdreambooth-1photo-x3-eachnorm": ("hyperdreambooth", {"combine": "each-norm", "copies": 3}, 1),
     "hyperdreambooth-relax-lora": ("hyperdreambooth", {"relax": "lora"}, 1),
     "hyperdreambooth-relax-subspace": ("hyperdreambooth", {"relax": "subspace"}, 1),
     "fast-finetune-relax-subspace": ("fast-finetune", {"relax": "subspace"}, 1),
@@ -197,6 +200,9 @@ def personalise(
     if condition in VARIANTS:
         condition, settings, _ = VARIANTS[condition]
         overrides = {**settings, **overrides}
+    copies = overrides.pop("copies", 1)  # the evaluation's own setting: the input photo given this many times
+    if copies > 1:
+        photo = [photo] * copies
     condition = CONTROLS.get(condition, condition)  # the caller passes the control's runtime
     if condition == "base":
         return Personalised(None, 0.0, 0)

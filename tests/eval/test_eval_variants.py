@@ -263,3 +263,16 @@ def test_identity_variants_fine_tune_with_the_term_and_key_their_cells(tiny_pipe
         b = personalise(tiny_pipe, variant, photo_paths[0], **kw).artifact
         assert (a.lidb["A_train"] - b.lidb["A_train"]).abs().max() > 0
         assert finetune_of(variant) == {**finetune_of(plain), "identity_weight": 0.15}
+
+
+def test_each_variants_and_their_one_photo_control(tiny_pipe, tiny_hypernet, photo_paths):
+    """The 3-photo "each" variants fine-tune three photos; their control the first photo three times."""
+    rt = HypernetRuntime.load(tiny_hypernet)
+    kw = dict(runtime=rt, detector="center", overrides={"steps": 1})
+    three = personalise(tiny_pipe, "hyperdreambooth-3photos-eachnorm", photo_paths, **kw).artifact
+    copies = personalise(tiny_pipe, "hyperdreambooth-1photo-x3-eachnorm", photo_paths, **kw).artifact
+    assert input_photos("hyperdreambooth-1photo-x3-eachnorm") == 1
+    assert (three.num_photos, three.combine, three.spec.r) == (3, "each-norm", 12)
+    assert (copies.num_photos, copies.combine, copies.spec.r) == (3, "each-norm", 12)
+    # the fits after the first differ: other photos there, only other seeds here
+    assert (three.lidb["B_train"][..., 4:] - copies.lidb["B_train"][..., 4:]).abs().max() > 1e-6
