@@ -134,7 +134,8 @@ EVAL_CONDITIONS ?= base,hypernetwork,hypernetwork-3photos,fast-finetune,hyperdre
 	mean-adapter,hyperdreambooth-mean-adapter,lidb,lora,dreambooth,textual-inversion
 EVAL_VARIANTS = hypernetwork-3photos-embedding,hyperdreambooth-3photos-ft1,hyperdreambooth-3photos-batch3,\
 	hyperdreambooth-relax-lora,fast-finetune-relax-lora,hyperdreambooth-identity,fast-finetune-identity,\
-	hyperdreambooth-3photos-identity,hyperdreambooth-3photos-ft1-identity
+	hyperdreambooth-3photos-identity,hyperdreambooth-3photos-ft1-identity,hyperdreambooth-3photos-eachnorm,\
+	hyperdreambooth-1photo-x3-eachnorm
 EVAL_ARGS ?= --override dreambooth.steps=400 --override textual-inversion.steps=500
 .PHONY: eval-corpus eval-face-world eval-pretrain eval-run
 eval: eval-run

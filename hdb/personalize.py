@@ -40,8 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from hypernet.personalize_config import COMBINE_MODES
 
     p.add_argument("--combine", choices=COMBINE_MODES, default=d.combine,
-                   help="several photos: mean of the predicted weights, or of the encoder tokens, or 'each': "
-                        f"one fine-tune per photo, their deltas averaged (photos x the time) ({d.combine})")
+                   help="several photos: mean of the predicted weights, or of the encoder tokens, or 'each-norm': "
+                        "one fine-tune per photo, their deltas averaged at their norm (photos x the time) "
+                        f"({d.combine})")
     p.add_argument("--relax", choices=("lora", "subspace"), default=d.relax,
                    help="relaxed fine-tune: rank --rank inside the LiDB subspace (8x smaller at SD 1.5; measured "
                    f"at least as good), or a LoRA over full layer dims ({d.relax})")

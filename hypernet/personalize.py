@@ -4,7 +4,7 @@
     2. the hypernetwork predicts the LiDB weights of every adapted layer; with several photos the
        predictions are combined (`combine`): the mean of the predicted LiDB weights ("weights"), or
        the mean of the encoder's image tokens decoded once ("embedding"); or kept one per photo
-       ("each", for step 3's one fine-tune per photo);
+       ("each-norm", for step 3's one fine-tune per photo);
     3. rank-relaxed fast fine-tune on all the photos with "a photo of {token} {class}" for ~40 steps,
        relaxing the rank in one of two ways (`relax`):
        - "lora": the prediction stays a frozen forward-time adapter and a LoRA of rank R over the
@@ -119,10 +119,10 @@ def personalize(
     # 2. Hypernetwork prediction, combined over the photos.
     t = time.perf_counter()
     report(ProgressEvent("hypernetwork", 0, 1))
-    each = cfg.combine in ("each", "each-norm") and len(pixels) > 1
+    each = cfg.combine == "each-norm" and len(pixels) > 1
     if each:
         check_each(cfg, runtime.spec, len(pixels))
-    preds = _predict(runtime, pixels, faces, cfg.combine)  # 1 (K for "each") x {(L, r, a), (L, b, r)}
+    preds = _predict(runtime, pixels, faces, cfg.combine)  # 1 (K for "each-norm") x {(L, r, a), (L, b, r)}
     if cfg.init == "zero":
         preds = [{k: torch.zeros_like(v) for k, v in p.items()} for p in preds]
     else:
@@ -132,7 +132,7 @@ def personalize(
     timings["hypernetwork"] = time.perf_counter() - t
     _check_stop(should_stop)
 
-    # 3. Rank-relaxed fast fine-tune on all the photos, from the prediction (one per photo for "each").
+    # 3. Rank-relaxed fast fine-tune on all the photos, from the prediction (one per photo for "each-norm").
     t = time.perf_counter()
     layers = list(runtime.layers)
     if each:
@@ -175,15 +175,15 @@ def _predict(runtime: HypernetRuntime, pixels: torch.Tensor, faces: torch.Tensor
              combine: str) -> list[dict[str, torch.Tensor]]:
     """pixels (K, 3, R, R) (+ aligned faces (K, 3, 112, 112) for an identity-conditioned
     hypernetwork, else None) -> the LiDB weights (L, r, a), (L, b, r) the fine-tune starts from:
-    one for the identity, or K (one per photo) for "each".
+    one for the identity, or K (one per photo) for "each-norm".
 
     K = 1 is the plain prediction whatever `combine` says, so one photo in a list equals one photo.
     "weights" averages the K packed predictions: rank-1 factors have a sign ambiguity ((A, B) and
     (-A, -B) give the same delta), but one hypernetwork maps photos of one face to nearby outputs,
-    so their signs agree. "embedding" averages the encoder's tokens and decodes once. "each" keeps
+    so their signs agree. "embedding" averages the encoder's tokens and decodes once. "each-norm" keeps
     every photo's own prediction (`_finetune_each` averages after fine-tuning).
     """
-    if len(pixels) == 1 or combine in ("weights", "each", "each-norm"):
+    if len(pixels) == 1 or combine in ("weights", "each-norm"):
         by_photo = runtime.predict(pixels, faces=faces)  # (K, L, r, a), (K, L, b, r)
         if combine != "weights" or len(pixels) == 1:
             return [{k: v[i] for k, v in by_photo.items()} for i in range(len(pixels))]
@@ -264,7 +264,7 @@ def _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop) -> t
 
 
 def check_each(cfg: PersonalizeConfig, spec: LiDBSpec, num_photos: int) -> None:
-    """combine="each" merges K fine-tuned LiDB cores into one of rank K * R: that needs the subspace
+    """combine="each-norm" merges K fine-tuned LiDB cores into one of rank K * R: that needs the subspace
     relaxation (a LiDB core to merge) and K * R within the aux bases' dimensions."""
     if cfg.relax != "subspace":
         raise InvalidInputError(f"`relax` must be 'subspace' with combine={cfg.combine!r} (the fine-tuned LiDB "
@@ -278,12 +278,17 @@ def check_each(cfg: PersonalizeConfig, spec: LiDBSpec, num_photos: int) -> None:
 
 
 def _finetune_each(pipe, pixels, spec, layers, preds, cfg, progress, should_stop) -> tuple[Identity, list[float]]:
-    """combine="each": one fine-tune per photo, from that photo's own prediction, on that photo alone
-    (the others still join the identity term's target), then the K fine-tuned deltas averaged
-    (`mean_lidb`). Forty steps spread over K photos fit none of them as well as forty on one, and an
-    averaged prediction carries less than each photo's own (DIAGNOSIS.md sections 9 and 16); here
-    every photo gets the one-photo treatment, and the mean keeps what the K fits share, the person,
-    while what belongs to one photo (pose, light) is averaged down. Costs K fine-tunes."""
+    """combine="each-norm": one fine-tune per photo, from that photo's own prediction, on that photo
+    alone (the others still join the identity term's target), then the K fine-tuned deltas averaged
+    with each layer's norm kept (`mean_lidb(keep_norm=True)`). Costs K fine-tunes.
+
+    Why: forty steps spread over K photos fit none of them as well as forty on one, and an averaged
+    prediction carries less than each photo's own (DIAGNOSIS.md sections 9 and 16). Here every photo
+    gets the one-photo treatment; the mean keeps what the K fits share and averages down what belongs
+    to one photo (pose, light). The plain mean is shorter than any one fit (~0.7 at K = 3) and scored
+    below one photo; with the norm kept it is the first use of several photos that scores above one
+    (section 17), though one photo fitted three times with other seeds scores as well.
+    """
     K, steps = len(pixels), cfg.steps
     fits, losses = [], []
     for i in range(K):
@@ -295,7 +300,7 @@ def _finetune_each(pipe, pixels, spec, layers, preds, cfg, progress, should_stop
         losses += li
     identity = fits[0]
     identity.spec = dataclasses.replace(identity.spec, r=K * identity.spec.r)
-    identity.lidb = mean_lidb([f.lidb for f in fits], keep_norm=cfg.combine == "each-norm")
+    identity.lidb = mean_lidb([f.lidb for f in fits], keep_norm=True)
     identity.num_photos = K
     return identity, losses
 

@@ -13,7 +13,7 @@ from hypernet.errors import InvalidInputError
 #: Most photos one call takes: the fine-tune draws from all of them, and K preprocessed photos plus
 #: their VAE latents stay in memory for the call (a service bounds its queue by this).
 MAX_PHOTOS = 8
-COMBINE_MODES = ("weights", "embedding", "each", "each-norm")
+COMBINE_MODES = ("weights", "embedding", "each-norm")
 RELAX_MODES = ("lora", "subspace")
 #: 40 MP: above any phone camera (~12-50 MP photos are downscaled by the apps that send them).
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -68,10 +68,10 @@ class PersonalizeConfig:
     combine: str = field(default="weights", metadata={
         "help": "how predictions from several photos combine: 'weights' (mean of the predicted LiDB "
                 "weights; works on every runtime backend, ONNX included) or 'embedding' (mean of the "
-                "encoder's image tokens, decoded once; runs the torch model) or 'each' (every photo fine-tuned on its "
-                "own from its own prediction, `steps` each, and the fine-tuned deltas averaged: K times the "
-                "time, a rank K x `rank` core; relax='subspace' only) or 'each-norm' (the same, each layer's mean "
-                "delta rescaled to the K deltas' mean norm). Unused with one photo"})
+                "encoder's image tokens, decoded once; runs the torch model) or 'each-norm' (every photo fine-tuned "
+                "on its own from its own prediction, `steps` each, and the fine-tuned deltas averaged, each "
+                "layer's mean rescaled to the deltas' mean norm: K times the time, a rank K x `rank` core; "
+                "relax='subspace' only; eval_v2/DIAGNOSIS.md section 17). Unused with one photo"})
     identity_weight: float = field(default=0.0, metadata={
         "help": "weight of an identity term added to the fine-tune's diffusion loss: 1 - cosine between "
                 "the frozen face encoder's embedding of the decoded one-step x0 estimate of a noised input "

@@ -11,7 +11,7 @@
 
 Opt-in variants (`VARIANTS`, run only when named in `--conditions`) vary one setting of a hypernet
 condition: 3 input photos instead of 1, combined in weight or embedding space, or each fine-tuned
-on its own and the deltas averaged ("each"); the relaxed
+on its own and the deltas averaged ("eachnorm"); the relaxed
 fine-tune as a LoRA over full layer dims or inside the LiDB subspace; the fine-tune with its identity
 term (`*-identity`, weight 0.15: hypernet.training.identity_loss). A variant with 3 inputs takes
 the identity's first 3 photos; the runner then scores every condition against the photos after them.
@@ -56,12 +56,10 @@ SLOW_CONDITIONS = ("dreambooth", "lora", "textual-inversion")
 VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hypernetwork-3photos": ("hypernetwork", {"combine": "weights"}, 3),
     "hypernetwork-3photos-embedding": ("hypernetwork", {"combine": "embedding"}, 3),
-    "hypernetwork-3photos-each": ("hypernetwork", {"combine": "each"}, 3),
     "hyperdreambooth-3photos": ("hyperdreambooth", {"combine": "weights"}, 3),
     "hyperdreambooth-3photos-embedding": ("hyperdreambooth", {"combine": "embedding"}, 3),
     "hyperdreambooth-3photos-batch3": ("hyperdreambooth", {"combine": "weights", "batch_size": 3}, 3),
     "hyperdreambooth-3photos-ft1": ("hyperdreambooth", {"combine": "weights", "finetune_photos": 1}, 3),
-    "hyperdreambooth-3photos-each": ("hyperdreambooth", {"combine": "each"}, 3),
     "hyperdreambooth-3photos-eachnorm": ("hyperdreambooth", {"combine": "each-norm"}, 3),
     # its control: the one input photo three times (three fine-tunes differing only in their noise seeds),
     # so that what averaging several fits does is told apart from what several photos do
@@ -78,7 +76,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "hyperdreambooth-3photos-identity": ("hyperdreambooth", {"combine": "weights", "identity_weight": 0.15}, 3),
     "hyperdreambooth-3photos-ft1-identity": (
         "hyperdreambooth", {"combine": "weights", "finetune_photos": 1, "identity_weight": 0.15}, 3),
-    "hyperdreambooth-3photos-each-identity": ("hyperdreambooth", {"combine": "each", "identity_weight": 0.15}, 3),
     "hyperdreambooth-3photos-eachnorm-identity": (
         "hyperdreambooth", {"combine": "each-norm", "identity_weight": 0.15}, 3),
 }

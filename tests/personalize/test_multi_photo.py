@@ -187,16 +187,16 @@ def test_mean_lidb_averages_the_deltas_exactly():
 
 
 def test_each_photo_fine_tuned_alone_then_averaged(tiny_pipe, tiny_hypernet):
-    """combine="each": photo i's own prediction fine-tuned on photo i alone (seed + i), the mean of the
-    K deltas kept; its first part is what the same fine-tune on that photo alone gives."""
+    """combine="each-norm": photo i's own prediction fine-tuned on photo i alone (seed + i), the K
+    fine-tuned deltas averaged with their norm kept."""
     from hypernet.personalize import PersonalizeConfig, finetune, mean_lidb
 
     photos = [_photo_bytes(i) for i in range(3)]
     rt = HypernetRuntime.load(tiny_hypernet)
     kw = dict(hypernet=rt, steps=2, rank=2, detector="center")
     events = []
-    each = personalize(tiny_pipe, photos, combine="each", progress=events.append, **kw)
-    assert each.num_photos == 3 and each.combine == "each" and each.spec.r == 3 * 2
+    each = personalize(tiny_pipe, photos, combine="each-norm", progress=events.append, **kw)
+    assert each.num_photos == 3 and each.combine == "each-norm" and each.spec.r == 3 * 2
     pixels, by_photo = _pixels(photos), rt.predict(_pixels(photos))
     alone = []
     for i in range(3):
@@ -204,24 +204,24 @@ def test_each_photo_fine_tuned_alone_then_averaged(tiny_pipe, tiny_hypernet):
         cfg = PersonalizeConfig(steps=2, rank=2, seed=i, detector="center")
         ident, _ = finetune(tiny_pipe, pixels[i : i + 1], rt.spec, pred, layers=list(rt.layers), config=cfg)
         alone.append(ident.lidb)
-    want = mean_lidb(alone)
+    want = mean_lidb(alone, keep_norm=True)
     for k in want:
         torch.testing.assert_close(each.lidb[k], want[k], atol=1e-5, rtol=1e-4)
     # progress counts the K fine-tunes as one run of 3 x 2 steps
     steps = [e.step for e in events if e.stage == "finetune"]
     assert max(steps) == 6 and all(e.total == 6 for e in events if e.stage in ("finetune", "done"))
     back = Identity.from_bytes(each.to_bytes())
-    assert (back.num_photos, back.combine, back.spec.r) == (3, "each", 6)
+    assert (back.num_photos, back.combine, back.spec.r) == (3, "each-norm", 6)
     assert _equal(back.lidb, each.lidb)
 
 
 def test_each_names_what_it_cannot_do(tiny_pipe, tiny_hypernet):
     photos = [_photo_bytes(i) for i in range(3)]
-    with pytest.raises(InvalidInputError, match="`relax` must be 'subspace' with combine='each'"):
-        personalize(tiny_pipe, photos, hypernet=tiny_hypernet, steps=1, relax="lora", combine="each",
+    with pytest.raises(InvalidInputError, match="`relax` must be 'subspace' with combine='each-norm'"):
+        personalize(tiny_pipe, photos, hypernet=tiny_hypernet, steps=1, relax="lora", combine="each-norm",
                     detector="center")
     spec = HypernetRuntime.load(tiny_hypernet).spec
     too_big = min(spec.a, spec.b) // 3 + 1
     with pytest.raises(InvalidInputError, match="`photos` must number at most"):
-        personalize(tiny_pipe, photos, hypernet=tiny_hypernet, steps=1, rank=too_big, combine="each",
+        personalize(tiny_pipe, photos, hypernet=tiny_hypernet, steps=1, rank=too_big, combine="each-norm",
                     detector="center")
