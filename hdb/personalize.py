@@ -99,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     bar = tqdm(total=cfg.steps, desc="fine-tune", unit="step", disable=cfg.steps == 0)
 
     def on_progress(e) -> None:
+        if e.stage == "finetune" and e.total != bar.total:  # combine=each-norm: one fine-tune per photo
+            bar.total = e.total
+            bar.refresh()
         if e.stage == "finetune" and e.step > bar.n:
             bar.update(e.step - bar.n)
             if e.loss is not None:
