@@ -121,7 +121,7 @@ def personalize(
     report(ProgressEvent("hypernetwork", 0, 1))
     each = cfg.combine == "each-norm" and len(pixels) > 1
     if each:
-        check_each(cfg, runtime.spec, len(pixels))
+        _check_each(cfg, runtime.spec, len(pixels))
     preds = _predict(runtime, pixels, faces, cfg.combine)  # 1 (K for "each-norm") x {(L, r, a), (L, b, r)}
     if cfg.init == "zero":
         preds = [{k: torch.zeros_like(v) for k, v in p.items()} for p in preds]
@@ -263,7 +263,7 @@ def _finetune(pipe, pixels, spec, layers, pred, cfg, progress, should_stop) -> t
     return identity, losses
 
 
-def check_each(cfg: PersonalizeConfig, spec: LiDBSpec, num_photos: int) -> None:
+def _check_each(cfg: PersonalizeConfig, spec: LiDBSpec, num_photos: int) -> None:
     """combine="each-norm" merges K fine-tuned LiDB cores into one of rank K * R: that needs the subspace
     relaxation (a LiDB core to merge) and K * R within the aux bases' dimensions."""
     if cfg.relax != "subspace":
@@ -287,7 +287,7 @@ def _finetune_each(pipe, pixels, spec, layers, preds, cfg, progress, should_stop
     gets the one-photo treatment; the mean keeps what the K fits share and averages down what belongs
     to one photo (pose, light). The plain mean is shorter than any one fit (~0.7 at K = 3) and scored
     below one photo; with the norm kept it is the first use of several photos that scores above one
-    (section 17), though one photo fitted three times with other seeds scores as well.
+    (section 17), though one photo fitted three times with other seeds gets about half of that gain.
     """
     K, steps = len(pixels), cfg.steps
     fits, losses = [], []
